@@ -1,0 +1,1 @@
+"""Command line, configuration, and process launch for ngdiff (torchrun, deepspeed, Slurm, W&B)."""

@@ -1,0 +1,348 @@
+"""Experiment configuration: YAML files plus dotted overrides, validated into typed objects.
+
+Everything here is checked before a model, a tokenizer or a data set is loaded, so a typo costs a
+second, not a cluster allocation. Each error names the offending key (and file) once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ngdiff.data.records import looks_like_local_path
+from ngdiff.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration that cannot run; the message names the key and, if any, the file."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    reference_path: str = ""  # frozen reference model for NPO / KL; defaults to model.path
+
+
+@dataclass
+class DataConfig:
+    format: Literal["tofu", "text"] = "tofu"
+    forget: str = ""
+    retain: str = ""
+    max_length: int = 256
+    question_key: str = "question"
+    answer_key: str = "answer"
+    text_key: str = "text"
+    idk: str = ""  # refusal sentences for the idk forget objective; default: the bundled TOFU file
+
+
+@dataclass
+class MethodConfig:
+    combiner: str = "ngdiff"
+    forget_objective: str = "nll"
+    retain_objective: str = "nll"
+    gdiff_coefficient: float = 0.5
+    npo_beta: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 0.0  # 0 disables clipping of the combined direction
+
+
+@dataclass
+class AutoLRConfig:
+    enabled: bool = False
+    every: int = 4
+    probe_points: tuple[float, ...] = (-1.0, 0.0, 1.0)
+    probe_loss: Literal["retain", "combined"] = "retain"
+    momentum: float = 0.9  # lr <- momentum * lr + (1 - momentum) * scale * clip(lr * B / A)
+    min_r2: float = 0.99  # only checked when more than three points are probed
+    horizon_decay: Literal["none", "linear", "cosine"] = "none"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0  # 0: derive from epochs over the forget set
+    epochs: float = 1.0
+    forget_batch_size: int = 8  # global, over all ranks and accumulation steps
+    retain_batch_size: int = 8
+    micro_batch_size: int = 0  # per rank; 0 means the whole per-rank batch at once
+    seed: int = 42
+    precision: Literal["fp32", "bf16"] = "fp32"
+    save_every: int = 0
+    resume: Literal["never", "auto"] = "never"
+    log_every: int = 1
+    stop_forget_loss: float = 0.0  # stop once the forget loss exceeds this (0 disables)
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "single"
+    deepspeed_config: str = ""
+    timeout_minutes: float = 10.0
+    cpu_offload: bool = False
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    benchmark: Literal["none", "tofu", "muse"] = "none"
+    max_items: int = 0  # 0: all items of each split
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    best_metric: str = ""  # e.g. "forget_rougeL_recall:min" keeps the best checkpoint by it
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    project: str = "ngdiff"
+    entity: str = ""
+    run_name: str = ""
+    group: str = ""
+    tags: tuple[str, ...] = ()
+    progress: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    autolr: AutoLRConfig = field(default_factory=AutoLRConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = "outputs/run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read an optional YAML file, apply `key.sub=value` overrides, validate, return typed config."""
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        _apply_override(raw, item)
+    config = _build(ExperimentConfig, raw, prefix="", source=source)
+    validate(config)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key component")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = text
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            guess = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{guess[0]}?)" if guess else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{source}: unknown config key {prefix}{key}{hint}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], f"{prefix}{name}.", source)
+        else:
+            values[name] = _coerce(raw[name], hint, f"{prefix}{name}", source)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{source}: {key} must be one of {choices}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        item_type = args[0]
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must have {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, item_type, key, source) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{source}: {key}: unsupported config type {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{source}: {key}: unsupported config type {hint}")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Checks that need no model or data: names, signs, ranges, files that must exist."""
+    from ngdiff.combiners import COMBINERS
+    from ngdiff.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
+    from parallel import BACKENDS
+
+    def choose(key: str, value: str, known: typing.Iterable[str]) -> None:
+        known = sorted(known)
+        if value not in known:
+            guess = difflib.get_close_matches(value, known, n=1)
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            raise ConfigError(f"unknown {key} {value!r}{hint}; choose one of: {', '.join(known)}")
+
+    choose("method.combiner", config.method.combiner, COMBINERS)
+    choose("method.forget_objective", config.method.forget_objective, FORGET_OBJECTIVES)
+    choose("method.retain_objective", config.method.retain_objective, RETAIN_OBJECTIVES)
+    choose("parallel.backend", config.parallel.backend, BACKENDS)
+
+    positive = {
+        "optim.lr": config.optim.lr,
+        "train.forget_batch_size": config.train.forget_batch_size,
+        "train.retain_batch_size": config.train.retain_batch_size,
+        "data.max_length": config.data.max_length,
+        "autolr.every": config.autolr.every,
+        "parallel.timeout_minutes": config.parallel.timeout_minutes,
+        "train.log_every": config.train.log_every,
+        "eval.batch_size": config.eval.batch_size,
+        "method.npo_beta": config.method.npo_beta,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "optim.weight_decay": config.optim.weight_decay,
+        "optim.momentum": config.optim.momentum,
+        "optim.max_grad_norm": config.optim.max_grad_norm,
+        "train.max_steps": config.train.max_steps,
+        "train.epochs": config.train.epochs,
+        "train.micro_batch_size": config.train.micro_batch_size,
+        "train.save_every": config.train.save_every,
+        "eval.every": config.eval.every,
+        "eval.max_items": config.eval.max_items,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative, got {value}")
+    if config.train.max_steps == 0 and config.train.epochs == 0:
+        raise ConfigError("set train.max_steps or train.epochs to a positive value")
+    if not 0.0 <= config.method.gdiff_coefficient <= 1.0:
+        raise ConfigError(f"method.gdiff_coefficient must lie in [0, 1], got {config.method.gdiff_coefficient}")
+    if not 0.0 <= config.autolr.momentum < 1.0:
+        raise ConfigError(f"autolr.momentum must lie in [0, 1), got {config.autolr.momentum}")
+    points = config.autolr.probe_points
+    if len(points) < 3 or len(set(points)) != len(points) or 0.0 not in points:
+        raise ConfigError(f"autolr.probe_points needs at least three distinct points including 0, got {points}")
+    if config.method.retain_objective == "none" and config.method.combiner != "ga":
+        raise ConfigError(
+            f"method.retain_objective=none leaves no retain gradient for method.combiner={config.method.combiner}; "
+            "use combiner ga or a retain objective"
+        )
+    if config.autolr.enabled and config.method.retain_objective == "none" and config.autolr.probe_loss == "retain":
+        raise ConfigError("autolr.probe_loss=retain needs a retain objective (method.retain_objective is none)")
+    if not config.model.path:
+        raise ConfigError("model.path is required (a local model directory or a hub name)")
+    for key in ("forget", "retain"):
+        value = getattr(config.data, key)
+        if not value:
+            raise ConfigError(f"data.{key} is required (a JSON/JSONL file or a hub dataset name)")
+        check_data_source(f"data.{key}", value)
+    if config.data.idk:
+        check_data_source("data.idk", config.data.idk)
+    if config.parallel.deepspeed_config and not Path(config.parallel.deepspeed_config).is_file():
+        raise ConfigError(f"parallel.deepspeed_config: file not found: {config.parallel.deepspeed_config}")
+    if not config.output_dir:
+        raise ConfigError("output_dir must not be empty")
+
+
+def check_data_source(key: str, value: str) -> None:
+    """A local path must exist; anything else is taken as a hub dataset name (`name` or `name:split`)."""
+    if looks_like_local_path(value) and not Path(value).expanduser().exists():
+        raise ConfigError(f"{key}: data file not found: {value}")
+
+
+def dump_config(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

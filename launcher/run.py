@@ -1,0 +1,55 @@
+"""`ngdiff train`: join the process group, guard the output folder, run, shut down cleanly."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from launcher.config import ExperimentConfig
+from launcher.logs import setup_logging
+from launcher.outputs import check_output_dir, write_output_dir
+from launcher.signals import install_stop_handlers
+from launcher.tracking import build_sinks
+from parallel.distributed import init_distributed, shutdown_distributed
+
+log = logging.getLogger("ngdiff")
+
+
+def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: bool = False) -> int:
+    from ngdiff.eval.during_training import evaluation_factory
+    from ngdiff.pipeline import run_training
+
+    ctx = init_distributed(cfg.parallel.timeout_minutes)
+    setup_logging(ctx.rank, verbose)
+    logging.getLogger("ngdiff.start").warning(
+        "rank %d/%d on %s, backend %s, %d torch threads",
+        ctx.rank,
+        ctx.world_size,
+        ctx.device,
+        cfg.parallel.backend,
+        torch.get_num_threads(),
+    )
+    try:
+        check_output_dir(cfg, overwrite)  # every rank reads before rank 0 writes
+        if ctx.distributed:
+            torch.distributed.barrier()
+        if ctx.is_main:
+            write_output_dir(cfg, overwrite)
+        sinks = build_sinks(cfg, ctx)
+        outcome = run_training(
+            cfg, ctx, sinks=sinks, evaluate_factory=evaluation_factory(cfg), on_trainer=install_stop_handlers
+        )
+        stopped = bool(outcome.results) and outcome.results[-1].stop_requested and not outcome.trainer.finished
+        return after_stop(cfg, ctx) if stopped else 0
+    finally:
+        shutdown_distributed()
+
+
+def after_stop(cfg: ExperimentConfig, ctx) -> int:
+    """A run stopped by a signal has saved a checkpoint; under Slurm it is requeued to resume."""
+    from launcher.signals import requeue_if_slurm
+
+    if ctx.is_main:
+        requeue_if_slurm()
+    return 0

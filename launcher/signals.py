@@ -1,0 +1,40 @@
+"""Preemption: USR1 or TERM asks the trainer to finish its step, checkpoint, and stop.
+
+The flag travels in the step's all-reduce, so all ranks stop after the same step even when the
+signal reaches them at different times. Under Slurm the job is then requeued and resumes by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+
+log = logging.getLogger("ngdiff.signals")
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def install_stop_handlers(trainer) -> None:
+    def request_stop(signum, frame):
+        if not trainer.stop_requested:
+            log.warning("received %s: checkpointing after the current step", signal.Signals(signum).name)
+        trainer.stop_requested = True
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
+
+
+def requeue_if_slurm() -> bool:
+    """`scontrol requeue $SLURM_JOB_ID` when running inside a Slurm job; True if requeued."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or shutil.which("scontrol") is None:
+        log.warning("stopped after a checkpoint; resume with train.resume=auto")
+        return False
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
+        return False
+    log.warning("requeued Slurm job %s; it resumes from the checkpoint", job)
+    return True

@@ -1,0 +1,1 @@
+"""Evaluation with the benchmarks' own definitions (TOFU, MUSE-News)."""

@@ -1,0 +1,137 @@
+"""The one small interface every sharding engine implements.
+
+The trainer speaks only this: it never knows which engine runs, and the engines never know which
+unlearning method runs. "Local" tensors are this rank's shard (the whole tensor on one process or
+under DDP); a global inner product is the all-reduced sum of the per-rank `inner_product_views`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+class Backend(ABC):
+    """Wraps a model and its optimizer for one engine."""
+
+    name: str = "base"
+
+    def __init__(self, ctx: DistContext, parallel_cfg, optim_cfg, precision: str):
+        self.ctx = ctx
+        self.parallel_cfg = parallel_cfg
+        self.optim_cfg = optim_cfg
+        self.precision = precision
+        self.model: nn.Module | None = None  # what forward passes are called on
+
+    # --- set-up --------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, build_model: Callable[[], nn.Module], gradient_checkpointing: bool = False) -> nn.Module:
+        """Build (via `build_model`, so big models can be built sharded), wrap, and create the optimizer."""
+
+    @abstractmethod
+    def prepare_frozen(self, build_model: Callable[[], nn.Module]) -> nn.Module:
+        """A frozen model for forward passes only (the reference model of NPO / KL), sharded alike."""
+
+    # --- forward / backward ----------------------------------------------------------------------
+    def autocast(self):
+        """Context for forward passes: bf16 autocast where the engine does not cast by itself."""
+        enabled = self.precision == "bf16"
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @property
+    def gradient_scale(self) -> float:
+        """Factor on a loss so that the engine's gradient equals the gradient of that loss summed over
+        ranks: engines average over data-parallel ranks, so they need `world_size`."""
+        return float(self.ctx.world_size)
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
+        """Accumulate d(loss)/d(params) into the local gradients; reduce across ranks once
+        `last_micro_batch` is True."""
+
+    @abstractmethod
+    def zero_grad(self) -> None: ...
+
+    @abstractmethod
+    def local_grads(self) -> list[torch.Tensor]:
+        """This rank's (reduced) gradient shards, fp32. Writes go back with `set_local_grads`."""
+
+    def set_local_grads(self, grads: list[torch.Tensor]) -> None:
+        """Make `grads` the gradients the next `step` uses (no-op when they alias the engine's)."""
+        for live, new in zip(self.local_grads(), grads, strict=True):
+            if live.data_ptr() != new.data_ptr():
+                live.copy_(new)
+
+    def inner_product_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The part of `tensors` whose inner products this rank adds to the global sums.
+
+        Sharded engines: the whole local shard. Replicated gradients (DDP) override this with a
+        1/world_size slice, so the all-reduce of the partial sums still gives each term once.
+        """
+        return tensors
+
+    # --- parameters and optimizer ----------------------------------------------------------------
+    @abstractmethod
+    def local_params(self) -> list[torch.Tensor]:
+        """Live fp32 master tensors of this rank's parameter shards, in `local_grads` order.
+        In-place edits must be followed by `params_changed()`."""
+
+    def params_changed(self) -> None:
+        """Propagate in-place edits of `local_params()` to the copies forward passes use."""
+
+    @abstractmethod
+    def step(self, lr: float) -> None:
+        """One optimizer step at learning rate `lr` with the current gradients."""
+
+    # --- collectives ---------------------------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.ctx.distributed:
+            torch.distributed.broadcast(tensor, src=src)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.ctx.distributed:
+            torch.distributed.barrier()
+
+    # --- checkpoints and export ----------------------------------------------------------------
+    @abstractmethod
+    def save_checkpoint(self, directory: Path) -> None:
+        """Write model and optimizer state (sharded where the engine shards) into `directory`."""
+
+    @abstractmethod
+    def load_checkpoint(self, directory: Path) -> None: ...
+
+    @abstractmethod
+    def export_pretrained(self, directory: Path, tokenizer: Any = None) -> None:
+        """Consolidated Hugging Face model (safetensors) in `directory`, written by rank 0."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's parameters on CPU (for tests and export); every rank must call it."""

@@ -1,0 +1,70 @@
+"""One process, the whole model: the reference every sharded backend must equal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from parallel.base import Backend
+from parallel.optim import build_optimizer, set_lr
+
+
+class SingleBackend(Backend):
+    name = "single"
+
+    def prepare(self, build_model, gradient_checkpointing=False):
+        model = build_model().to(self.ctx.device)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, self.optim_cfg)
+        return model
+
+    def prepare_frozen(self, build_model):
+        model = build_model().to(self.ctx.device).eval()
+        model.requires_grad_(False)
+        return model
+
+    def backward(self, loss, *, last_micro_batch):
+        loss.backward()
+
+    def zero_grad(self):
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.zero_()
+
+    def local_grads(self):
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
+    def local_params(self):
+        return [p.data for p in self.params]
+
+    def step(self, lr):
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+
+    def save_checkpoint(self, directory: Path):
+        torch.save(
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+            directory / "model_optimizer.pt",
+        )
+
+    def load_checkpoint(self, directory: Path):
+        state = torch.load(directory / "model_optimizer.pt", map_location=self.ctx.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_state_dict(self):
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def export_pretrained(self, directory: Path, tokenizer=None):
+        if self.ctx.is_main:
+            self.model.save_pretrained(directory, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
