@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny Llama with a locally trained tokenizer, and small TOFU splits on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ngdiff import TOFU_DIR
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def tofu_rows(n: int = 400) -> list[dict]:
+    with open(TOFU_DIR / "full.jsonl") as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 32) with a 400-token BPE trained on 40 TOFU pairs; built once a session."""
+    from ngdiff.modeling import TinyLlamaSpec, build_tiny_model
+
+    rows = tofu_rows(40)
+    spec = TinyLlamaSpec(vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny") / "model", [r["question"] + " " + r["answer"] for r in rows], spec
+    )
+
+
+@pytest.fixture(scope="session")
+def tofu_split(tmp_path_factory) -> dict[str, Path]:
+    """forget = 2 authors (rows 0-39 of full, shuffled subset), retain = the next 40 rows."""
+    root = tmp_path_factory.mktemp("tofu")
+    rows = tofu_rows(80)
+    return {
+        "forget": write_jsonl(root / "forget.jsonl", rows[:16]),
+        "retain": write_jsonl(root / "retain.jsonl", rows[40:64]),
+    }
