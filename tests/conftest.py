@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def tofu_rows(n: int = 400) -> list[dict]:
     with open(TOFU_DIR / "full.jsonl") as f:
-        return [json.loads(line) for _, line in zip(range(n), f)]
+        return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -42,7 +42,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tofu_split(tmp_path_factory) -> dict[str, Path]:
-    """forget = 2 authors (rows 0-39 of full, shuffled subset), retain = the next 40 rows."""
+    """forget = 16 rows of the first two authors, retain = 24 rows of the next two."""
     root = tmp_path_factory.mktemp("tofu")
     rows = tofu_rows(80)
     return {
