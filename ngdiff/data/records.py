@@ -20,7 +20,8 @@ def looks_like_local_path(value: str) -> bool:
 def load_records(source: str, required: tuple[str, ...], what: str) -> list[dict[str, Any]]:
     """All rows of `source` as dicts; each must hold every field in `required`.
 
-    `source` is a local .json/.jsonl file or a hub dataset name, optionally `name:split`.
+    `source` is a local .json/.jsonl file or a hub dataset: `name`, `name:config` or `name:config:split`
+    (split `train` by default), e.g. `locuslab/TOFU:forget10` or `muse-bench/MUSE-News:raw:forget`.
     """
     import datasets
 
@@ -29,13 +30,18 @@ def load_records(source: str, required: tuple[str, ...], what: str) -> list[dict
         path = Path(source).expanduser()
         if not path.is_file():
             raise DataError(f"{what}: data file not found: {source}")
+        if not path.read_text().strip():
+            raise DataError(f"{what}: {source} holds no records (an empty set cannot be trained on)")
         try:
             dataset = datasets.load_dataset("json", data_files=str(path), split="train")
         except Exception as err:  # datasets wraps JSON errors in several types
             raise DataError(f"{what}: cannot read {source} as JSON or JSONL: {err}") from err
     else:
-        name, _, split = source.partition(":")
-        dataset = datasets.load_dataset(name, split=split or "train")
+        name, config, split = [*source.split(":"), "", ""][:3]
+        try:
+            dataset = datasets.load_dataset(name, config or None, split=split or "train")
+        except Exception as err:  # offline, unknown name, gated: say which source failed
+            raise DataError(f"{what}: cannot load hub dataset {source!r}: {err}") from err
     rows = dataset.to_list()
     if not rows:
         raise DataError(f"{what}: {source} holds no records (an empty set cannot be trained on)")

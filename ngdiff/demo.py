@@ -1,0 +1,161 @@
+"""`ngdiff demo`: the whole story on CPU in a few minutes, with no network.
+
+1. a tiny Llama and a BPE tokenizer trained on the bundled TOFU text (the first 20 authors);
+2. fine-tuned on those 400 question/answer pairs until it recites them;
+3. NGDiff + AutoLR unlearns the last two authors (40 pairs) while retaining the other 18;
+4. greedy answers are scored (ROUGE-L recall) before and after; `report.json` holds both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.config import load_config
+from launcher.logs import setup_logging
+from launcher.outputs import check_output_dir, write_output_dir
+from ngdiff import TOFU_DIR
+from ngdiff.data import encode_task, load_records, prompt_ids
+from ngdiff.eval.generation import generate_greedy
+from ngdiff.eval.rouge import rouge_scores
+from ngdiff.finetune import FinetuneConfig, finetune
+from ngdiff.modeling import TinyLlamaSpec, build_tiny_model, load_tokenizer
+from ngdiff.objectives import NLL
+from ngdiff.pipeline import run_training
+from parallel.base import DistContext
+
+log = logging.getLogger("ngdiff.demo")
+
+AUTHORS = 20
+QUESTIONS_PER_AUTHOR = 20
+FORGET_AUTHORS = 2
+RETAIN_EVAL_EVERY = 9  # score every 9th retained pair: 40 of 360, enough to see erosion, quick to generate
+UNLEARN_OVERRIDES = [
+    "method.combiner=ngdiff",
+    "optim.name=adamw",
+    "optim.lr=5e-4",
+    "autolr.enabled=true",
+    "autolr.every=4",
+    "train.forget_batch_size=8",
+    "train.retain_batch_size=8",
+    "train.max_steps=40",
+    "data.max_length=128",
+]
+TARGET_FORGET_LOSS = 2.5  # stopping rule: the mean forget-answer NLL at which the pairs are no longer recited
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@torch.no_grad()
+def score_qa(model_dir: Path, rows: list[dict], max_new_tokens: int = 64) -> dict[str, float]:
+    """ROUGE-L recall of greedy answers and the token-weighted answer NLL over `rows`."""
+    from transformers import AutoModelForCausalLM
+
+    from ngdiff.data.loader import collate
+    from ngdiff.data.tokenize import encode_qa
+
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompts = [prompt_ids(tokenizer, r["question"]) for r in rows]
+    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16)
+    recall = [rouge_scores(pred, r["answer"])["rougeL_recall"] for pred, r in zip(answers, rows, strict=True)]
+    objective, total, count = NLL(), 0.0, 0
+    for start in range(0, len(rows), 16):
+        chunk = [encode_qa(tokenizer, r["question"], r["answer"], 512) for r in rows[start : start + 16]]
+        batch = collate(chunk, tokenizer.pad_token_id)
+        total += float(objective.loss_sum(model, batch))
+        count += objective.count(batch)
+    return {"rougeL_recall": sum(recall) / len(recall), "loss": total / count}
+
+
+def evaluate(model_dir: Path, forget: list[dict], retain_eval: list[dict]) -> dict[str, float]:
+    f, r = score_qa(model_dir, forget), score_qa(model_dir, retain_eval)
+    return {
+        "forget_rougeL_recall": f["rougeL_recall"],
+        "retain_rougeL_recall": r["rougeL_recall"],
+        "forget_loss": f["loss"],
+        "retain_loss": r["loss"],
+    }
+
+
+def format_table(before: dict[str, float], after: dict[str, float]) -> str:
+    lines = [f"{'metric':<24}{'before':>10}{'after':>10}{'ratio':>10}"]
+    for key in before:
+        ratio = after[key] / before[key] if before[key] else float("nan")
+        lines.append(f"{key:<24}{before[key]:>10.3f}{after[key]:>10.3f}{ratio:>10.2f}")
+    return "\n".join(lines)
+
+
+def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, quick: bool = False) -> dict[str, Any]:
+    setup_logging(0)
+    started = time.time()
+    out = Path(output_dir)
+    # validate the unlearning config before any heavy work; the model path exists only later
+    overrides = [
+        *UNLEARN_OVERRIDES,
+        f"model.path={out / 'finetuned'}",
+        f"data.forget={TOFU_DIR / 'forget01.jsonl'}",
+        f"data.retain={TOFU_DIR / 'full.jsonl'}",
+        f"output_dir={out}",
+        f"train.stop_forget_loss={TARGET_FORGET_LOSS}",
+    ]
+    if quick:
+        overrides.append("train.max_steps=4")
+    cfg = load_config(None, overrides)  # data paths point at bundled files until the splits are written
+    data_dir = out / "data"
+    cfg.data.forget, cfg.data.retain = str(data_dir / "forget.jsonl"), str(data_dir / "retain.jsonl")
+    check_output_dir(cfg, overwrite)
+    write_output_dir(cfg, overwrite)
+
+    rows = load_records(str(TOFU_DIR / "full.jsonl"), ("question", "answer"), "bundled TOFU")[
+        : AUTHORS * QUESTIONS_PER_AUTHOR
+    ]
+    split = (AUTHORS - FORGET_AUTHORS) * QUESTIONS_PER_AUTHOR
+    forget, retain = rows[split:], rows[:split]
+    retain_eval = retain[::RETAIN_EVAL_EVERY]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_rows(Path(cfg.data.forget), forget)
+    write_rows(Path(cfg.data.retain), retain)
+    write_rows(data_dir / "all.jsonl", rows)
+
+    log.info("building a tiny Llama and training its tokenizer on %d TOFU pairs", len(rows))
+    base = build_tiny_model(out / "base", [f"{r['question']} {r['answer']}" for r in rows], TinyLlamaSpec())
+    tokenizer = load_tokenizer(str(base))
+    ft_cfg = FinetuneConfig(epochs=3 if quick else FinetuneConfig.epochs)
+    examples = encode_task(cfg.data, tokenizer, str(data_dir / "all.jsonl"), "demo data")
+    log.info("fine-tuning on all %d pairs (%d epochs) so that the model recites them", len(rows), ft_cfg.epochs)
+    finetune(base, tokenizer, examples, out / "finetuned", ft_cfg)
+
+    before = evaluate(out / "finetuned", forget, retain_eval)
+    log.info("before unlearning: %s", json.dumps(before))
+    outcome = run_training(cfg, DistContext())
+    after = evaluate(out / "final", forget, retain_eval)
+
+    report = {
+        "before": before,
+        "after": after,
+        "steps": outcome.trainer.step_index,
+        "final_lr": outcome.trainer.lr,
+        "targets": {
+            "forget_rougeL_recall_at_most_half": after["forget_rougeL_recall"] <= 0.5 * before["forget_rougeL_recall"],
+            "retain_rougeL_recall_at_least_80pct": after["retain_rougeL_recall"]
+            >= 0.8 * before["retain_rougeL_recall"],
+        },
+        "seconds": round(time.time() - started, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print("\nNGDiff + AutoLR unlearning of 2 TOFU authors from a tiny Llama (CPU)\n")
+    print(format_table(before, after))
+    print(
+        f"\nsteps {report['steps']}, final lr {report['final_lr']:.2e}, {report['seconds']} s; "
+        f"report: {out / 'report.json'}"
+    )
+    return report

@@ -1,0 +1,129 @@
+"""AutoLR: the quadratic fit, the GeN update, and one real AutoLR step on a known quadratic loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from launcher.config import AutoLRConfig, OptimConfig
+from ngdiff.autolr import AutoLR, QuadraticFit, fit_quadratic, horizon_scale, next_lr
+from parallel.base import DistContext
+from parallel.single import SingleBackend
+
+
+@pytest.mark.parametrize("points", [(-1.0, 0.0, 1.0), (0.0, 1.0, 2.0), (-1.0, -0.5, 0.0, 0.5, 1.0)])
+def test_fit_recovers_an_exact_quadratic(points):
+    a_true, b_true = 2.0, 0.5
+    losses = [3.0 + a_true * r * r / 2 - b_true * r for r in points]
+    fit = fit_quadratic(points, losses)
+    assert pytest.approx(a_true) == fit.A
+    assert pytest.approx(b_true) == fit.B
+    assert fit.accepted and fit.optimal_multiple == pytest.approx(0.25)
+    assert fit.r2 == pytest.approx(1.0)
+
+
+def test_fit_rejects_negative_curvature_and_a_poor_fit():
+    assert not fit_quadratic((-1.0, 0.0, 1.0), [1.0, 1.2, 1.0]).accepted  # concave: A < 0
+    assert not fit_quadratic((-1.0, 0.0, 1.0), [0.5, 1.0, 1.5]).accepted  # rising along u: B < 0
+    noisy = fit_quadratic((-1.0, -0.5, 0.0, 0.5, 1.0), [2.0, 0.0, 1.0, 0.1, 1.9], min_r2=0.99)
+    assert noisy.A > 0 and noisy.B != 0 and not noisy.accepted
+    assert not fit_quadratic((-1.0, 0.0, 1.0), [1.0, math.nan, 1.0]).accepted
+
+
+def test_next_lr_is_the_clipped_moving_average():
+    fit = QuadraticFit(A=1.0, B=1.5, r2=1.0, accepted=True)  # optimum 1.5 x lr, inside the clip
+    assert next_lr(0.1, fit) == pytest.approx(0.9 * 0.1 + 0.1 * 0.15)
+    far = QuadraticFit(A=1.0, B=10.0, r2=1.0, accepted=True)  # clipped to 2 lr
+    assert next_lr(0.1, far) == pytest.approx(0.9 * 0.1 + 0.1 * 0.2)
+    assert next_lr(0.1, far, momentum=0.0, scale=0.5) == pytest.approx(0.1)
+    rejected = QuadraticFit(A=-1.0, B=1.0, r2=1.0, accepted=False)
+    assert next_lr(0.1, rejected) == 0.1
+
+
+def test_horizon_scale():
+    assert horizon_scale("none", 5, 10) == 1.0
+    assert horizon_scale("linear", 5, 10) == pytest.approx(0.5)
+    assert horizon_scale("cosine", 10, 10) == pytest.approx(0.0)
+
+
+class Quadratic(nn.Module):
+    """L(theta) = 0.5 (theta - t)^T H (theta - t), H diagonal."""
+
+    def __init__(self, start: torch.Tensor, target: torch.Tensor, curvature: torch.Tensor):
+        super().__init__()
+        self.theta = nn.Parameter(start.clone())
+        self.register_buffer("target", target)
+        self.register_buffer("curvature", curvature)
+
+    def loss(self) -> torch.Tensor:
+        diff = self.theta - self.target
+        return 0.5 * (self.curvature * diff * diff).sum()
+
+
+def make_backend(model: nn.Module, optim: OptimConfig) -> SingleBackend:
+    backend = SingleBackend(DistContext(), None, optim, "fp32")
+    backend.prepare(lambda: model)
+    return backend
+
+
+def autolr_step(backend: SingleBackend, lr: float, cfg: AutoLRConfig):
+    model = backend.model
+    backend.zero_grad()
+    model.loss().backward()
+    return AutoLR(cfg, backend, max_steps=10).step(
+        lr,
+        0,
+        probe_sums=lambda: torch.tensor([float(model.loss()), 1.0], dtype=torch.float64),
+        probe_loss=lambda row: float(row[0] / row[1]),
+    )
+
+
+def test_autolr_step_finds_the_analytic_optimum_of_a_quadratic():
+    torch.manual_seed(0)
+    start, target = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    curvature = torch.rand(6, dtype=torch.float64) + 0.5
+    model = Quadratic(start, target, curvature).double()
+    grad = curvature * (start - target)
+    optimum = float(grad @ grad / (grad @ (curvature * grad)))  # exact line search along -grad
+    lr = optimum * 0.8
+    cfg = AutoLRConfig(enabled=True, momentum=0.0)
+    record = autolr_step(make_backend(model, OptimConfig(name="sgd", lr=lr)), lr, cfg)
+    assert record.accepted
+    assert record.lr_after == pytest.approx(optimum, rel=1e-9)
+    torch.testing.assert_close(model.theta.detach(), start - optimum * grad, rtol=1e-12, atol=1e-12)
+
+
+def test_autolr_keeps_the_lr_when_the_fit_is_rejected():
+    model = Quadratic(torch.ones(3), torch.zeros(3), -torch.ones(3))  # concave: negative curvature
+    lr = 0.1
+    record = autolr_step(make_backend(model, OptimConfig(name="sgd", lr=lr)), lr, AutoLRConfig(enabled=True))
+    assert not record.accepted and record.lr_after == lr
+    torch.testing.assert_close(model.theta.detach(), torch.ones(3) - lr * -torch.ones(3))  # the plain step
+
+
+def test_adamw_state_after_autolr_equals_a_plain_step():
+    """The moments are updated once; only the applied step is rescaled."""
+    torch.manual_seed(1)
+    start, target, curvature = torch.randn(5), torch.randn(5), torch.rand(5) + 0.5
+    optim = OptimConfig(name="adamw", lr=0.05, weight_decay=0.01)
+    plain_model, auto_model = Quadratic(start, target, curvature), Quadratic(start, target, curvature)
+    plain, auto = make_backend(plain_model, optim), make_backend(auto_model, optim)
+    for _ in range(3):  # a few steps so the state is not trivial
+        for backend in (plain, auto):
+            backend.zero_grad()
+            backend.model.loss().backward()
+            backend.step(0.05)
+    before = auto_model.theta.detach().clone()
+    plain.zero_grad()
+    plain_model.loss().backward()
+    plain.step(0.05)
+    record = autolr_step(auto, 0.05, AutoLRConfig(enabled=True, momentum=0.0))
+    state_plain = plain.optimizer.state[plain_model.theta]
+    state_auto = auto.optimizer.state[auto_model.theta]
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        torch.testing.assert_close(state_auto[key], state_plain[key], rtol=0, atol=0)
+    u = plain_model.theta.detach() - before
+    torch.testing.assert_close(auto_model.theta.detach(), before + record.lr_after / 0.05 * u, rtol=1e-5, atol=1e-6)
