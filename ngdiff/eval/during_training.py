@@ -1,13 +1,134 @@
-"""Periodic evaluation inside a training run (all ranks take part; rank 0 gets the numbers)."""
+"""Periodic evaluation inside a training run, on all ranks (sharded ones included).
+
+The trainer calls `evaluate(step)` on every rank every `eval.every` steps and at the end; every rank
+computes its slice, all ranks receive every result (so they agree on the best checkpoint, whose export
+is a collective under sharded engines), and rank 0's dict is logged. Per-step outputs go to
+`<output_dir>/eval/step_XXXXXXXX/`; with `eval.best_metric=NAME[:min|max]` the best model so far is
+exported to `<output_dir>/best/` with `best.json`.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from ngdiff.errors import UserError
+from ngdiff.eval.muse import evaluate_muse, load_reference_auc
+from ngdiff.eval.report import write_outputs
+from ngdiff.eval.sharding import EvalDist
+from ngdiff.eval.tofu import FORGET_SPLITS, evaluate_tofu
+from ngdiff.eval.tofu_metrics import load_forget_truth_ratios
+
+log = logging.getLogger("ngdiff.eval")
+
+_TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
+_TOFU_STATS = ("answer_loss", "rougeL_recall", "rouge1_recall", "prob", "truth_ratio")
+
+
+def metric_names(benchmark: str, with_reference: bool) -> list[str]:
+    """The names `evaluate` returns for a benchmark (what `eval.best_metric` may name)."""
+    if benchmark == "tofu":
+        names = [f"{s}_{m}" for s in _TOFU_SETS for m in _TOFU_STATS] + ["model_utility"]
+        return names + (["forget_quality", "forget_ks_statistic"] if with_reference else [])
+    if benchmark == "muse":
+        return ["verbmem_f", "knowmem_f", "knowmem_r", "privleak_auc"] + (["privleak"] if with_reference else [])
+    raise UserError(f"unknown eval.benchmark {benchmark!r}; choose one of: none, tofu, muse")
+
+
+@dataclass(frozen=True)
+class BestMetric:
+    name: str
+    mode: str  # "min" or "max"
+
+    @classmethod
+    def parse(cls, text: str, known: list[str]) -> BestMetric | None:
+        if not text:
+            return None
+        name, _, mode = text.partition(":")
+        mode = mode or "max"
+        if mode not in ("min", "max"):
+            raise UserError(f"eval.best_metric {text!r}: the direction after ':' must be min or max")
+        if name not in known:
+            raise UserError(f"eval.best_metric names unknown metric {name!r}; known: {', '.join(known)}")
+        return cls(name, mode)
+
+    def better(self, value: float, best: float | None) -> bool:
+        return best is None or (value < best if self.mode == "min" else value > best)
 
 
 def evaluation_factory(cfg) -> Callable[[Any, Any], Callable[[int], dict[str, Any]]] | None:
-    """None when the config asks for no evaluation during training."""
-    if cfg.eval.benchmark == "none":
+    """None when the config asks for no evaluation; else `factory(backend, tokenizer) -> evaluate(step)`.
+
+    Everything checkable without a model (split, reference file, best metric) is checked here, before
+    training starts.
+    """
+    ecfg = cfg.eval
+    if ecfg.benchmark == "none":
         return None
-    raise NotImplementedError("evaluation during training arrives with the evaluation module")
+    if ecfg.benchmark == "tofu" and ecfg.split not in FORGET_SPLITS:
+        raise UserError(f"unknown eval.split {ecfg.split!r}; choose one of: {', '.join(FORGET_SPLITS)}")
+    reference_ratios = None
+    reference_auc = None
+    if ecfg.reference:
+        if ecfg.benchmark == "tofu":
+            reference_ratios = load_forget_truth_ratios(ecfg.reference)
+        else:
+            reference_auc = load_reference_auc(ecfg.reference)
+    best = BestMetric.parse(ecfg.best_metric, metric_names(ecfg.benchmark, bool(ecfg.reference)))
+    output_dir = Path(cfg.output_dir)
+
+    def factory(backend, tokenizer) -> Callable[[int], dict[str, Any]]:
+        ed = EvalDist.from_backend(backend)
+        best_file = output_dir / "best" / "best.json"
+        state: dict[str, float | None] = {"best": None}
+        if best is not None and best_file.is_file():  # a resumed run keeps its best so far
+            state["best"] = json.loads(best_file.read_text()).get("value")
+
+        def evaluate(step: int) -> dict[str, Any]:
+            start = time.perf_counter()
+            common = dict(
+                max_items=ecfg.max_items,
+                batch_size=ecfg.batch_size,
+                ed=ed,
+                autocast=backend.autocast,
+                data_dir=ecfg.data_dir or None,
+            )
+            if ecfg.benchmark == "tofu":
+                items, metrics = evaluate_tofu(
+                    backend.model,
+                    tokenizer,
+                    ecfg.split,
+                    max_new_tokens=ecfg.max_new_tokens,
+                    reference_ratios=reference_ratios,
+                    **common,
+                )
+            else:
+                items, metrics = evaluate_muse(backend.model, tokenizer, reference_auc=reference_auc, **common)
+            metrics = {**metrics, "eval_seconds": time.perf_counter() - start}
+            if ed.rank == 0:
+                meta = {"step": step, "split": ecfg.split, "max_items": ecfg.max_items, "ranks": ed.world_size}
+                write_outputs(output_dir / "eval" / f"step_{step:08d}", ecfg.benchmark, items, metrics, meta)
+            if best is not None and best.better(metrics[best.name], state["best"]):
+                state["best"] = metrics[best.name]
+                export_best(backend, tokenizer, output_dir / "best", step, best, metrics)
+            return metrics
+
+        return evaluate
+
+    return factory
+
+
+def export_best(backend, tokenizer, folder: Path, step: int, best: BestMetric, metrics: dict[str, Any]) -> None:
+    """All ranks call this (the export gathers shards); rank 0 writes the files."""
+    backend.export_pretrained(folder, tokenizer)
+    backend.barrier()
+    if backend.ctx.is_main:
+        record = {"step": step, "metric": best.name, "mode": best.mode, "value": metrics[best.name], "metrics": metrics}
+        (folder / "best.json").write_text(json.dumps(record, indent=1))
+        log.info("best %s=%.6g at step %d: model exported to %s", best.name, metrics[best.name], step, folder)
+    backend.barrier()
