@@ -106,6 +106,9 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 64
     best_metric: str = ""  # e.g. "forget_rougeL_recall:min" keeps the best checkpoint by it
+    split: str = "forget01"  # TOFU forget split whose *_perturbed file is evaluated
+    data_dir: str = ""  # folder with the benchmark files; empty: the copies bundled in ngdiff/resources
+    reference: str = ""  # TOFU: retain-only model's evaluation output (forget quality); MUSE: its AUC or output
 
 
 @dataclass
