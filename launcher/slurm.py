@@ -1,0 +1,255 @@
+"""`ngdiff slurm submit`: render an sbatch script for a run, write it next to the run, submit it.
+
+The job runs `srun` with one task per node; each task starts torchrun (c10d rendezvous on the first
+node of the allocation) or the DeepSpeed launcher (a hostfile, `--no_ssh`, one launcher per node).
+It asks Slurm for a warning signal before preemption or the time limit (`--signal=USR1@T`) and to
+be requeueable: the workers checkpoint on USR1, rank 0 calls `scontrol requeue`, and the requeued
+job resumes from the checkpoint by itself because the script always passes `train.resume=auto`.
+
+The config is validated and the output folder checked before `sbatch` is called, so a typo costs
+a second, not a place in the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from launcher.cli import split_config_and_overrides, subcommand
+from launcher.config import ConfigError, ExperimentConfig, load_config
+from launcher.secrets import find_secrets, redact
+from ngdiff.errors import UserError
+
+LAUNCHERS = ("torchrun", "deepspeed")
+SCRIPT_NAME = "job.sbatch"
+
+
+class SlurmError(UserError):
+    """Submission failed: bad options, sbatch missing, or sbatch refusing the job (its message included)."""
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    nodes: int = 1
+    gpus_per_node: int = 1
+    partition: str = ""
+    time: str = ""
+    account: str = ""
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    cpus_per_task: int = 0  # 0: leave it to the cluster's default
+    signal_seconds: int = 120  # warning before preemption / time limit; time for a step and a checkpoint
+    job_name: str = ""
+    python: str = sys.executable  # the interpreter on the nodes (a shared environment or the container's)
+
+    def validate(self) -> None:
+        if self.nodes < 1:
+            raise SlurmError(f"--nodes must be a positive integer, got {self.nodes}")
+        if self.gpus_per_node < 1:
+            raise SlurmError(f"--gpus-per-node must be a positive integer, got {self.gpus_per_node}")
+        if self.cpus_per_task < 0:
+            raise SlurmError(f"--cpus-per-task must not be negative, got {self.cpus_per_task}")
+        if self.signal_seconds < 1:
+            raise SlurmError(f"--signal-seconds must be positive, got {self.signal_seconds}")
+        if self.launcher not in LAUNCHERS:
+            raise SlurmError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        for name, value in (("--partition", self.partition), ("--account", self.account), ("--time", self.time)):
+            if value and not re.fullmatch(r"[\w.:,+-]+", value):
+                raise SlurmError(f"{name} {value!r} contains characters Slurm does not accept")
+        if self.job_name and not re.fullmatch(r"[\w.+-]+", self.job_name):
+            raise SlurmError(f"--job-name {self.job_name!r}: use letters, digits, '.', '_', '+' or '-'")
+
+
+def default_job_name(cfg: ExperimentConfig) -> str:
+    """`ngdiff-<output folder name>`: unique enough to spot the run in `squeue`."""
+    name = re.sub(r"[^\w.+-]+", "-", Path(cfg.output_dir).resolve().name).strip("-") or "run"
+    return f"ngdiff-{name}"[:64]
+
+
+def render_script(cfg: ExperimentConfig, opts: SubmitOptions, workdir: Path | None = None) -> str:
+    """The sbatch script for `cfg` (whose config.yaml the job reads from output_dir)."""
+    opts.validate()
+    workdir = (workdir or Path.cwd()).resolve()
+    out = Path(cfg.output_dir)
+    out = out if out.is_absolute() else workdir / out
+    slurm_dir = out / "slurm"
+    q = shlex.quote
+    directives = [
+        f"--job-name={opts.job_name or default_job_name(cfg)}",
+        f"--nodes={opts.nodes}",
+        "--ntasks-per-node=1",
+        f"--gpus-per-node={opts.gpus_per_node}",
+        *([f"--cpus-per-task={opts.cpus_per_task}"] if opts.cpus_per_task else []),
+        *([f"--partition={opts.partition}"] if opts.partition else []),
+        *([f"--account={opts.account}"] if opts.account else []),
+        *([f"--time={opts.time}"] if opts.time else []),
+        f"--chdir={workdir}",
+        f"--output={slurm_dir}/%x-%j.out",
+        "--open-mode=append",  # a requeued job appends instead of truncating its log
+        "--requeue",
+        f"--signal=USR1@{opts.signal_seconds}",
+    ]
+    header = [
+        "#!/bin/bash",
+        f"# Written by `ngdiff slurm submit` on {datetime.now().isoformat(timespec='seconds')}.",
+        f"# Resubmit (resumes from the newest complete checkpoint): sbatch {q(str(slurm_dir / SCRIPT_NAME))}",
+        *(f"#SBATCH {d}" for d in directives),
+    ]
+    if opts.launcher == "torchrun":
+        launch, hostfile = _torchrun_command(opts), []
+    else:  # the DeepSpeed launcher reads its nodes and slots from a hostfile
+        launch = _deepspeed_command(opts)
+        hostfile = [
+            f'HOSTFILE={q(str(slurm_dir))}/hostfile-"$SLURM_JOB_ID"',
+            f'for node in "${{NODES[@]}}"; do echo "$node slots={opts.gpus_per_node}"; done > "$HOSTFILE"',
+        ]
+    body = [
+        "set -euo pipefail",
+        f"CONFIG={q(str(out / 'config.yaml'))}",
+        f"PYTHON={q(opts.python)}",
+        'NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
+        'RDZV_HOST="${NODES[0]}"',
+        "RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+        *hostfile,
+        'export TQDM_MININTERVAL="${TQDM_MININTERVAL:-30}"  # progress as readable lines in the log file',
+        'echo "ngdiff: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${NODES[*]};'
+        ' rendezvous $RDZV_HOST:$RDZV_PORT"',
+        "",
+        "# One launcher per node. USR1 (the preemption warning) reaches every process of the step: the",
+        "# launcher ignores it, the workers finish their step, checkpoint, and rank 0 requeues the job.",
+        'srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\',
+        f'  bash -c {q(launch)} ngdiff-launch "$PYTHON" "$RDZV_HOST" "$RDZV_PORT" "$CONFIG"'
+        + (' "$HOSTFILE"' if hostfile else ""),
+    ]
+    return redact("\n".join([*header, "", *body, ""]))
+
+
+def _torchrun_command(opts: SubmitOptions) -> str:
+    # runs inside each srun task: $1 python, $2 rendezvous host, $3 port, $4 config
+    return (
+        'trap "" USR1; exec "$1" -m torch.distributed.run --nnodes="$SLURM_NNODES" '
+        f'--nproc-per-node={opts.gpus_per_node} --rdzv-backend=c10d --rdzv-endpoint="$2:$3" '
+        '--rdzv-id="$SLURM_JOB_ID" -m launcher train "$4" train.resume=auto'
+    )
+
+
+def _deepspeed_command(opts: SubmitOptions) -> str:
+    # $1 python, $2 master host, $3 port, $4 config, $5 hostfile; --no_ssh: srun started us on every node
+    return (
+        'trap "" USR1; exec "$1" -m deepspeed.launcher.runner --hostfile="$5" --no_ssh '
+        '--node_rank="$SLURM_NODEID" --master_addr="$2" --master_port="$3" '
+        '--module launcher train "$4" train.resume=auto'
+    )
+
+
+def prepare_run(cfg: ExperimentConfig, overwrite: bool) -> None:
+    """Check and claim output_dir now (as the job will), so a clash fails before sbatch is called."""
+    from launcher.outputs import check_output_dir, write_output_dir
+
+    leaked = find_secrets(cfg.to_dict())
+    if leaked:
+        raise ConfigError(
+            f"{', '.join(leaked)} holds the value of a credential from the environment; "
+            "credentials travel in the environment (the job inherits it), never in the config"
+        )
+    check_output_dir(cfg, overwrite)
+    write_output_dir(cfg, overwrite)
+
+
+def sbatch(script: Path, timeout: float = 60) -> str:
+    """Submit `script`; return the job id, or raise with sbatch's own message."""
+    exe = shutil.which("sbatch")
+    if exe is None:
+        raise SlurmError("sbatch not found on PATH: run this on a Slurm login node (or use --dry-run)")
+    try:
+        result = subprocess.run(
+            [exe, "--parsable", str(script)], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise SlurmError(f"sbatch did not answer within {timeout:.0f} s; is slurmctld reachable?") from err
+    if result.returncode != 0:
+        message = (result.stderr.strip() or result.stdout.strip() or f"exit status {result.returncode}").strip()
+        raise SlurmError(f"sbatch refused the job: {message}")
+    job_id = result.stdout.strip().split(";")[0]  # --parsable prints `id` or `id;cluster`
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch printed no job id: {result.stdout.strip()!r}")
+    return job_id
+
+
+def submit(
+    cfg: ExperimentConfig, opts: SubmitOptions, *, overwrite: bool = False, dry_run: bool = False
+) -> tuple[str | None, str]:
+    """(job id or None for a dry run, the script). Everything cheap is checked before sbatch."""
+    cfg.train.resume = "auto"  # a requeued job must continue, never restart
+    processes = opts.nodes * opts.gpus_per_node
+    if processes > 1 and cfg.parallel.backend == "single":
+        raise ConfigError(
+            f"parallel.backend=single runs one process, but {opts.nodes} node(s) x {opts.gpus_per_node} GPU(s) "
+            f"start {processes}; choose a sharded backend (parallel.backend=ddp, fsdp or zero3)"
+        )
+    script = render_script(cfg, opts)
+    if dry_run:
+        return None, script
+    if shutil.which("sbatch") is None:
+        raise SlurmError("sbatch not found on PATH: run this on a Slurm login node (or use --dry-run)")
+    prepare_run(cfg, overwrite)
+    path = Path(cfg.output_dir) / "slurm" / SCRIPT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
+    return sbatch(path), script
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="slurm_action", required=True, metavar="ACTION")
+    sub = actions.add_parser("submit", help="validate the config, write the sbatch script next to the run, submit it")
+    sub.add_argument("items", nargs="+", metavar="[CONFIG] KEY=VALUE", help="YAML file, then dotted overrides")
+    sub.add_argument("--nodes", type=int, required=True, help="nodes to allocate (one launcher per node)")
+    sub.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node = processes per node")
+    sub.add_argument("--partition", default="", help="Slurm partition")
+    sub.add_argument("--time", default="", help="time limit, e.g. 04:00:00 (the job is warned before it)")
+    sub.add_argument("--account", default="", help="Slurm account to charge")
+    sub.add_argument("--launcher", choices=LAUNCHERS, default="torchrun", help="per-node launcher")
+    sub.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's launcher and its workers")
+    sub.add_argument("--signal-seconds", type=int, default=120, help="USR1 this long before preemption/time limit")
+    sub.add_argument("--job-name", default="", help="default: ngdiff-<output folder name>")
+    sub.add_argument("--python", default=sys.executable, help="Python on the nodes (default: this one)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    sub.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
+
+
+@subcommand("slurm", "submit a run to Slurm (requeued and resumed after preemption)", add_slurm_arguments)
+def run_slurm(args: argparse.Namespace) -> int:
+    opts = SubmitOptions(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+        launcher=args.launcher,
+        cpus_per_task=args.cpus_per_task,
+        signal_seconds=args.signal_seconds,
+        job_name=args.job_name,
+        python=args.python,
+    )
+    opts.validate()  # before the config: option mistakes are the cheapest to report
+    config_path, overrides = split_config_and_overrides(args.items)
+    cfg = load_config(config_path, overrides)
+    job_id, script = submit(cfg, opts, overwrite=args.overwrite, dry_run=args.dry_run)
+    if job_id is None:
+        print(script, end="")
+        return 0
+    print(job_id)
+    where = Path(cfg.output_dir) / "slurm"
+    print(f"submitted job {job_id}: script and logs in {where}", file=sys.stderr)
+    return 0
