@@ -1,0 +1,166 @@
+"""`ngdiff eval`: TOFU or MUSE-News metrics of a model folder, on one process or under torchrun, and
+`ngdiff eval forget-quality` from two existing evaluation outputs (ours or legacy TOFU logs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from launcher.cli import subcommand
+from ngdiff.errors import UserError
+
+log = logging.getLogger("ngdiff.eval")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=["run", "forget-quality"],
+        help="run (default): evaluate --model; forget-quality: KS test of --unlearned against --reference",
+    )
+    parser.add_argument("--benchmark", choices=["tofu", "muse"], help="which benchmark to run")
+    parser.add_argument("--model", help="Hugging Face model folder (e.g. a run's final/)")
+    parser.add_argument(
+        "--reference",
+        help="TOFU: a retain-only model's evaluation output or legacy eval_log_forget.json (forget quality); "
+        "MUSE: a retrained model's AUC or evaluation output (PrivLeak)",
+    )
+    parser.add_argument("--split", default="forget01", help="TOFU forget split: forget01, forget05 or forget10")
+    parser.add_argument("--output", help="folder for items.json, aggregate.json, summary.md (default: MODEL/eval_*)")
+    parser.add_argument("--data-dir", help="folder with the benchmark files (default: the bundled copies)")
+    parser.add_argument("--max-items", type=int, default=0, help="first N items of each set (0: all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation / scoring batch")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="TOFU generation length (MUSE fixes its own)")
+    parser.add_argument("--backend", default="", help="shard the model with a parallel backend (fsdp, zero3)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--unlearned", help="forget-quality: the unlearned model's evaluation output")
+
+
+@subcommand("eval", "TOFU / MUSE-News metrics of a model, or forget quality from two outputs", add_eval_arguments)
+def run_eval(args: argparse.Namespace) -> int:
+    if args.action == "forget-quality":
+        return forget_quality_command(args)
+    if not args.benchmark:
+        raise UserError("ngdiff eval needs --benchmark tofu or --benchmark muse")
+    if not args.model:
+        raise UserError("ngdiff eval needs --model DIR")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"--model {model_dir}: not a model folder (no config.json)")
+    for name in ("max_items", "batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value < 0 or (value == 0 and name != "max_items"):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return evaluate_command(args, model_dir)
+
+
+def forget_quality_command(args: argparse.Namespace) -> int:
+    from ngdiff.eval.tofu_metrics import forget_quality, load_forget_truth_ratios
+
+    if not args.unlearned or not args.reference:
+        raise UserError("ngdiff eval forget-quality needs --unlearned A and --reference B")
+    unlearned = load_forget_truth_ratios(args.unlearned)
+    reference = load_forget_truth_ratios(args.reference)
+    pvalue, statistic = forget_quality(unlearned, reference)
+    result = {
+        "forget_quality": pvalue,
+        "ks_statistic": statistic,
+        "n_unlearned": len(unlearned),
+        "n_reference": len(reference),
+    }
+    print(json.dumps(result, indent=1))
+    if args.output:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        (Path(args.output) / "forget_quality.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
+    import torch
+
+    from launcher.logs import setup_logging
+    from ngdiff.eval.report import write_outputs
+    from ngdiff.eval.sharding import SHARDED_BACKENDS, EvalDist
+    from parallel.distributed import init_distributed, shutdown_distributed
+
+    # cheap checks first: split, data files, reference
+    reference_ratios, reference_auc = None, None
+    if args.benchmark == "tofu":
+        from ngdiff.eval.tofu import load_rows, tofu_sets
+        from ngdiff.eval.tofu_metrics import load_forget_truth_ratios
+
+        for tofu_set in tofu_sets(args.split):
+            load_rows(tofu_set, args.data_dir, 1)
+        if args.reference:
+            reference_ratios = load_forget_truth_ratios(args.reference)
+    else:
+        from ngdiff.eval.muse import load_reference_auc
+
+        reference_auc = load_reference_auc(args.reference)
+
+    ctx = init_distributed()
+    setup_logging(ctx.rank, False)
+    try:
+        model = load_model(args, model_dir, ctx)
+        from ngdiff.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(str(model_dir), args.trust_remote_code)
+        ed = EvalDist(ctx.rank, ctx.world_size, args.backend in SHARDED_BACKENDS)
+        start = time.perf_counter()
+        common = dict(data_dir=args.data_dir, max_items=args.max_items, batch_size=args.batch_size, ed=ed)
+        if args.benchmark == "tofu":
+            from ngdiff.eval.tofu import evaluate_tofu
+
+            items, metrics = evaluate_tofu(
+                model,
+                tokenizer,
+                args.split,
+                max_new_tokens=args.max_new_tokens,
+                reference_ratios=reference_ratios,
+                **common,
+            )
+        else:
+            from ngdiff.eval.muse import evaluate_muse
+
+            items, metrics = evaluate_muse(model, tokenizer, reference_auc=reference_auc, **common)
+        seconds = time.perf_counter() - start
+        if ctx.is_main:
+            meta = {
+                "model": str(model_dir),
+                "split": args.split if args.benchmark == "tofu" else "news",
+                "reference": args.reference or "",
+                "max_items": args.max_items,
+                "max_new_tokens": args.max_new_tokens if args.benchmark == "tofu" else "128 / 32",
+                "ranks": ctx.world_size,
+                "seconds": round(seconds, 2),
+            }
+            output = Path(args.output) if args.output else model_dir / f"eval_{args.benchmark}"
+            write_outputs(output, args.benchmark, items, metrics, meta)
+            print((output / "summary.md").read_text())
+        if ctx.distributed:
+            torch.distributed.barrier()
+        return 0
+    finally:
+        shutdown_distributed()
+
+
+def load_model(args: argparse.Namespace, model_dir: Path, ctx):
+    """The whole model on every rank, or sharded by `--backend` (its frozen-model path)."""
+    from ngdiff.modeling import model_factory
+
+    build = model_factory(str(model_dir), args.trust_remote_code)
+    if not args.backend:
+        return build().to(ctx.device).eval()
+    from launcher.config import OptimConfig, ParallelConfig
+    from parallel import build_backend
+
+    backend = build_backend(args.backend, ctx, ParallelConfig(backend=args.backend), OptimConfig(), "fp32")
+    model = backend.prepare_frozen(build)
+    if model is None:
+        raise UserError(f"parallel backend {args.backend!r} returned no model from prepare_frozen")
+    return model
