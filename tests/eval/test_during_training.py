@@ -1,0 +1,60 @@
+"""Evaluation inside `ngdiff train`: logged with the training metrics, per-step outputs, best model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.config import load_config
+from ngdiff.errors import UserError
+from ngdiff.eval.during_training import evaluation_factory
+from ngdiff.metrics_log import read_jsonl
+from ngdiff.pipeline import run_training
+from parallel.base import DistContext
+
+
+def config(tiny_model_dir, tofu_split, out, *extra):
+    return load_config(None, [
+        f"model.path={tiny_model_dir}", f"data.forget={tofu_split['forget']}", f"data.retain={tofu_split['retain']}",
+        "train.forget_batch_size=4", "train.retain_batch_size=4", "logging.progress=false", f"output_dir={out}",
+        "train.max_steps=2", "optim.name=sgd", "optim.lr=0.5", *extra,
+    ])  # fmt: skip
+
+
+def test_tofu_eval_every_step_with_best_model(tiny_model_dir, tofu_split, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(
+        tiny_model_dir, tofu_split, out, "eval.benchmark=tofu", "eval.every=1", "eval.max_items=2",
+        "eval.max_new_tokens=4", "eval.best_metric=forget_answer_loss:max",
+    )  # fmt: skip
+    run_training(cfg, DistContext(), evaluate_factory=evaluation_factory(cfg))
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if "forget_answer_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(0.0 <= r["model_utility"] <= 1.0 for r in evals)
+    best = json.loads((out / "best" / "best.json").read_text())
+    losses = {r["step"]: r["forget_answer_loss"] for r in evals}
+    assert best["value"] == pytest.approx(max(losses.values()))
+    assert best["step"] == max(losses, key=losses.get)
+    assert (out / "best" / "config.json").is_file()
+    step2 = json.loads((out / "eval" / "step_00000002" / "items.json").read_text())
+    assert len(step2["forget"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["eval.benchmark=tofu", "eval.best_metric=no_such_metric"], "unknown metric"),
+        (["eval.benchmark=tofu", "eval.best_metric=forget_prob:lowest"], "min or max"),
+        (["eval.benchmark=tofu", "eval.split=forget42"], "unknown eval.split"),
+        (["eval.benchmark=tofu", "eval.reference=/nonexistent/items.json"], "not found"),
+        (["eval.benchmark=muse", "eval.best_metric=privleak"], "unknown metric"),  # needs eval.reference
+    ],
+)
+def test_bad_eval_settings_fail_before_training(overrides, message, tiny_model_dir, tofu_split, tmp_path):
+    with pytest.raises(UserError, match=message):
+        evaluation_factory(config(tiny_model_dir, tofu_split, tmp_path / "run", *overrides))
+
+
+def test_no_benchmark_no_evaluation(tiny_model_dir, tofu_split, tmp_path):
+    assert evaluation_factory(config(tiny_model_dir, tofu_split, tmp_path / "run")) is None
