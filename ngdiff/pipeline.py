@@ -75,6 +75,7 @@ def run_training(
     max_steps = total_steps(cfg, forget_stream)
 
     backend = build_backend(cfg.parallel.backend, ctx, cfg.parallel, cfg.optim, cfg.train.precision)
+    backend.set_batch_layout(forget_stream.micro, forget_stream.accumulation_steps)
     backend.prepare(model_factory(cfg.model.path, cfg.model.trust_remote_code), cfg.model.gradient_checkpointing)
     reference = None
     if forget_objective.needs_reference or (retain_objective is not None and retain_objective.needs_reference):

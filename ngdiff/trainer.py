@@ -158,9 +158,11 @@ class Trainer:
         count = 0
         for index, batch in enumerate(micro_batches):
             batch = self.to_device(batch)
-            with backend.autocast():
-                loss_sum = objective.loss_sum(backend.model, batch, self.reference)
-            backend.backward(loss_sum * backend.gradient_scale, last_micro_batch=index == len(micro_batches) - 1)
+            last = index == len(micro_batches) - 1
+            with backend.micro_batch(last=last):
+                with backend.autocast():
+                    loss_sum = objective.loss_sum(backend.model, batch, self.reference)
+                backend.backward(loss_sum * backend.gradient_scale, last_micro_batch=last)
             total += loss_sum.detach().double()
             count += objective.count(batch)
         return total, count

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,12 @@ class Backend(ABC):
         self.optim_cfg = optim_cfg
         self.precision = precision
         self.model: nn.Module | None = None  # what forward passes are called on
+        self.batch_layout: tuple[int, int] = (1, 1)  # (micro-batch per rank, accumulation steps)
+
+    def set_batch_layout(self, micro_batch: int, accumulation_steps: int) -> None:
+        """Per-rank micro-batch size and accumulation steps, for engines that account batches
+        themselves (DeepSpeed checks its own batch keys). Called before `prepare`."""
+        self.batch_layout = (micro_batch, accumulation_steps)
 
     # --- set-up --------------------------------------------------------------------------------
     @abstractmethod
@@ -65,6 +72,11 @@ class Backend(ABC):
         """Factor on a loss so that the engine's gradient equals the gradient of that loss summed over
         ranks: engines average over data-parallel ranks, so they need `world_size`."""
         return float(self.ctx.world_size)
+
+    def micro_batch(self, *, last: bool) -> AbstractContextManager:
+        """Context around one micro-batch's forward *and* backward. DDP must know before the forward
+        whether this backward synchronises (`no_sync`); engines that decide in `backward` ignore it."""
+        return nullcontext()
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:

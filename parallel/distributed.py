@@ -42,3 +42,10 @@ def init_distributed(timeout_minutes: float = 10.0) -> DistContext:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def init_single_process_group(ctx: DistContext) -> None:
+    """A one-rank group, so a sharded engine also runs in a plain single process (debugging, tests)."""
+    dist.init_process_group(
+        backend="nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+    )

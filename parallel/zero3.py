@@ -1,0 +1,231 @@
+"""DeepSpeed ZeRO stage 3: parameters, gradients and optimizer state partitioned over ranks.
+
+The model is built under `zero.Init` (through transformers' `HfDeepSpeedConfig`), so it never
+materialises whole on one rank. Between `engine.backward` and `engine.step` each rank reads and
+writes its fp32 gradient partition through DeepSpeed's public `safe_get_local_grad` /
+`safe_set_local_grad`. Zeroing the gradients resets ZeRO's micro-step counter, so the first
+backward of the next task overwrites the partitions instead of adding to them.
+
+AutoLR edits the fp32 master partitions (`local_params`); `params_changed` copies them into the
+partitions forward passes gather from, as DeepSpeed's own step does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ngdiff.errors import UserError
+from parallel.base import Backend
+from parallel.optim import build_optimizer, set_lr
+
+log = logging.getLogger("ngdiff.parallel")
+
+CHECKPOINT_TAG = "zero3"
+
+
+class DeepSpeedConfigError(UserError):
+    pass
+
+
+def _conflict(key: str, ours: Any, theirs: Any, source: str) -> DeepSpeedConfigError:
+    return DeepSpeedConfigError(
+        f"{source}: {key}={theirs!r} disagrees with the trainer's value {ours!r}; "
+        f'remove the key or set it to "auto" (ngdiff fills it)'
+    )
+
+
+def build_deepspeed_config(
+    user: dict[str, Any],
+    *,
+    micro_batch: int,
+    accumulation: int,
+    world_size: int,
+    precision: str,
+    cpu_offload: bool,
+    source: str = "parallel.deepspeed_config",
+) -> dict[str, Any]:
+    """The user's DeepSpeed JSON with the trainer's keys filled in; a clear error where they disagree.
+
+    The trainer owns batch sizes, precision and the optimizer (a torch optimizer, lr set every step by
+    the trainer / AutoLR), so a DeepSpeed `optimizer` or `scheduler` section is refused.
+    """
+    config = json.loads(json.dumps(user))  # deep copy
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise DeepSpeedConfigError(
+                f"{source}: remove the {section!r} section; ngdiff builds a torch optimizer from optim.* and sets "
+                "the learning rate itself (AutoLR)"
+            )
+    if config.get("fp16", {}).get("enabled") is True:
+        raise DeepSpeedConfigError(f"{source}: fp16 is not supported (loss scaling); use train.precision=bf16")
+    zero = config.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 3)
+    if stage != 3:
+        raise DeepSpeedConfigError(
+            f"{source}: zero_optimization.stage={stage} is not supported: NGDiff needs each rank's gradient "
+            "partition per parameter between backward and step (two backward passes per step), which DeepSpeed "
+            "exposes exactly only for stage 3 (safe_get_local_grad); stages 1-2 keep flat reduce buckets. "
+            "Use stage 3 (parallel.backend=zero3) or parallel.backend=fsdp"
+        )
+    zero["stage"] = 3
+    if cpu_offload:
+        zero.setdefault("offload_optimizer", {"device": "cpu"})
+    ours = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
+    }
+    for key, value in ours.items():
+        theirs = config.get(key, "auto")
+        if theirs != "auto" and theirs != value:
+            raise _conflict(key, value, theirs, source)
+        config[key] = value
+    bf16 = precision == "bf16"
+    theirs = config.get("bf16", {}).get("enabled", "auto")
+    if theirs != "auto" and bool(theirs) != bf16:
+        raise _conflict("bf16.enabled", bf16, theirs, source)
+    config.setdefault("bf16", {})["enabled"] = bf16
+    clipping = config.get("gradient_clipping", "auto")
+    if clipping == "auto":
+        config["gradient_clipping"] = 0.0  # the trainer clips the combined direction (optim.max_grad_norm)
+    elif clipping:
+        log.warning("%s: gradient_clipping=%s is applied by DeepSpeed after the NGDiff combination", source, clipping)
+    config["zero_allow_untested_optimizer"] = True
+    config.setdefault("steps_per_print", 1 << 30)
+    config.setdefault("wall_clock_breakdown", False)
+    return config
+
+
+class Zero3Backend(Backend):
+    name = "zero3"
+
+    def __init__(self, ctx, parallel_cfg, optim_cfg, precision):
+        super().__init__(ctx, parallel_cfg, optim_cfg, precision)
+        self.ds_config: dict[str, Any] | None = None
+        self._hf_ds_config = None  # transformers holds only a weak reference: keep it alive
+
+    def _config(self) -> dict[str, Any]:
+        if self.ds_config is None:
+            path = self.parallel_cfg.deepspeed_config
+            user = json.loads(Path(path).read_text()) if path else {}
+            micro, accumulation = self.batch_layout
+            self.ds_config = build_deepspeed_config(
+                user,
+                micro_batch=micro,
+                accumulation=accumulation,
+                world_size=self.ctx.world_size,
+                precision=self.precision,
+                cpu_offload=self.parallel_cfg.cpu_offload,
+                source=path or "parallel.deepspeed_config",
+            )
+        return self.ds_config
+
+    def _build_partitioned(self, build_model):
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # DeepSpeed's comm layer adopts our process group (its config reads the world size from it)
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+        self._hf_ds_config = HfDeepSpeedConfig(self._config())  # from_pretrained now builds under zero.Init
+        return build_model()
+
+    def prepare(self, build_model, gradient_checkpointing=False):
+        import deepspeed
+
+        module = self._build_partitioned(build_model)
+        if gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.train()
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module,
+            model_parameters=[p for p in module.parameters() if p.requires_grad],
+            optimizer=lambda params: build_optimizer(params, self.optim_cfg),
+            config=self._config(),
+        )
+        self.model = self.engine
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        return self.engine
+
+    def prepare_frozen(self, build_model):
+        import deepspeed
+
+        module = self._build_partitioned(build_model)
+        module.requires_grad_(False)
+        config = {k: v for k, v in self._config().items() if k not in ("zero_allow_untested_optimizer",)}
+        engine, *_ = deepspeed.initialize(model=module, config=config)
+        return engine.eval()
+
+    def autocast(self):
+        return torch.autocast(self.ctx.device.type, enabled=False)  # DeepSpeed holds bf16 weights itself
+
+    def backward(self, loss, *, last_micro_batch):
+        self.engine.set_gradient_accumulation_boundary(last_micro_batch)
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer normalises by global counts
+
+    def zero_grad(self):
+        self.optimizer.zero_grad()  # also resets ZeRO's micro-step: the next backward overwrites
+
+    def local_grads(self):
+        from deepspeed.utils import safe_get_local_grad
+
+        return [safe_get_local_grad(p) for p in self.params]
+
+    def set_local_grads(self, grads):
+        from deepspeed.utils import safe_set_local_grad
+
+        for p, live, new in zip(self.params, self.local_grads(), grads, strict=True):
+            if live.data_ptr() != new.data_ptr():  # a copy (optimizer offload): write it back
+                safe_set_local_grad(p, new)
+
+    def local_params(self):
+        return list(self.optimizer.fp32_partitioned_groups_flat)
+
+    @torch.no_grad()
+    def params_changed(self):
+        # What DeepSpeed's step and checkpoint loading do after an update: release gathered copies,
+        # copy fp32 masters -> the partitions forward gathers from, then re-gather the small parameters
+        # every rank keeps whole ("persistent"; all_gather skips those still marked available).
+        opt = self.optimizer
+        opt._partition_all_parameters()
+        for group in range(len(opt.fp16_groups)):
+            opt._reassign_or_swap_out_partitioned_parameters(group)
+        persistent = opt.persistent_parameters
+        if persistent:
+            persistent[0].partition(persistent)
+            persistent[0].all_gather(persistent)
+
+    def step(self, lr):
+        set_lr(self.optimizer.optimizer, lr)
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+
+    def save_checkpoint(self, directory: Path):
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_checkpoint(self, directory: Path):
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
+
+    def full_state_dict(self):
+        """fp32 masters gathered on every rank (a collective per parameter)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return {names[id(p)]: safe_get_full_fp32_param(p).detach().cpu().clone() for p in self.params}
+
+    def export_pretrained(self, directory: Path, tokenizer=None):
+        state = self.full_state_dict()
+        if self.ctx.is_main:
+            self.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
