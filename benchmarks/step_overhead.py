@@ -1,0 +1,225 @@
+"""Step-time and memory overhead of NGDiff against GDiff, per backend, on 2 CPU ranks.
+
+    python benchmarks/step_overhead.py [--repeats 6] [--steps 8] [--out docs/bench.json]
+
+The driver builds a small Llama (hidden 128, 4 layers, 1.4M parameters), then launches one worker per
+backend (`single` in one process; `ddp`, `fsdp` under torchrun; `zero3` under the deepspeed launcher).
+Each worker times, interleaved round-robin over `--repeats` rounds of `--steps` steps:
+  ngdiff       the real `Trainer.unlearning_step` (two backward passes, Gram all-reduce, combination)
+  gdiff_two    GDiff with the same two backward passes, each reduced, no clone, no Gram
+  gdiff_one    GDiff as one combined backward of c0 * L_R - (1 - c0) * L_F
+  ngdiff_autolr  NGDiff with AutoLR every 4 steps (timed over whole blocks of 4)
+and reports per-rank model state from the engine's own tensors (parameters, gradients, optimizer state,
+NGDiff's retain-gradient copy, AutoLR's update copy) and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+VARIANTS = ("ngdiff", "gdiff_two", "gdiff_one", "ngdiff_autolr")
+
+
+# ------------------------------------------------------------------------------------------ worker
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed wraps the torch optimizer
+    total = 0
+    for state in inner.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.dim() > 0:
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
+    return total
+
+
+def gdiff_step(trainer, combined: bool, c0: float = 0.5) -> None:
+    """Plain GDiff with local-mean losses: the baseline whose cost NGDiff is compared with."""
+    backend = trainer.backend
+    backend.zero_grad()
+    batches = [(trainer.retain_objective, trainer.retain_stream.next(), c0),
+               (trainer.forget_objective, trainer.forget_stream.next(), -(1 - c0))]  # fmt: skip
+    if combined:  # one forward per task, one backward through both graphs
+        total = 0.0
+        for objective, micro, weight in batches:
+            batch = trainer.to_device(micro[0])
+            with backend.autocast():
+                total = total + weight * objective.loss_sum(backend.model, batch) / max(objective.count(batch), 1)
+        with backend.micro_batch(last=True):
+            backend.backward(total * backend.gradient_scale, last_micro_batch=True)
+    else:  # two backward passes, each reduced by the engine, accumulating into the same gradients
+        for objective, micro, weight in batches:
+            batch = trainer.to_device(micro[0])
+            with backend.micro_batch(last=True):
+                with backend.autocast():
+                    loss = weight * objective.loss_sum(backend.model, batch) / max(objective.count(batch), 1)
+                backend.backward(loss * backend.gradient_scale, last_micro_batch=True)
+    backend.step(trainer.lr)
+
+
+def worker(args) -> None:
+    from launcher.config import load_config
+    from ngdiff.modeling import load_tokenizer, model_factory
+    from ngdiff.objectives import build_objectives
+    from ngdiff.pipeline import build_streams
+    from ngdiff.trainer import Trainer
+    from parallel import build_backend
+    from parallel.distributed import init_distributed
+
+    torch.set_num_threads(1)
+    ctx = init_distributed(timeout_minutes=5)
+    cfg = load_config(None, [*args.overrides, "logging.progress=false", "autolr.every=4"])
+    tokenizer = load_tokenizer(cfg.model.path)
+    forget_objective, retain_objective = build_objectives("nll", "nll", 0.1)
+    forget_stream, retain_stream = build_streams(cfg, tokenizer, ctx, refusals=False)
+    backend = build_backend(cfg.parallel.backend, ctx, cfg.parallel, cfg.optim, cfg.train.precision)
+    backend.set_batch_layout(forget_stream.micro, forget_stream.accumulation_steps)
+    backend.prepare(model_factory(cfg.model.path))
+    trainer = Trainer(cfg, backend, forget_stream, retain_stream, forget_objective, retain_objective, max_steps=10**6)
+
+    def run(variant: str, steps: int) -> float:
+        trainer.autolr.cfg.enabled = variant == "ngdiff_autolr"
+        backend.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            if variant.startswith("ngdiff"):
+                trainer.unlearning_step()
+                trainer.step_index += 1
+            else:
+                gdiff_step(trainer, combined=variant == "gdiff_one")
+        backend.barrier()
+        return (time.perf_counter() - start) / steps
+
+    for variant in VARIANTS:  # warm-up (DeepSpeed traces its prefetch order on the first passes)
+        run(variant, 4)
+    trainer.step_index = 0
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.repeats):
+        for variant in VARIANTS:
+            times[variant].append(run(variant, args.steps))
+
+    grads = backend.local_grads()
+    params = backend.local_params()
+    memory = {
+        "params_mb": tensor_bytes(params) / 2**20,
+        "grads_mb": tensor_bytes(grads) / 2**20,
+        "optimizer_mb": optimizer_state_bytes(backend.optimizer) / 2**20,
+        "ngdiff_retain_copy_mb": tensor_bytes(grads) / 2**20,  # the one extra gradient shard
+        "autolr_update_copy_mb": tensor_bytes(params) / 2**20,  # the one extra parameter shard
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    medians = {v: statistics.median(t) for v, t in times.items()}
+    result = {"backend": cfg.parallel.backend, "world_size": ctx.world_size, "median_step_s": medians,
+              "rounds": times, "memory": memory}  # fmt: skip
+    gathered = [None] * ctx.world_size
+    if ctx.distributed:
+        torch.distributed.all_gather_object(gathered, memory)
+    else:
+        gathered = [memory]
+    result["memory_per_rank"] = gathered
+    if ctx.is_main:
+        Path(args.result).write_text(json.dumps(result, indent=1))
+    if ctx.distributed:
+        torch.distributed.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ driver
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_inputs(root: Path) -> list[str]:
+    from ngdiff import TOFU_DIR
+    from ngdiff.modeling import TinyLlamaSpec, build_tiny_model
+
+    rows = [json.loads(line) for line in (TOFU_DIR / "full.jsonl").read_text().splitlines()[:400]]
+    model = build_tiny_model(root / "model", [r["question"] + " " + r["answer"] for r in rows], TinyLlamaSpec())
+    for name, part in (("forget", rows[:40]), ("retain", rows[40:400])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return [f"model.path={model}", f"data.forget={root / 'forget.jsonl'}", f"data.retain={root / 'retain.jsonl'}",
+            "train.forget_batch_size=8", "train.retain_batch_size=8", "data.max_length=128",
+            "optim.name=adamw", "optim.lr=1e-5", f"output_dir={root / 'out'}"]  # fmt: skip
+
+
+def launch(backend: str, overrides: list[str], args, root: Path) -> dict:
+    result = root / f"{backend}.json"
+    tail = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--repeats", str(args.repeats),
+            "--steps", str(args.steps), "--", *overrides, f"parallel.backend={backend}"]  # fmt: skip
+    if backend == "single":
+        cmd = [sys.executable, *tail]
+    elif backend == "zero3":
+        cmd = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), *tail]  # fmt: skip
+    else:
+        cmd = [shutil.which("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", *tail]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(result.read_text())
+
+
+def report(results: dict[str, dict]) -> str:
+    single = results.get("single", {}).get("memory")
+    lines = ["| backend | NGDiff / GDiff(two bwd) | NGDiff / GDiff(one bwd) | AutoLR(4) / none | NGDiff step ms "
+             "| model state MB/rank (params+grads+optim) | vs 1 process | NGDiff extra MB | AutoLR extra MB "
+             "| peak RSS MB/rank |", "|" + "---|" * 10]  # fmt: skip
+    for name, r in results.items():
+        t, m = r["median_step_s"], r["memory"]
+        state = m["params_mb"] + m["grads_mb"] + m["optimizer_mb"]
+        ratio = f"{state / (single['params_mb'] + single['grads_mb'] + single['optimizer_mb']):.2f}" if single else "-"
+        rss = "/".join(f"{x['peak_rss_mb']:.0f}" for x in r["memory_per_rank"])
+        lines.append(
+            f"| {name} | {t['ngdiff'] / t['gdiff_two']:.3f} | {t['ngdiff'] / t['gdiff_one']:.3f} "
+            f"| {t['ngdiff_autolr'] / t['ngdiff']:.3f} | {1000 * t['ngdiff']:.1f} | {state:.2f} | {ratio} "
+            f"| {m['ngdiff_retain_copy_mb']:.2f} | {m['autolr_update_copy_mb']:.2f} | {rss} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=6, help="interleaved rounds per variant")
+    parser.add_argument("--steps", type=int, default=8, help="steps per round (a multiple of 4)")
+    parser.add_argument("--backends", default="single,ddp,fsdp,zero3")
+    parser.add_argument("--out", default="", help="also write all results as JSON here")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        overrides = build_inputs(root)
+        results = {b: launch(b, overrides, args, root) for b in args.backends.split(",")}
+    print(report(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

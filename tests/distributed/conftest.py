@@ -1,0 +1,49 @@
+"""Session fixtures that launch the multi-process runs once and share their results between tests.
+
+Three launches cover the equality matrix: the 1-process reference (plain python, `single` backend),
+`torchrun` with 2 ranks for ddp and fsdp, and the `deepspeed` launcher with 2 ranks for zero3. Each
+launch runs every case of its backends in one process group (see worker.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from dist_helpers import WORKER, backend_cases, common_overrides, deepspeed_launcher, matrix_cases, run_launch, torchrun
+
+
+@pytest.fixture(scope="session")
+def dist_runs(tmp_path_factory, tiny_model_dir, tofu_split) -> Path:
+    """Runs all three launches once; returns the folder holding every case's result."""
+    out = tmp_path_factory.mktemp("dist_runs")
+    common = common_overrides(tiny_model_dir, tofu_split)
+    reference = [
+        {"name": f"single_{n}", "overrides": ["parallel.backend=single", *o]} for n, o in matrix_cases().items()
+    ]
+    launches = [
+        ([sys.executable, str(WORKER)], reference, "single"),
+        (torchrun(), backend_cases("ddp") + backend_cases("fsdp"), "torchrun"),
+        (deepspeed_launcher(), backend_cases("zero3"), "deepspeed"),
+    ]
+    for prefix, cases, label in launches:
+        spec = out / f"{label}.json"
+        spec.write_text(json.dumps({"common": common, "cases": cases}))
+        run_launch(
+            [*prefix, str(WORKER), str(spec), str(out)] if label != "single" else [*prefix, str(spec), str(out)],
+            out / f"{label}.log",
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def single_reference(tmp_path_factory, tiny_model_dir, tofu_split) -> Path:
+    """Just the 1-process `ngdiff_sgd` case, for the launcher tests (cheaper than the whole matrix)."""
+    out = tmp_path_factory.mktemp("single_reference")
+    case = {"name": "single_ngdiff_sgd", "overrides": ["parallel.backend=single", *matrix_cases()["ngdiff_sgd"]]}
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"common": common_overrides(tiny_model_dir, tofu_split), "cases": [case]}))
+    run_launch([sys.executable, str(WORKER), str(spec), str(out)], out / "single.log")
+    return out

@@ -1,0 +1,134 @@
+"""Helpers of the distributed tests: launchers, the case matrix, result loading and comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from itertools import product
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("worker.py")
+BACKENDS = ("ddp", "fsdp", "zero3")
+COMBINERS = ("ngdiff", "gdiff", "mgda", "pcgrad")
+LR = {"sgd": 0.05, "adamw": 1e-4}  # small AdamW lr: Adam turns last-bit gradient noise into O(lr) moves
+STEPS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    return env
+
+
+def run_launch(cmd: list[str], log: Path, timeout: float = 600) -> None:
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=launch_env(), cwd=REPO, timeout=timeout)
+    if proc.returncode != 0:
+        tail = log.read_text()[-4000:]
+        pytest.fail(f"{' '.join(cmd[:6])} ... exited with {proc.returncode}:\n{tail}")
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    return [
+        shutil.which("torchrun") or "torchrun",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+    ]
+
+
+def deepspeed_launcher(nproc: int = 2) -> list[str]:
+    return [
+        shutil.which("deepspeed") or "deepspeed",
+        "--num_gpus",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+    ]
+
+
+def common_overrides(model: Path, split: dict[str, Path]) -> list[str]:
+    return [
+        f"model.path={model}",
+        f"data.forget={split['forget']}",
+        f"data.retain={split['retain']}",
+        f"train.max_steps={STEPS}",
+        "train.forget_batch_size=4",
+        "train.retain_batch_size=4",
+        "autolr.every=2",
+    ]
+
+
+def matrix_cases() -> dict[str, list[str]]:
+    """case name -> overrides (without the backend): every combiner x optimizer x AutoLR on/off."""
+    cases = {}
+    for combiner, optim, autolr in product(COMBINERS, LR, (False, True)):
+        name = f"{combiner}_{optim}" + ("_autolr" if autolr else "")
+        cases[name] = [
+            f"method.combiner={combiner}",
+            f"optim.name={optim}",
+            f"optim.lr={LR[optim]}",
+            f"autolr.enabled={str(autolr).lower()}",
+        ]
+    # global batch 8 in micro-batches of 2: 1 rank x 4 accumulation steps vs 2 ranks x 2
+    cases["accum"] = [
+        *cases["ngdiff_adamw_autolr"],
+        "train.forget_batch_size=8",
+        "train.retain_batch_size=8",
+        "train.micro_batch_size=2",
+    ]
+    return cases
+
+
+def backend_cases(backend: str) -> list[dict]:
+    cases = [
+        {"name": f"{backend}_{name}", "overrides": [f"parallel.backend={backend}", *o]}
+        for name, o in matrix_cases().items()
+    ]
+    base = matrix_cases()["ngdiff_adamw_autolr"]
+    # killed after step 3 (checkpoint at step 2), resumed with train.resume=auto
+    cases.append(
+        {
+            "name": f"{backend}_resume",
+            "overrides": [f"parallel.backend={backend}", *base, "train.save_every=2"],
+            "crash_after": 3,
+        }
+    )
+    cases.append(
+        {
+            "name": f"{backend}_count",
+            "overrides": [f"parallel.backend={backend}", *matrix_cases()["ngdiff_sgd"]],
+            "count_collectives": True,
+        }
+    )
+    return cases
+
+
+def load_result(out: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    error = out / f"{name}.error"
+    if error.is_file():
+        pytest.fail(f"case {name} failed:\n{error.read_text()}")
+    if not (out / f"{name}.pt").is_file():
+        pytest.fail(f"case {name} wrote no result")
+    return torch.load(out / f"{name}.pt", weights_only=True), json.loads((out / f"{name}.json").read_text())
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    params = [k for k in a if "rotary" not in k]
+    assert set(params) == {k for k in b if "rotary" not in k}, "parameter names differ"
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in params)

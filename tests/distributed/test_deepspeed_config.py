@@ -1,0 +1,51 @@
+"""The user's DeepSpeed JSON: trainer keys filled in, conflicts and unsupported stages refused clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from parallel.zero3 import DeepSpeedConfigError, build_deepspeed_config
+
+SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero3.json"
+LAYOUT = dict(micro_batch=2, accumulation=4, world_size=2, precision="bf16", cpu_offload=False)
+
+
+def test_shipped_config_is_filled_in():
+    config = build_deepspeed_config(json.loads(SHIPPED.read_text()), **LAYOUT)
+    assert config["train_micro_batch_size_per_gpu"] == 2
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["train_batch_size"] == 16
+    assert config["bf16"]["enabled"] is True
+    assert config["gradient_clipping"] == 0.0
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_allow_untested_optimizer"] is True
+
+
+def test_agreeing_values_are_accepted():
+    config = build_deepspeed_config({"train_batch_size": 16, "bf16": {"enabled": True}}, **LAYOUT)
+    assert config["train_batch_size"] == 16
+
+
+@pytest.mark.parametrize(
+    ("user", "needle"),
+    [
+        ({"train_batch_size": 32}, "train_batch_size=32 disagrees"),
+        ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu=4"),
+        ({"bf16": {"enabled": False}}, "bf16.enabled"),
+        ({"optimizer": {"type": "AdamW"}}, "remove the 'optimizer' section"),
+        ({"scheduler": {"type": "WarmupLR"}}, "remove the 'scheduler' section"),
+        ({"fp16": {"enabled": True}}, "fp16 is not supported"),
+        ({"zero_optimization": {"stage": 2}}, "stage=2 is not supported"),
+    ],
+)
+def test_conflicts_are_clear_errors(user, needle):
+    with pytest.raises(DeepSpeedConfigError, match=needle):
+        build_deepspeed_config(user, **LAYOUT)
+
+
+def test_cpu_offload_adds_optimizer_offload():
+    config = build_deepspeed_config({}, **{**LAYOUT, "cpu_offload": True})
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}

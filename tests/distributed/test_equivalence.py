@@ -1,0 +1,61 @@
+"""The defining tests of the sharded backends: 2 ranks equal 1 process (fp32, CPU, gloo).
+
+The data are TOFU question/answer pairs of different lengths, split differently over ranks, so a
+rank-local gradient norm or a per-rank loss mean would break the equality (test_data_would_catch_*).
+"""
+
+from __future__ import annotations
+
+import pytest
+from dist_helpers import BACKENDS, STEPS, load_result, matrix_cases, max_abs_diff
+
+pytestmark = pytest.mark.distributed
+
+TOLERANCE = 1e-5
+MATRIX = [name for name in matrix_cases() if name != "accum"]
+
+
+@pytest.mark.parametrize("case", MATRIX)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_equal_one_process(dist_runs, backend, case):
+    reference, ref_log = load_result(dist_runs, f"single_{case}")
+    sharded, log = load_result(dist_runs, f"{backend}_{case}")
+    assert log["world_size"] == 2 and ref_log["world_size"] == 1
+    assert len(log["steps"]) == STEPS
+    assert max_abs_diff(reference, sharded) <= TOLERANCE
+    # same losses, Gram matrix and (AutoLR) learning rates at every step
+    for ours, ref in zip(log["steps"], ref_log["steps"], strict=True):
+        for key in ("loss_retain", "loss_forget", "cos_retain_forget", "w_retain", "w_forget", "lr"):
+            assert ours[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accumulation_two_ranks_x2_equals_one_process_x4(dist_runs, backend):
+    reference, _ = load_result(dist_runs, "single_accum")
+    sharded, _ = load_result(dist_runs, f"{backend}_accum")
+    assert max_abs_diff(reference, sharded) <= TOLERANCE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_after_crash_equals_uninterrupted(dist_runs, backend):
+    uninterrupted, _ = load_result(dist_runs, f"{backend}_ngdiff_adamw_autolr")
+    resumed, log = load_result(dist_runs, f"{backend}_resume")
+    assert log["crashed_at"] == 3
+    assert len(log["steps"]) == STEPS - 2  # resumed from the step-2 checkpoint
+    assert max_abs_diff(uninterrupted, resumed) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_small_all_reduce_per_step(dist_runs, backend):
+    _, log = load_result(dist_runs, f"{backend}_count")
+    ours = log["ours_all_reduce"]
+    assert len(ours) == STEPS, ours
+    assert all(numel == 8 for numel, _ in ours)  # Gram (3) + loss sums (2) + unit counts (2) + stop flag
+
+
+def test_data_would_catch_rank_local_normalisation(dist_runs):
+    """The two ranks see different token counts and gradient norms: a rank-local mean differs."""
+    for backend in BACKENDS:
+        _, log = load_result(dist_runs, f"{backend}_count")
+        forget_tokens, retain_tokens = zip(*log["rank_tokens"], strict=True)
+        assert forget_tokens[0] != forget_tokens[1] and retain_tokens[0] != retain_tokens[1]
