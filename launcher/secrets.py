@@ -27,7 +27,7 @@ SECRET_NAMES = frozenset(
         "NGC_API_KEY",
     }
 )
-SECRET_PATTERN = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+SECRET_PATTERN = re.compile(r"(^|_)(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)($|_)", re.IGNORECASE)
 MASK = "***"
 MIN_LENGTH = 6  # shorter values ("1", "true") would mask ordinary text
 

@@ -1,0 +1,187 @@
+"""`ngdiff slurm submit` without a cluster: the script it renders, and every way it refuses bad input.
+
+A stand-in `sbatch` on PATH records whether it was called, so "fails before sbatch" is observed,
+not assumed. The real cluster runs the same scripts in tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import main
+from launcher.slurm_env import SlurmJob, expand_nodelist
+
+SECRET = "hf_tok_9d8c7b6a5f4e3d2c1b0a99887766554433"
+
+
+@pytest.fixture
+def base(tiny_model_dir, tofu_split, tmp_path) -> list[str]:
+    return [
+        f"model.path={tiny_model_dir}",
+        f"data.forget={tofu_split['forget']}",
+        f"data.retain={tofu_split['retain']}",
+        f"output_dir={tmp_path / 'run'}",
+        "train.max_steps=4",
+    ]
+
+
+def sharded() -> str:
+    """A multi-process backend override (the sharded backends land separately from this module)."""
+    from parallel import BACKENDS
+
+    names = sorted(set(BACKENDS) - {"single"})
+    if not names:
+        pytest.skip("no multi-process parallel backend registered yet")
+    return f"parallel.backend={'ddp' if 'ddp' in names else names[0]}"
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch) -> Path:
+    """An `sbatch` that logs its arguments and prints job id 4242 (or fails if told to)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch_calls"
+    script = bin_dir / "sbatch"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        'if [ -n "$FAKE_SBATCH_ERROR" ]; then echo "sbatch: error: $FAKE_SBATCH_ERROR" >&2; exit 1; fi\n'
+        "echo 4242\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+def test_dry_run_prints_a_torchrun_script_and_submits_nothing(base, fake_sbatch, tmp_path, capsys):
+    args = [*base, sharded(), "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "04:00:00"]
+    assert main(["slurm", "submit", *args, "--account", "proj1", "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert not fake_sbatch.exists() and not (tmp_path / "run").exists()
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj1",
+        "#SBATCH --time=04:00:00",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=USR1@120",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={tmp_path / 'run' / 'slurm'}/%x-%j.out",
+        'NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
+    ):
+        assert line in script.splitlines(), line
+    assert "--nproc-per-node=4 --rdzv-backend=c10d" in script and "train.resume=auto" in script
+    assert 'trap "" USR1' in script  # the launcher survives the warning signal; the workers act on it
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
+
+
+def test_deepspeed_launcher_gets_a_hostfile(base, capsys):
+    args = ["slurm", "submit", *base, sharded(), "--nodes", "2", "--gpus-per-node", "8", "--launcher", "deepspeed"]
+    assert main([*args, "--dry-run"]) == 0
+    script = capsys.readouterr().out
+    assert 'do echo "$node slots=8"; done > "$HOSTFILE"' in script
+    assert "deepspeed.launcher.runner" in script and "--no_ssh" in script and '--node_rank="$SLURM_NODEID"' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_submit_writes_config_and_script_next_to_the_run_and_prints_the_job_id(base, fake_sbatch, tmp_path, capsys):
+    assert main(["slurm", "submit", *base, "--nodes", "1", "--gpus-per-node", "1"]) == 0
+    assert capsys.readouterr().out.strip() == "4242"
+    run = tmp_path / "run"
+    script = run / "slurm" / "job.sbatch"
+    assert fake_sbatch.read_text().split() == ["--parsable", str(script)]
+    assert os.access(script, os.X_OK)
+    assert "resume: auto" in (run / "config.yaml").read_text()
+    # resubmitting the same run continues it; a different run in the same folder is refused
+    assert main(["slurm", "submit", *base, "--nodes", "1", "--gpus-per-node", "1"]) == 0
+    capsys.readouterr()
+    assert main(["slurm", "submit", *base, "optim.lr=0.5", "--nodes", "1", "--gpus-per-node", "1"]) == 2
+    assert "holds a different run" in capsys.readouterr().err
+    assert len(fake_sbatch.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--nodes", "0", "--nodes must be a positive integer"), ("--gpus-per-node", "-2", "--gpus-per-node must be")],
+)
+def test_non_positive_resources_are_refused(base, fake_sbatch, capsys, flag, value, message):
+    args = {"--nodes": "1", "--gpus-per-node": "1", flag: value}
+    assert main(["slurm", "submit", *base, *(x for kv in args.items() for x in kv)]) == 2
+    assert message in capsys.readouterr().err
+    assert not fake_sbatch.exists()
+
+
+def test_invalid_config_fails_before_sbatch(base, fake_sbatch, tmp_path, capsys):
+    assert main(["slurm", "submit", *base, "optim.lr=-1", "--nodes", "1", "--gpus-per-node", "1"]) == 2
+    assert "optim.lr must be positive" in capsys.readouterr().err
+    assert main(["slurm", "submit", *base, "method.combiner=ngdif", "--nodes", "1", "--gpus-per-node", "1"]) == 2
+    assert "did you mean ngdiff" in capsys.readouterr().err
+    # two nodes x one GPU is two processes: the single backend cannot run them
+    assert main(["slurm", "submit", *base, "--nodes", "2", "--gpus-per-node", "1"]) == 2
+    assert "parallel.backend=single runs one process" in capsys.readouterr().err
+    assert not fake_sbatch.exists() and not (tmp_path / "run").exists()
+
+
+def test_missing_sbatch_is_a_clear_error(base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert main(["slurm", "submit", *base, "--nodes", "1", "--gpus-per-node", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "sbatch not found on PATH" in err and "--dry-run" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sbatch_refusal_shows_its_message(base, fake_sbatch, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_SBATCH_ERROR", "Batch job submission failed: Invalid account")
+    assert main(["slurm", "submit", *base, "--nodes", "1", "--gpus-per-node", "1"]) == 2
+    assert "sbatch refused the job: sbatch: error: Batch job submission failed: Invalid account" in (
+        capsys.readouterr().err
+    )
+
+
+def test_secrets_stay_out_of_script_and_config(base, fake_sbatch, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", SECRET[::-1])
+    assert main(["slurm", "submit", *base, "--nodes", "1", "--gpus-per-node", "1"]) == 0
+    written = "".join(p.read_text() for p in (tmp_path / "run").rglob("*") if p.is_file())
+    assert SECRET not in written and SECRET[::-1] not in written
+    capsys.readouterr()
+    # a credential pasted into the config is refused before anything is written or submitted
+    leaked = [*base, f"output_dir={tmp_path / 'other'}", f"logging.run_name={SECRET}"]
+    assert main(["slurm", "submit", *leaked, "--nodes", "1", "--gpus-per-node", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "logging.run_name holds the value of a credential" in err and SECRET not in err
+    assert not (tmp_path / "other").exists() and len(fake_sbatch.read_text().splitlines()) == 1
+
+
+def test_expand_nodelist_matches_scontrol_syntax():
+    assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert expand_nodelist("n[1-2]") == ["n1", "n2"]
+    assert expand_nodelist("rack[1-2]-n[8-9]") == ["rack1-n8", "rack1-n9", "rack2-n8", "rack2-n9"]
+    with pytest.raises(ValueError, match="unbalanced"):
+        expand_nodelist("n[1-2")
+
+
+def test_slurm_job_names_the_run_after_the_job():
+    env = {
+        "SLURM_JOB_ID": "977",
+        "SLURM_JOB_NAME": "ngdiff-tofu",
+        "SLURM_JOB_NODELIST": "gpu[3-4]",
+        "SLURM_NODEID": "1",
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "2",
+        "SLURM_RESTART_COUNT": "2",
+    }
+    job = SlurmJob.from_env(env)
+    assert job is not None and job.run_name == "ngdiff-tofu-977" and job.group == "slurm-977"
+    assert job.nodes == ("gpu3", "gpu4") and job.restart_count == 2
+    assert "on node 1 (gpu4)" in job.describe() and "restart 2" in job.describe()
+    array = SlurmJob.from_env({**env, "SLURM_ARRAY_JOB_ID": "970", "SLURM_ARRAY_TASK_ID": "7"})
+    assert array.run_name == "ngdiff-tofu-970_7" and array.group == "slurm-970"  # a sweep shares a group
+    assert SlurmJob.from_env({}) is None
