@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from launcher.cli import main
 from launcher.config import load_config
 from ngdiff.errors import UserError
 from ngdiff.eval.during_training import evaluation_factory
@@ -39,6 +40,11 @@ def test_tofu_eval_every_step_with_best_model(tiny_model_dir, tofu_split, tmp_pa
     assert (out / "best" / "config.json").is_file()
     step2 = json.loads((out / "eval" / "step_00000002" / "items.json").read_text())
     assert len(step2["forget"]) == 2
+    # the command evaluates the trained model the run exported, with the same numbers as the last eval
+    args = ["--max-items", "2", "--max-new-tokens", "4", "--output", str(tmp_path / "after")]
+    assert main(["eval", "--benchmark", "tofu", "--model", str(out / "final"), *args]) == 0
+    after = json.loads((tmp_path / "after" / "aggregate.json").read_text())["metrics"]
+    assert after["forget_answer_loss"] == pytest.approx(losses[2], rel=1e-4)
 
 
 @pytest.mark.parametrize(
