@@ -20,12 +20,10 @@ from launcher.config import load_config
 from launcher.logs import setup_logging
 from launcher.outputs import check_output_dir, write_output_dir
 from ngdiff import TOFU_DIR
-from ngdiff.data import encode_task, load_records, prompt_ids
-from ngdiff.eval.generation import generate_greedy
-from ngdiff.eval.rouge import rouge_scores
+from ngdiff.data import encode_task, load_records
+from ngdiff.eval.tofu import qa_metrics
 from ngdiff.finetune import FinetuneConfig, finetune
 from ngdiff.modeling import TinyLlamaSpec, build_tiny_model, load_tokenizer
-from ngdiff.objectives import NLL
 from ngdiff.pipeline import run_training
 from parallel.base import DistContext
 
@@ -46,6 +44,7 @@ UNLEARN_OVERRIDES = [
     "train.max_steps=40",
     "data.max_length=128",
 ]
+QUICK_SPEC = TinyLlamaSpec(vocab_size=600, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 TARGET_FORGET_LOSS = 2.5  # stopping rule: the mean forget-answer NLL at which the pairs are no longer recited
 
 
@@ -55,34 +54,22 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 @torch.no_grad()
-def score_qa(model_dir: Path, rows: list[dict], max_new_tokens: int = 64) -> dict[str, float]:
-    """ROUGE-L recall of greedy answers and the token-weighted answer NLL over `rows`."""
+def evaluate(
+    model_dir: Path, forget: list[dict], retain_eval: list[dict], max_new_tokens: int = 64
+) -> dict[str, float]:
+    """TOFU-style scores of the model in `model_dir`: ROUGE-L recall of greedy answers and the mean
+    length-normalised answer loss, on the forget pairs and on a slice of the retained ones."""
     from transformers import AutoModelForCausalLM
-
-    from ngdiff.data.loader import collate
-    from ngdiff.data.tokenize import encode_qa
 
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompts = [prompt_ids(tokenizer, r["question"]) for r in rows]
-    answers = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16)
-    recall = [rouge_scores(pred, r["answer"])["rougeL_recall"] for pred, r in zip(answers, rows, strict=True)]
-    objective, total, count = NLL(), 0.0, 0
-    for start in range(0, len(rows), 16):
-        chunk = [encode_qa(tokenizer, r["question"], r["answer"], 512) for r in rows[start : start + 16]]
-        batch = collate(chunk, tokenizer.pad_token_id)
-        total += float(objective.loss_sum(model, batch))
-        count += objective.count(batch)
-    return {"rougeL_recall": sum(recall) / len(recall), "loss": total / count}
-
-
-def evaluate(model_dir: Path, forget: list[dict], retain_eval: list[dict]) -> dict[str, float]:
-    f, r = score_qa(model_dir, forget), score_qa(model_dir, retain_eval)
+    f = qa_metrics(model, tokenizer, forget, max_new_tokens=max_new_tokens)
+    r = qa_metrics(model, tokenizer, retain_eval, max_new_tokens=max_new_tokens)
     return {
         "forget_rougeL_recall": f["rougeL_recall"],
         "retain_rougeL_recall": r["rougeL_recall"],
-        "forget_loss": f["loss"],
-        "retain_loss": r["loss"],
+        "forget_loss": f["answer_loss"],
+        "retain_loss": r["answer_loss"],
     }
 
 
@@ -107,8 +94,8 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
         f"output_dir={out}",
         f"train.stop_forget_loss={TARGET_FORGET_LOSS}",
     ]
-    if quick:
-        overrides.append("train.max_steps=4")
+    if quick:  # a smoke test of the same path: a smaller model, a short run, no stopping rule
+        overrides += ["train.max_steps=4", "train.stop_forget_loss=0"]
     cfg = load_config(None, overrides)  # data paths point at bundled files until the splits are written
     data_dir = out / "data"
     cfg.data.forget, cfg.data.retain = str(data_dir / "forget.jsonl"), str(data_dir / "retain.jsonl")
@@ -127,17 +114,21 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     write_rows(data_dir / "all.jsonl", rows)
 
     log.info("building a tiny Llama and training its tokenizer on %d TOFU pairs", len(rows))
-    base = build_tiny_model(out / "base", [f"{r['question']} {r['answer']}" for r in rows], TinyLlamaSpec())
+    spec = QUICK_SPEC if quick else TinyLlamaSpec()
+    base = build_tiny_model(out / "base", [f"{r['question']} {r['answer']}" for r in rows], spec)
     tokenizer = load_tokenizer(str(base))
-    ft_cfg = FinetuneConfig(epochs=3 if quick else FinetuneConfig.epochs)
+    ft_cfg = FinetuneConfig(epochs=2 if quick else FinetuneConfig.epochs)
+    if quick:
+        forget, retain_eval = forget[:8], retain_eval[:8]
+    new_tokens = 8 if quick else 64
     examples = encode_task(cfg.data, tokenizer, str(data_dir / "all.jsonl"), "demo data")
     log.info("fine-tuning on all %d pairs (%d epochs) so that the model recites them", len(rows), ft_cfg.epochs)
     finetune(base, tokenizer, examples, out / "finetuned", ft_cfg)
 
-    before = evaluate(out / "finetuned", forget, retain_eval)
+    before = evaluate(out / "finetuned", forget, retain_eval, new_tokens)
     log.info("before unlearning: %s", json.dumps(before))
     outcome = run_training(cfg, DistContext())
-    after = evaluate(out / "final", forget, retain_eval)
+    after = evaluate(out / "final", forget, retain_eval, new_tokens)
 
     report = {
         "before": before,
