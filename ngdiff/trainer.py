@@ -233,7 +233,9 @@ class Trainer:
             target = self.cfg.train.stop_forget_loss
             reached = target > 0 and result.stats.loss_forget >= target
             last = self.step_index == self.max_steps or reached or result.stop_requested
-            if self.evaluate is not None and (last or (eval_every and self.step_index % eval_every == 0)):
+            periodic = eval_every and self.step_index % eval_every == 0
+            # a preempted run checkpoints at once and skips evaluation: the warning time is short
+            if self.evaluate is not None and not result.stop_requested and (last or periodic):
                 self.emit(self.evaluate(self.step_index))
             if result.stop_requested or (save_every and self.step_index % save_every == 0) or (last and save_every):
                 save_checkpoint(self.backend, root, self.step_index, self.state())
