@@ -41,11 +41,14 @@ STEP_KEYS = frozenset(
         "lr",
     }
 )
+KEPT_PREFIXES = ("train/", "eval/", "autolr/", "tradeoff/")
 RUN_ID_FILE = "wandb_run_id"
 
 
-def api_host(env: Mapping[str, str]) -> str:
-    return urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+def api_endpoint(env: Mapping[str, str]) -> tuple[str, int]:
+    """(host, port) of the W&B server: api.wandb.ai or a self-hosted WANDB_BASE_URL."""
+    url = urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
 
 
 def has_api_key(env: Mapping[str, str]) -> bool:
@@ -53,7 +56,7 @@ def has_api_key(env: Mapping[str, str]) -> bool:
     if env.get("WANDB_API_KEY"):
         return True
     try:
-        return netrc.netrc().authenticators(api_host(env)) is not None
+        return netrc.netrc().authenticators(api_endpoint(env)[0]) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 
@@ -73,8 +76,8 @@ def choose_mode(env: Mapping[str, str] | None = None) -> tuple[str, str]:
         return env["WANDB_MODE"], f"WANDB_MODE={env['WANDB_MODE']}"
     if not has_api_key(env):
         return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
-    host = api_host(env)
-    if not reachable(host):
+    host, port = api_endpoint(env)
+    if not reachable(host, port):
         return "offline", f"{host} is not reachable"
     return "online", "API key found and server reachable"
 
@@ -88,7 +91,8 @@ def _scrub(value: Any) -> Any:
 
 
 def _key(name: str) -> str:
-    if "/" in name:
+    """Panel section of a top-level metric: train/ for step metrics, kept prefixes, else eval/."""
+    if name.startswith(KEPT_PREFIXES):
         return name
     return f"train/{name}" if name in STEP_KEYS else f"eval/{name}"
 
@@ -98,9 +102,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Top-level names get their section (`_key`); nested dicts become `section/name/sub` keys."""
     flat: dict[str, Any] = {}
     for name, value in metrics.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{name}" if prefix else _key(str(name))
         if isinstance(value, Mapping):
             flat.update(_flatten(value, f"{key}/"))
         else:
@@ -195,8 +200,7 @@ class WandbSink:
 
         payload: dict[str, Any] = {}
         evaluation: dict[str, float] = {}
-        for name, value in _flatten(metrics).items():
-            key = _key(name)
+        for key, value in _flatten(metrics).items():
             if _is_number(value) or isinstance(value, bool):
                 payload[key] = value
                 if key.startswith("eval/") and _is_number(value) and math.isfinite(value):

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from launcher.cli import main
 from launcher.slurm_env import SlurmJob
-from tests.wandb_records import find_run_files, read_run
+from tests.wandb_records import read_finished_run
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -244,8 +244,7 @@ def test_submitted_job_finishes_with_model_metrics_and_wandb(finished_run):
     assert f"ngdiff: job {job} (restart 0) on n" in log
     assert re.search(rf"rank 0/1: slurm job {job} \(ngdiff-plain\) on 1 node", log), log
     assert "W&B offline: WANDB_MODE=offline" in log
-    (run_file,) = find_run_files(out)
-    run = read_run(run_file)
+    run = read_finished_run(out)
     assert run.name == f"ngdiff-plain-{job}" and run.group == f"slurm-{job}" and run.tags == ["t1"]
     assert run.config["slurm"]["job_id"] == job and run.config["train"]["max_steps"] == STEPS
     logged = {row["_step"]: row for row in run.history if "train/loss_forget" in row}

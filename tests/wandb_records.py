@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ def read_payloads(path: Path) -> list[bytes]:
         if kind == 0 and length == 0:  # zero padding at the end of a block
             pos += BLOCK - pos % BLOCK
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == FULL:
@@ -96,3 +99,21 @@ def read_run(path: Path) -> OfflineRun:
 
 def find_run_files(root: Path) -> list[Path]:
     return sorted(Path(root).glob("**/offline-run-*/run-*.wandb"))
+
+
+def read_finished_run(root: Path, timeout: float = 60.0) -> OfflineRun:
+    """The one run under `root`, once its exit record is on disk.
+
+    `run.finish()` returns when wandb's service has the run's records, not when they are flushed
+    to the file, so a reader in the same process polls briefly."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = find_run_files(root)
+        if len(files) > 1:
+            raise AssertionError(f"expected one W&B run under {root}, found {files}")
+        run = read_run(files[0]) if files else None
+        if run is not None and run.exit_code is not None:
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no finished W&B run under {root} after {timeout:.0f} s (files: {files})")
+        time.sleep(0.2)
