@@ -6,17 +6,21 @@ signal reaches them at different times. Under Slurm the job is then requeued and
 Under Slurm, `scancel --signal` and `--signal=USR1@T` reach every process of a job step (the
 proctrack plugins follow the process tree, also into the new sessions torchrun gives its workers),
 so the workers get the signal themselves. The launcher in between (torchrun, deepspeed) must not
-die of it: the sbatch script starts it with USR1 ignored, which the workers inherit until
-`install_stop_handlers` replaces it.
+die of it (USR1's default action): the sbatch script runs it as
+`python -m launcher.signals torch.distributed.run ARGS...`, which ignores USR1 and then runs the
+launcher module; the workers inherit the ignore until `install_stop_handlers` replaces it. Being a
+Python module, this works the same inside a container (pyxis, Apptainer) as outside.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import runpy
 import shutil
 import signal
 import subprocess
+import sys
 
 log = logging.getLogger("ngdiff.signals")
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -51,3 +55,16 @@ def requeue_if_slurm() -> bool:
         return False
     log.warning("requeued Slurm job %s; it resumes from the checkpoint", job)
     return True
+
+
+def run_module_ignoring_usr1(argv: list[str]) -> None:
+    """Run the launcher module `argv[0]` as `python -m` would, with USR1 ignored (see the module doc)."""
+    if not argv:
+        raise SystemExit("usage: python -m launcher.signals MODULE [ARGS...]  (e.g. torch.distributed.run)")
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    sys.argv = list(argv)
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    run_module_ignoring_usr1(sys.argv[1:])

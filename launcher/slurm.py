@@ -47,7 +47,16 @@ class SubmitOptions:
     cpus_per_task: int = 0  # 0: leave it to the cluster's default
     signal_seconds: int = 120  # warning before preemption / time limit; time for a step and a checkpoint
     job_name: str = ""
-    python: str = sys.executable  # the interpreter on the nodes (a shared environment or the container's)
+    python: str = ""  # the interpreter on the nodes; default: this one, or `python` inside a container
+    container_image: str = ""  # pyxis/enroot: `srun --container-image`
+    apptainer: str = ""  # an Apptainer/Singularity .sif the launcher runs in (`apptainer exec --nv`)
+    mounts: tuple[str, ...] = ()  # extra SRC[:DST] bind mounts for either container runtime
+
+    @property
+    def interpreter(self) -> str:
+        if self.python:
+            return self.python
+        return "python" if (self.container_image or self.apptainer) else sys.executable
 
     def validate(self) -> None:
         if self.nodes < 1:
@@ -63,6 +72,11 @@ class SubmitOptions:
         for name, value in (("--partition", self.partition), ("--account", self.account), ("--time", self.time)):
             if value and not re.fullmatch(r"[\w.:,+-]+", value):
                 raise SlurmError(f"{name} {value!r} contains characters Slurm does not accept")
+        if self.container_image and self.apptainer:
+            raise SlurmError("choose one container runtime: --container-image (pyxis) or --apptainer")
+        for mount in self.mounts:
+            if not mount or "," in mount or mount.startswith(":"):
+                raise SlurmError(f"--mount {mount!r} must look like SRC or SRC:DST (one per flag)")
         if self.job_name and not re.fullmatch(r"[\w.+-]+", self.job_name):
             raise SlurmError(f"--job-name {self.job_name!r}: use letters, digits, '.', '_', '+' or '-'")
 
@@ -102,10 +116,18 @@ def render_script(cfg: ExperimentConfig, opts: SubmitOptions, workdir: Path | No
         f"# Resubmit (resumes from the newest complete checkpoint): sbatch {q(str(slurm_dir / SCRIPT_NAME))}",
         *(f"#SBATCH {d}" for d in directives),
     ]
+    mounts = ",".join(dict.fromkeys([str(workdir), str(out), *opts.mounts]))
+    srun_flags = ""
+    if opts.container_image:  # pyxis: srun itself starts each task inside the image
+        srun_flags = (
+            f" --container-image={q(opts.container_image)} --container-mounts={q(mounts)}"
+            f" --container-workdir={q(str(workdir))}"
+        )
+    runtime = f"apptainer exec --nv --bind {q(mounts)} {q(opts.apptainer)} " if opts.apptainer else ""
     if opts.launcher == "torchrun":
-        launch, hostfile = _torchrun_command(opts), []
+        launch, hostfile = _torchrun_command(opts, runtime), []
     else:  # the DeepSpeed launcher reads its nodes and slots from a hostfile
-        launch = _deepspeed_command(opts)
+        launch = _deepspeed_command(opts, runtime)
         hostfile = [
             f'HOSTFILE={q(str(slurm_dir))}/hostfile-"$SLURM_JOB_ID"',
             f'for node in "${{NODES[@]}}"; do echo "$node slots={opts.gpus_per_node}"; done > "$HOSTFILE"',
@@ -113,7 +135,7 @@ def render_script(cfg: ExperimentConfig, opts: SubmitOptions, workdir: Path | No
     body = [
         "set -euo pipefail",
         f"CONFIG={q(str(out / 'config.yaml'))}",
-        f"PYTHON={q(opts.python)}",
+        f"PYTHON={q(opts.interpreter)}",
         'NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
         'RDZV_HOST="${NODES[0]}"',
         "RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))",
@@ -123,27 +145,28 @@ def render_script(cfg: ExperimentConfig, opts: SubmitOptions, workdir: Path | No
         ' rendezvous $RDZV_HOST:$RDZV_PORT"',
         "",
         "# One launcher per node. USR1 (the preemption warning) reaches every process of the step: the",
-        "# launcher ignores it, the workers finish their step, checkpoint, and rank 0 requeues the job.",
-        'srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \\',
+        "# launcher ignores it (launcher.signals), the workers finish their step, checkpoint, and rank 0",
+        "# requeues the job.",
+        f'srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1{srun_flags} \\',
         f'  bash -c {q(launch)} ngdiff-launch "$PYTHON" "$RDZV_HOST" "$RDZV_PORT" "$CONFIG"'
         + (' "$HOSTFILE"' if hostfile else ""),
     ]
     return redact("\n".join([*header, "", *body, ""]))
 
 
-def _torchrun_command(opts: SubmitOptions) -> str:
+def _torchrun_command(opts: SubmitOptions, runtime: str = "") -> str:
     # runs inside each srun task: $1 python, $2 rendezvous host, $3 port, $4 config
     return (
-        'trap "" USR1; exec "$1" -m torch.distributed.run --nnodes="$SLURM_NNODES" '
+        f'exec {runtime}"$1" -m launcher.signals torch.distributed.run --nnodes="$SLURM_NNODES" '
         f'--nproc-per-node={opts.gpus_per_node} --rdzv-backend=c10d --rdzv-endpoint="$2:$3" '
         '--rdzv-id="$SLURM_JOB_ID" -m launcher train "$4" train.resume=auto'
     )
 
 
-def _deepspeed_command(opts: SubmitOptions) -> str:
+def _deepspeed_command(opts: SubmitOptions, runtime: str = "") -> str:
     # $1 python, $2 master host, $3 port, $4 config, $5 hostfile; --no_ssh: srun started us on every node
     return (
-        'trap "" USR1; exec "$1" -m deepspeed.launcher.runner --hostfile="$5" --no_ssh '
+        f'exec {runtime}"$1" -m launcher.signals deepspeed.launcher.runner --hostfile="$5" --no_ssh '
         '--node_rank="$SLURM_NODEID" --master_addr="$2" --master_port="$3" '
         '--module launcher train "$4" train.resume=auto'
     )
@@ -223,7 +246,12 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's launcher and its workers")
     sub.add_argument("--signal-seconds", type=int, default=120, help="USR1 this long before preemption/time limit")
     sub.add_argument("--job-name", default="", help="default: ngdiff-<output folder name>")
-    sub.add_argument("--python", default=sys.executable, help="Python on the nodes (default: this one)")
+    sub.add_argument("--python", default="", help="Python on the nodes (default: this one; `python` in a container)")
+    sub.add_argument("--container-image", default="", help="run each node's launcher in this image (pyxis/enroot)")
+    sub.add_argument("--apptainer", default="", help="run each node's launcher in this Apptainer .sif image")
+    sub.add_argument(
+        "--mount", action="append", default=[], help="extra SRC[:DST] bind mount in the container (repeatable)"
+    )
     sub.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     sub.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
 
@@ -241,6 +269,9 @@ def run_slurm(args: argparse.Namespace) -> int:
         signal_seconds=args.signal_seconds,
         job_name=args.job_name,
         python=args.python,
+        container_image=args.container_image,
+        apptainer=args.apptainer,
+        mounts=tuple(args.mount),
     )
     opts.validate()  # before the config: option mistakes are the cheapest to report
     config_path, overrides = split_config_and_overrides(args.items)

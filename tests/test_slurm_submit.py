@@ -78,7 +78,8 @@ def test_dry_run_prints_a_torchrun_script_and_submits_nothing(base, fake_sbatch,
     ):
         assert line in script.splitlines(), line
     assert "--nproc-per-node=4 --rdzv-backend=c10d" in script and "train.resume=auto" in script
-    assert 'trap "" USR1' in script  # the launcher survives the warning signal; the workers act on it
+    # the launcher survives the warning signal (runs under launcher.signals); the workers act on it
+    assert "-m launcher.signals torch.distributed.run --nnodes" in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
 
 
@@ -185,3 +186,21 @@ def test_slurm_job_names_the_run_after_the_job():
     array = SlurmJob.from_env({**env, "SLURM_ARRAY_JOB_ID": "970", "SLURM_ARRAY_TASK_ID": "7"})
     assert array.run_name == "ngdiff-tofu-970_7" and array.group == "slurm-970"  # a sweep shares a group
     assert SlurmJob.from_env({}) is None
+
+
+def test_container_runtimes_wrap_each_node_launcher(base, capsys):
+    one = ["--nodes", "1", "--gpus-per-node", "1", "--dry-run"]
+    assert (
+        main(["slurm", "submit", *base, *one, "--container-image", "nvcr.io#acme/ngdiff:0.1", "--mount", "/data"]) == 0
+    )
+    pyxis = capsys.readouterr().out
+    assert "--container-image='nvcr.io#acme/ngdiff:0.1' --container-mounts=" in pyxis and ",/data " in pyxis
+    assert "PYTHON=python" in pyxis  # the image's interpreter, not this machine's
+    assert main(["slurm", "submit", *base, *one, "--apptainer", "/images/ngdiff.sif"]) == 0
+    apptainer = capsys.readouterr().out
+    assert "apptainer exec --nv --bind" in apptainer and "/images/ngdiff.sif" in apptainer
+    for script in (pyxis, apptainer):
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    both = ["--container-image", "img", "--apptainer", "x.sif"]
+    assert main(["slurm", "submit", *base, *one, *both]) == 2
+    assert "choose one container runtime" in capsys.readouterr().err
