@@ -160,7 +160,4 @@ def load_model(args: argparse.Namespace, model_dir: Path, ctx):
     from parallel import build_backend
 
     backend = build_backend(args.backend, ctx, ParallelConfig(backend=args.backend), OptimConfig(), "fp32")
-    model = backend.prepare_frozen(build)
-    if model is None:
-        raise UserError(f"parallel backend {args.backend!r} returned no model from prepare_frozen")
-    return model
+    return backend.prepare_frozen(build)

@@ -160,7 +160,8 @@ class Zero3Backend(Backend):
         module.requires_grad_(False)
         config = {k: v for k, v in self._config().items() if k not in ("zero_allow_untested_optimizer",)}
         engine, *_ = deepspeed.initialize(model=module, config=config)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval() returns None, not the engine
+        return engine
 
     def autocast(self):
         return torch.autocast(self.ctx.device.type, enabled=False)  # DeepSpeed holds bf16 weights itself

@@ -94,13 +94,8 @@ def assert_same_items(a: dict, b: dict) -> None:
                     assert x[key] == y[key], (name, key)
 
 
-ZERO3_FROZEN = "parallel/zero3.py prepare_frozen returns engine.eval(), which is None for a DeepSpeedEngine"
-
-
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    "backend", ["", "fsdp", pytest.param("zero3", marks=pytest.mark.xfail(reason=ZERO3_FROZEN, run=False))]
-)
+@pytest.mark.parametrize("backend", ["", "fsdp", "zero3"])
 def test_two_ranks_give_the_one_process_items(backend, one_process, tiny_model_dir, tmp_path):
     from parallel import BACKENDS
 
