@@ -42,8 +42,27 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: b
         )
         stopped = bool(outcome.results) and outcome.results[-1].stop_requested and not outcome.trainer.finished
         return after_stop(cfg, ctx) if stopped else 0
+    except RuntimeError as err:
+        if not (ctx.distributed and is_peer_failure(err)):
+            raise
+        log.error(
+            "rank %d/%d: a collective failed because another rank died or stopped answering "
+            "(the launcher's failure report names it); exiting. Cause: %s",
+            ctx.rank,
+            ctx.world_size,
+            str(err).splitlines()[0] if str(err) else type(err).__name__,
+        )
+        return 3
     finally:
         shutdown_distributed()
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Errors a collective raises when a peer process is gone (gloo, nccl, or the c10d store)."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err).lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset", "broken pipe", "timed out"))
 
 
 def after_stop(cfg: ExperimentConfig, ctx) -> int:
