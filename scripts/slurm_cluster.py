@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import signal
 import socket
@@ -170,6 +171,9 @@ class SlurmCluster:
                     "JobRequeue=1",
                     "KillWait=5",
                     "MinJobAge=300",
+                    # job ids (and the rendezvous ports derived from them) differ between clusters
+                    # that run side by side, e.g. two test sessions on one machine
+                    f"FirstJobId={random.randrange(1000, 60000)}",
                     *(["GresTypes=gpu"] if self.gpus else []),
                     f"StateSaveLocation={r}/state",
                     f"SlurmdSpoolDir={r}/spool/%n",
