@@ -94,6 +94,9 @@ def render_script(cfg: ExperimentConfig, opts: SubmitOptions, workdir: Path | No
     out = Path(cfg.output_dir)
     out = out if out.is_absolute() else workdir / out
     slurm_dir = out / "slurm"
+    for what, path in (("working directory", workdir), ("output_dir", out)):
+        if re.search(r"\s", str(path)):  # #SBATCH lines are split on whitespace; quoting is not honoured
+            raise SlurmError(f"the {what} {str(path)!r} contains whitespace, which #SBATCH lines cannot carry")
     q = shlex.quote
     directives = [
         f"--job-name={opts.job_name or default_job_name(cfg)}",

@@ -157,7 +157,7 @@ class WandbSink:
             "id": self.run_id(),
             "resume": "allow",
             "mode": mode,
-            "settings": {"silent": True, "init_timeout": 60, "x_disable_stats": True},
+            "settings": {"silent": True, "init_timeout": 60},  # we say offline/online ourselves, once
         }
 
     def _start(self, env: Mapping[str, str]) -> None:

@@ -204,3 +204,9 @@ def test_container_runtimes_wrap_each_node_launcher(base, capsys):
     both = ["--container-image", "img", "--apptainer", "x.sif"]
     assert main(["slurm", "submit", *base, *one, *both]) == 2
     assert "choose one container runtime" in capsys.readouterr().err
+
+
+def test_paths_that_sbatch_lines_cannot_carry_are_refused(base, tmp_path, fake_sbatch, capsys):
+    args = [*base, f"output_dir={tmp_path / 'with space'}", "--nodes", "1", "--gpus-per-node", "1"]
+    assert main(["slurm", "submit", *args]) == 2
+    assert "contains whitespace" in capsys.readouterr().err and not fake_sbatch.exists()
