@@ -85,6 +85,14 @@ def matrix_cases() -> dict[str, list[str]]:
             f"optim.lr={LR[optim]}",
             f"autolr.enabled={str(autolr).lower()}",
         ]
+    # NPO: the frozen reference model is sharded by the backend too (prepare_frozen)
+    cases["npo_gdiff_sgd"] = [
+        "method.forget_objective=npo",
+        "method.combiner=gdiff",
+        "optim.name=sgd",
+        f"optim.lr={LR['sgd']}",
+        "autolr.enabled=false",
+    ]
     # global batch 8 in micro-batches of 2: 1 rank x 4 accumulation steps vs 2 ranks x 2
     cases["accum"] = [
         *cases["ngdiff_adamw_autolr"],

@@ -23,10 +23,12 @@ def test_two_ranks_equal_one_process(dist_runs, backend, case):
     assert log["world_size"] == 2 and ref_log["world_size"] == 1
     assert len(log["steps"]) == STEPS
     assert max_abs_diff(reference, sharded) <= TOLERANCE
-    # same losses, Gram matrix and (AutoLR) learning rates at every step
+    # same losses, Gram matrix and (AutoLR) learning rates at every step; NPO's loss is built from fp32
+    # sums of a sequence's token log-likelihoods (~100 terms), whose last bits depend on the padded shape
+    rel = 1e-5 if case.startswith("npo") else 1e-6
     for ours, ref in zip(log["steps"], ref_log["steps"], strict=True):
         for key in ("loss_retain", "loss_forget", "cos_retain_forget", "w_retain", "w_forget", "lr"):
-            assert ours[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
+            assert ours[key] == pytest.approx(ref[key], rel=rel, abs=1e-9), key
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
