@@ -11,17 +11,20 @@ from parallel.optim import build_optimizer, set_lr
 
 
 class SingleBackend(Backend):
+    """The whole model and its gradient on this process. `module` is the plain model; `model` is what
+    forward passes call (the same object here, a wrapper in subclasses such as DDP)."""
+
     name = "single"
 
     def prepare(self, build_model, gradient_checkpointing=False):
-        model = build_model().to(self.ctx.device)
+        module = build_model().to(self.ctx.device)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train()
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.train()
+        self.module = self.model = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, self.optim_cfg)
-        return model
+        return self.model
 
     def prepare_frozen(self, build_model):
         model = build_model().to(self.ctx.device).eval()
@@ -50,21 +53,19 @@ class SingleBackend(Backend):
         self.optimizer.step()
 
     def save_checkpoint(self, directory: Path):
-        torch.save(
-            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
-            directory / "model_optimizer.pt",
-        )
+        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        torch.save(state, directory / "model_optimizer.pt")
 
     def load_checkpoint(self, directory: Path):
         state = torch.load(directory / "model_optimizer.pt", map_location=self.ctx.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_state_dict(self):
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def export_pretrained(self, directory: Path, tokenizer=None):
         if self.ctx.is_main:
-            self.model.save_pretrained(directory, safe_serialization=True)
+            self.module.save_pretrained(directory, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(directory)
