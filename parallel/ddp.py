@@ -7,12 +7,20 @@ products per rank instead of all of them twice. Everything else is the single-pr
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from pathlib import Path
 
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel.single import SingleBackend
+
+# torch >= 2.13 renamed the switch (and warns on the old name); older releases know only the old one
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 class DDPBackend(SingleBackend):
@@ -21,8 +29,8 @@ class DDPBackend(SingleBackend):
     def prepare(self, build_model, gradient_checkpointing=False):
         super().prepare(build_model, gradient_checkpointing)
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        # broadcast_buffers off: the model's buffers (rotary tables) are constants, identical on every rank
-        self.model = DistributedDataParallel(self.module, device_ids=device_ids, broadcast_buffers=False)
+        # the model's buffers (rotary tables) are constants, identical on every rank: no per-forward sync
+        self.model = DistributedDataParallel(self.module, device_ids=device_ids, **NO_BUFFER_SYNC)
         return self.model
 
     def micro_batch(self, *, last):
