@@ -93,6 +93,8 @@ def matrix_cases() -> dict[str, list[str]]:
         f"optim.lr={LR['sgd']}",
         "autolr.enabled=false",
     ]
+    # activation checkpointing recomputes the forward inside backward: same gradients, sharded or not
+    cases["ngdiff_sgd_ckpt"] = [*cases["ngdiff_sgd"], "model.gradient_checkpointing=true"]
     # global batch 8 in micro-batches of 2: 1 rank x 4 accumulation steps vs 2 ranks x 2
     cases["accum"] = [
         *cases["ngdiff_adamw_autolr"],
