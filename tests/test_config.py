@@ -48,7 +48,7 @@ def test_yaml_then_overrides_win(base, tmp_path):
 def test_shipped_configs_validate(base):
     from pathlib import Path
 
-    shipped = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+    shipped = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
     assert shipped, "configs/*.yaml missing"
     for path in shipped:
         load_config(path, base)
