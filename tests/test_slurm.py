@@ -148,7 +148,8 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 def jobs(cluster, tiny_model_dir, tofu_split, tmp_path_factory) -> dict[str, dict]:
     """Submit every job of this module at once (the cluster runs them side by side, saving minutes):
     an uninterrupted run (W&B offline, a credential in its environment), the same run to be preempted,
-    and a 2-node torchrun DDP run (preempted too) when that backend exists."""
+    a 2-node torchrun DDP run (preempted too) and a 2-node DeepSpeed-launcher ZeRO-3 run, when those
+    backends exist."""
     from parallel import BACKENDS
 
     root = tmp_path_factory.mktemp("slurm")
@@ -164,6 +165,12 @@ def jobs(cluster, tiny_model_dir, tofu_split, tmp_path_factory) -> dict[str, dic
         submitted["two_nodes"] = {
             "out": root / "two_nodes",
             "job": submit(cluster, two, "--nodes", "2", "--gpus-per-node", "1"),
+        }
+    if "zero3" in BACKENDS:
+        ds = [*common(tiny_model_dir, tofu_split, root / "deepspeed", 4), "parallel.backend=zero3"]
+        submitted["deepspeed"] = {
+            "out": root / "deepspeed",
+            "job": submit(cluster, ds, "--nodes", "2", "--gpus-per-node", "1", "--launcher", "deepspeed"),
         }
     return submitted
 
@@ -318,6 +325,24 @@ def test_two_node_torchrun_job_is_preempted_and_resumes(cluster, jobs, preemptio
     worst = max(float((ours[k] - single[k]).abs().max()) for k in ours)
     assert worst < 1e-4, worst
     print(f"\n2-node DDP job preempted at step {stopped_at}, resumed; max |param - 1-process param| = {worst:.1e}")
+
+
+def test_two_node_deepspeed_launcher_job_with_a_hostfile(cluster, jobs, finished_run):
+    if "deepspeed" not in jobs:
+        pytest.skip("parallel.backend=zero3 is not available yet")
+    run = jobs["deepspeed"]
+    out = wait_done(cluster, run)
+    log = job_log(out)
+    assert (out / "slurm" / f"hostfile-{run['job']}").read_text() == "n1 slots=1\nn2 slots=1\n"
+    assert "rank 0/2 on cpu, backend zero3" in log and "rank 1/2 on cpu, backend zero3" in log
+    placed = set(re.findall(r"rank (\d)/2: slurm job \d+ .* this is task \d/2 on node \d \((n\d)\)", log))
+    assert {p[0] for p in placed} == {"0", "1"} and {p[1] for p in placed} == {"n1", "n2"}, log
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in (finished_run["out"] / "metrics.jsonl").read_text().splitlines()]
+    # same model, same global batch: the first step's losses (before any update) agree across 1 and 2 ranks
+    assert rows[0]["loss_forget"] == pytest.approx(single[0]["loss_forget"], rel=1e-6)
+    assert rows[0]["loss_retain"] == pytest.approx(single[0]["loss_retain"], rel=1e-6)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and (out / "final").is_dir()
 
 
 def test_sbatch_refusal_is_shown_and_nothing_runs(cluster, tiny_model_dir, tofu_split, tmp_path, capsys):
