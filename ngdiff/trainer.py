@@ -224,12 +224,13 @@ class Trainer:
             if self.step_index % self.cfg.train.log_every == 0 or self.step_index == self.max_steps:
                 self.emit(metrics)
             if progress is not None:
-                progress.update(1)
                 progress.set_postfix(
                     forget=f"{result.stats.loss_forget:.3f}",
                     retain=f"{result.stats.loss_retain:.3f}",
                     lr=f"{result.lr:.2e}",
+                    refresh=False,  # update() redraws at the bar's own pace, not once per step in Slurm logs
                 )
+                progress.update(1)
             target = self.cfg.train.stop_forget_loss
             reached = target > 0 and result.stats.loss_forget >= target
             last = self.step_index == self.max_steps or reached or result.stop_requested
