@@ -52,7 +52,7 @@ def _token_log_likelihoods(
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in _pad_right(rows[start : start + batch_size], pad_id).items()}
         with autocast() if autocast is not None else nullcontext():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         token_ll, mask = token_log_likelihoods(logits, batch["labels"])
         out.extend(ll[m].double().cpu() for ll, m in zip(token_ll, mask, strict=True))
     if was_training:
