@@ -64,3 +64,51 @@ def test_bad_eval_settings_fail_before_training(overrides, message, tiny_model_d
 
 def test_no_benchmark_no_evaluation(tiny_model_dir, tofu_split, tmp_path):
     assert evaluation_factory(config(tiny_model_dir, tofu_split, tmp_path / "run")) is None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_sharded_run_evaluates_like_one_process(backend, tiny_model_dir, tofu_split, tmp_path):
+    """Evaluation during a 2-rank sharded training run logs the numbers of the 1-process run."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    overrides = ["eval.benchmark=tofu", "eval.every=1", "eval.max_items=3", "eval.max_new_tokens=4"]
+    single = config(tiny_model_dir, tofu_split, tmp_path / "one", *overrides)
+    run_training(single, DistContext(), evaluate_factory=evaluation_factory(single))
+    args = [
+        "train", f"model.path={tiny_model_dir}", f"data.forget={tofu_split['forget']}",
+        f"data.retain={tofu_split['retain']}", "train.forget_batch_size=4", "train.retain_batch_size=4",
+        "logging.progress=false", f"output_dir={tmp_path / 'two'}", "train.max_steps=2", "optim.name=sgd",
+        "optim.lr=0.5", f"parallel.backend={backend}", *overrides,
+    ]  # fmt: skip
+    port = str(free_port())
+    if backend == "zero3":
+        launch = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", port,
+                  "--module", "launcher"]  # fmt: skip
+    else:
+        launch = [shutil.which("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                  f"--master_port={port}", "-m", "launcher"]  # fmt: skip
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([*launch, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    def evals(out):
+        return [r for r in read_jsonl(out / "metrics.jsonl") if "forget_answer_loss" in r]
+
+    one, two = evals(tmp_path / "one"), evals(tmp_path / "two")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2]
+    for a, b in zip(one, two, strict=True):
+        for key in ("forget_answer_loss", "forget_rougeL_recall", "forget_truth_ratio", "model_utility"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
