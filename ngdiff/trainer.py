@@ -124,8 +124,10 @@ class Trainer:
         partial = gram_partial_sums(
             backend.inner_product_views(retain_grads), backend.inner_product_views(forget_grads)
         )
-        local = [*partial, retain_sum, forget_sum, retain_count, forget_count, float(self.stop_requested)]
-        totals = backend.all_reduce_sum(torch.tensor([float(x) for x in local], dtype=torch.float64, device=device))
+        counts = torch.tensor(
+            [retain_count, forget_count, float(self.stop_requested)], dtype=torch.float64, device=device
+        )
+        totals = backend.all_reduce_sum(torch.cat([torch.stack([*partial, retain_sum, forget_sum]), counts]))
         aa, cc, bb, sum_r, sum_f, n_r, n_f, stop = totals.tolist()
         n_r, n_f = max(n_r, 1.0), max(n_f, 1.0)
         stats = TaskStats(
@@ -151,12 +153,13 @@ class Trainer:
 
     def accumulate(self, objective: Objective | None, micro_batches: list[MicroBatch]) -> tuple[torch.Tensor, int]:
         """Backward of the objective's sum over this rank's micro-batches; returns (sum, units)."""
-        if objective is None:  # e.g. plain gradient ascent has no retain task
-            return torch.zeros((), dtype=torch.float64), 0
         backend = self.backend
         total = torch.zeros((), dtype=torch.float64, device=backend.ctx.device)
+        if objective is None:  # e.g. plain gradient ascent has no retain task
+            return total, 0
         count = 0
         for index, batch in enumerate(micro_batches):
+            count += objective.count(batch)  # on the host copy: no device sync
             batch = self.to_device(batch)
             last = index == len(micro_batches) - 1
             with backend.micro_batch(last=last):
@@ -164,7 +167,6 @@ class Trainer:
                     loss_sum = objective.loss_sum(backend.model, batch, self.reference)
                 backend.backward(loss_sum * backend.gradient_scale, last_micro_batch=last)
             total += loss_sum.detach().double()
-            count += objective.count(batch)
         return total, count
 
     def autolr_step(self, weights: Weights) -> AutoLRRecord:
@@ -173,21 +175,23 @@ class Trainer:
         combined = self.cfg.autolr.probe_loss == "combined"
         forget_batches = self.forget_stream.next() if combined else []
 
+        device = self.backend.ctx.device
+
         @torch.no_grad()
         def probe_sums() -> torch.Tensor:
+            """[loss sum, units] of each task on this rank, kept on the device (one stack, no syncs)."""
             sums = []
             for objective, batches in (
                 (self.retain_objective, retain_batches),
                 (self.forget_objective, forget_batches),
             ):
-                total, count = 0.0, 0
-                for batch in batches:
-                    batch = self.to_device(batch)
-                    with self.backend.autocast():
-                        total += float(objective.loss_sum(self.backend.model, batch, self.reference))
+                total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+                for batch in batches if objective is not None else ():
                     count += objective.count(batch)
-                sums += [total, count]
-            return torch.tensor(sums, dtype=torch.float64, device=self.backend.ctx.device)
+                    with self.backend.autocast():
+                        total += objective.loss_sum(self.backend.model, self.to_device(batch), self.reference).double()
+                sums += [total, torch.tensor(float(count), dtype=torch.float64, device=device)]
+            return torch.stack(sums)
 
         def probe_loss(row: torch.Tensor) -> float:
             value = float(row[0] / row[1].clamp_min(1))
