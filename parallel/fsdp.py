@@ -25,7 +25,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from parallel.base import Backend
-from parallel.optim import build_optimizer, set_lr
+from parallel.optim import build_optimizer, grads_of, set_lr
 
 log = logging.getLogger("ngdiff.parallel")
 
@@ -89,10 +89,7 @@ class FSDPBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
 
     def local_grads(self):
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return [local(p.grad) for p in self.params]
+        return [local(g) for g in grads_of(self.params)]
 
     def local_params(self):
         return [local(p.data) for p in self.params]

@@ -24,6 +24,15 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg) -> torch.op
     raise ValueError(f"unknown optim.name {optim_cfg.name!r}; choose sgd or adamw")
 
 
+def grads_of(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The parameters' gradients, made zero where a backward left none, so callers can write in place."""
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

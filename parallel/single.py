@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from parallel.base import Backend
-from parallel.optim import build_optimizer, set_lr
+from parallel.optim import build_optimizer, grads_of, set_lr
 
 
 class SingleBackend(Backend):
@@ -40,10 +40,7 @@ class SingleBackend(Backend):
                 p.grad.zero_()
 
     def local_grads(self):
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return [p.grad for p in self.params]
+        return grads_of(self.params)
 
     def local_params(self):
         return [p.data for p in self.params]
