@@ -23,6 +23,7 @@ from ngdiff.combiners import CombinerOptions, TaskStats, Weights, get_combiner
 from ngdiff.data.loader import MicroBatch, TaskStream
 from ngdiff.metrics_log import MetricsSink
 from ngdiff.objectives import Objective
+from parallel.stash import GradientStash
 
 log = logging.getLogger("ngdiff.trainer")
 
@@ -116,7 +117,9 @@ class Trainer:
         device = backend.ctx.device
         backend.zero_grad()
         retain_sum, retain_count = self.accumulate(self.retain_objective, self.retain_stream.next())
-        retain_grads = [g.detach().clone() for g in backend.local_grads()]  # one gradient shard aside
+        retain_grads = GradientStash(
+            backend.local_grads(), self.cfg.parallel.stash_dtype, self.cfg.parallel.stash_offload
+        )
         backend.zero_grad()
         forget_sum, forget_count = self.accumulate(self.forget_objective, self.forget_stream.next())
         forget_grads = backend.local_grads()  # live: the combination is written here, in place
@@ -278,7 +281,7 @@ class Trainer:
         return tqdm(total=self.max_steps, initial=self.step_index, desc="unlearning", unit="step", dynamic_ncols=True)
 
     def export(self, directory: Path) -> None:
-        self.backend.export_pretrained(directory, self.tokenizer)
+        self.backend.export_pretrained(directory, self.tokenizer, self.cfg.export.dtype)
         self.backend.barrier()
 
     # ------------------------------------------------------------------ resumable state
