@@ -46,6 +46,8 @@ def shutdown_distributed() -> None:
 
 def init_single_process_group(ctx: DistContext) -> None:
     """A one-rank group, so a sharded engine also runs in a plain single process (debugging, tests)."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # what launchers set; DeepSpeed's zero.Init reads LOCAL_RANK
     dist.init_process_group(
         backend="nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
     )

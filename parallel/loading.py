@@ -43,13 +43,13 @@ def missing_tensors(model: nn.Module, files: dict[str, Path]) -> list[str]:
     return [name for name in model.state_dict() if name not in files]
 
 
-def shard_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+def shard_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int | None]:
     """(local tensor, first global row) of a parameter sharded on dim 0 (FSDP2 splits like torch.chunk:
-    ceil(rows / ranks) each, the last ranks shorter or empty); a plain tensor is whole (row 0)."""
+    ceil(rows / ranks) each, the last ranks shorter or empty); (tensor, None) for a whole tensor."""
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(tensor, DTensor):
-        return tensor, 0
+        return tensor, None
     placements = tensor.placements
     if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
         raise ValueError(f"only 1-D meshes sharded on dim 0 are supported, got {placements}")
@@ -58,27 +58,56 @@ def shard_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return tensor.to_local(), rank * rows
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_header(file: Path) -> tuple[dict, int]:
+    """(tensor entries, offset of the data) of a safetensors file: an 8-byte little-endian header length,
+    then the JSON header (https://github.com/huggingface/safetensors#format)."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def read_rows(file: Path, entry: dict, data_start: int, start: int | None, count: int) -> torch.Tensor:
+    """Rows [start, start + count) of one tensor (the whole tensor when start is None), read with plain
+    file reads: no memory map, so no file pages of other ranks' rows count in this process's memory."""
+    shape = entry["shape"]
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    begin, end = entry["data_offsets"]
+    if start is None:
+        offset, length, out_shape = begin, end - begin, shape
+    else:
+        row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        offset, length, out_shape = begin + start * row_bytes, count * row_bytes, [count, *shape[1:]]
+    buffer = bytearray(length)
+    with open(file, "rb") as f:
+        f.seek(data_start + offset)
+        f.readinto(buffer)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(out_shape) if length else torch.empty(out_shape, dtype=dtype)
+
+
 @torch.no_grad()
 def load_shards(named_tensors: Iterable[tuple[str, torch.Tensor]], files: dict[str, Path]) -> None:
     """Copy each tensor's rows from the checkpoint into this rank's shard, one slice at a time."""
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+    headers: dict[Path, tuple[dict, int]] = {}
     for name, tensor in named_tensors:
-        by_file.setdefault(files[name], []).append((name, tensor))
-    for file, tensors in by_file.items():
-        with safe_open(str(file), framework="pt") as f:
-            for name, tensor in tensors:
-                target, start = shard_rows(tensor)
-                if target.numel() == 0 and target.dim() > 0:
-                    continue
-                rows = f.get_slice(name)
-                value = rows[...] if target.dim() == 0 else rows[start : start + target.shape[0]]
-                if tuple(value.shape) != tuple(target.shape):
-                    raise ValueError(
-                        f"{file}: {name} has rows of shape {tuple(value.shape)}, the shard {tuple(target.shape)}"
-                    )
-                target.copy_(value)
+        file = files[name]
+        if file not in headers:
+            headers[file] = read_header(file)
+        entries, data_start = headers[file]
+        target, start = shard_rows(tensor)
+        if start is not None and target.shape[0] == 0:
+            continue
+        value = read_rows(file, entries[name], data_start, start, target.shape[0] if target.dim() else 0)
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{file}: {name} has rows of shape {tuple(value.shape)}, the shard {tuple(target.shape)}")
+        target.copy_(value)
 
 
 @torch.no_grad()
