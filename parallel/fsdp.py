@@ -68,7 +68,8 @@ class FSDPBackend(Backend):
         if mixed:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if self.parallel_cfg.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+            # pinned memory needs an accelerator; on a CPU-only machine offloading is a no-op anyway
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         for unit in [*decoder_blocks(model), *embedding_units(model)]:
             fully_shard(unit, **kwargs)
         fully_shard(model, **kwargs)

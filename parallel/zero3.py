@@ -98,6 +98,9 @@ def build_deepspeed_config(
                 zero[key] = value
     if cpu_offload:
         zero.setdefault("offload_optimizer", {"device": "cpu"})
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # the trainer's torch optimizer steps the offloaded fp32 partitions (DeepSpeed refuses it by default)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     ours = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,

@@ -157,7 +157,10 @@ def precision_cases(world_size: int) -> list[dict]:
             export_bf16=["export.dtype=bf16"],
         )
     cases = []
-    for backend in ("fsdp", "zero3"):  # fsdp first: the 1-process launch runs both in one process
+    if world_size == 1:  # first: after a zero3 case, transformers would build every model under zero.Init
+        for name, overrides in {"fp32": [], "stash_bf16": ["parallel.stash_dtype=bf16"]}.items():
+            cases.append({"name": f"r1_single_{name}", "overrides": ["parallel.backend=single", *base, *overrides]})
+    for backend in ("fsdp", "zero3"):  # fsdp before zero3 likewise
         for variant, overrides in variants.items():
             cases.append(
                 {
@@ -166,7 +169,4 @@ def precision_cases(world_size: int) -> list[dict]:
                     "forbid_whole_model": backend == "fsdp",
                 }
             )
-    if world_size == 1:
-        for name, overrides in {"fp32": [], "stash_bf16": ["parallel.stash_dtype=bf16"]}.items():
-            cases.append({"name": f"r1_single_{name}", "overrides": ["parallel.backend=single", *base, *overrides]})
     return cases

@@ -49,6 +49,7 @@ def test_conflicts_are_clear_errors(user, needle):
 def test_cpu_offload_adds_optimizer_offload():
     config = build_deepspeed_config({}, **{**LAYOUT, "cpu_offload": True})
     assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert config["zero_force_ds_cpu_optimizer"] is False  # the trainer's torch optimizer steps it
 
 
 def test_auto_buckets_are_sized_to_the_model():
