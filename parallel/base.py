@@ -8,7 +8,7 @@ under DDP); a global inner product is the all-reduced sum of the per-rank `inner
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,13 +97,13 @@ class Backend(ABC):
             if live.data_ptr() != new.data_ptr():
                 live.copy_(new)
 
-    def inner_product_views(self, tensors: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+    def inner_product_views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The part of `tensors` whose inner products this rank adds to the global sums.
 
         Sharded engines: the whole local shard. Replicated gradients (DDP) override this with a
         1/world_size slice, so the all-reduce of the partial sums still gives each term once.
         """
-        return tensors
+        return list(tensors)
 
     # --- parameters and optimizer ----------------------------------------------------------------
     @abstractmethod

@@ -39,7 +39,7 @@ class DDPBackend(SingleBackend):
 
     def inner_product_views(self, tensors):
         rank, world = self.ctx.rank, self.ctx.world_size
-        return (t.reshape(-1).tensor_split(world)[rank] for t in tensors)  # lazy: a stash converts one at a time
+        return [t.reshape(-1).tensor_split(world)[rank] for t in tensors]
 
     def save_checkpoint(self, directory: Path):
         if self.ctx.is_main:  # replicated state: rank 0 writes one file, every rank reads it
