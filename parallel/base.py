@@ -8,7 +8,7 @@ under DDP); a global inner product is the all-reduced sum of the per-rank `inner
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,13 +97,14 @@ class Backend(ABC):
             if live.data_ptr() != new.data_ptr():
                 live.copy_(new)
 
-    def inner_product_views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def inner_product_views(self, tensors: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
         """The part of `tensors` whose inner products this rank adds to the global sums.
 
         Sharded engines: the whole local shard. Replicated gradients (DDP) override this with a
-        1/world_size slice, so the all-reduce of the partial sums still gives each term once.
+        1/world_size slice, so the all-reduce of the partial sums still gives each term once. Whatever
+        iterable comes in goes out (a stash converts its tensors one at a time as they are consumed).
         """
-        return list(tensors)
+        return tensors
 
     # --- parameters and optimizer ----------------------------------------------------------------
     @abstractmethod
