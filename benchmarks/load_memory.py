@@ -79,18 +79,25 @@ def worker(spec_path: str) -> None:
     torch.distributed.barrier()
     baseline = rss_kib("VmRSS")
     record = {"rank": ctx.rank, "baseline_kib": baseline, "reset_works": reset_peak(), "peak_kib": {}, "seconds": {}}
-    started = [time.perf_counter()]
+    record["marks"] = []  # (label, peak since the previous mark, RSS now): where inside a phase the peak is
+    started, phase_peak = [time.perf_counter()], [0]
+
+    def mark(label: str) -> None:
+        peak = rss_kib("VmHWM")
+        record["marks"].append((label, peak, rss_kib("VmRSS")))
+        phase_peak[0] = max(phase_peak[0], peak)
+        reset_peak()
 
     def close_phase(name: str) -> None:
-        record["peak_kib"][name] = rss_kib("VmHWM")
+        mark(name)
+        record["peak_kib"][name], phase_peak[0] = phase_peak[0], 0
         record.setdefault("end_kib", {})[name] = rss_kib("VmRSS")
         record["seconds"][name] = time.perf_counter() - started[0]
-        reset_peak()
         started[0] = time.perf_counter()
 
     def hooks(trainer) -> None:
         close_phase("load")
-        fit, export = trainer.fit, trainer.export
+        fit, export, accumulate = trainer.fit, trainer.export, trainer.accumulate
 
         def timed_fit():
             results = fit()
@@ -101,7 +108,12 @@ def worker(spec_path: str) -> None:
             export(directory)
             close_phase("export")
 
-        trainer.fit, trainer.export = timed_fit, timed_export
+        def marked_accumulate(objective, batches):
+            out = accumulate(objective, batches)
+            mark("backward")  # retain, then forget: the peak up to the end of each backward
+            return out
+
+        trainer.fit, trainer.export, trainer.accumulate = timed_fit, timed_export, marked_accumulate
 
     run_training(cfg, ctx, on_trainer=hooks)
     Path(spec["out"], f"rank{ctx.rank}.json").write_text(json.dumps(record))
@@ -208,6 +220,9 @@ def main() -> None:
             r = json.loads((out / f"rank{rank}.json").read_text())
             extra = {p: (r["peak_kib"][p] - r["baseline_kib"]) / m_kib for p in PHASES}
             rows_out.append((backend, rank, r["baseline_kib"] / 1024, extra, r["seconds"], r["reset_works"]))
+            if rank == 1:
+                marks = ", ".join(f"{label} {(peak - r['baseline_kib']) / m_kib:.2f}" for label, peak, _ in r["marks"])
+                print(f"{backend} rank 1, peak (M) up to each mark: {marks}")
         print(f"{backend}: {wall:.0f} s wall")
     print("\n| backend | rank | baseline MiB | load (M) | step (M) | export (M) | max (M) | goal |")
     print("|---|---|---|---|---|---|---|---|")

@@ -40,18 +40,33 @@ def _conflict(key: str, ours: Any, theirs: Any, source: str) -> DeepSpeedConfigE
     )
 
 
+SIZED_KEYS = (
+    "reduce_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+
+
 def bucket_sizes(hidden_size: int | None) -> dict[str, int | None]:
-    """ZeRO-3's bucket and persistence sizes as transformers' DeepSpeed integration fills "auto"
-    (transformers/integrations/deepspeed.py, `trainer_config_finalize`): a reduce bucket of hidden^2
-    elements instead of DeepSpeed's 5e8 (2 GB in fp32; on CPU, host memory on every rank)."""
+    """ZeRO-3's bucket and residency sizes for "auto" (or absent) keys, from the model's hidden size.
+
+    The first three as transformers' DeepSpeed integration fills them (`trainer_config_finalize` in
+    transformers/integrations/deepspeed.py): a reduce bucket of hidden^2 elements, not DeepSpeed's 5e8,
+    which holds every full gradient of a smaller model until the backward ends. The last two are
+    ngdiff's: DeepSpeed's 1e9 keeps every parameter gathered in the forward until its reuse in the
+    backward, i.e. the whole model on every rank; 10 hidden^2 (about one decoder block) releases them
+    as FSDP does. Without a known size, DeepSpeed's own defaults."""
     if hidden_size is None:
-        return dict.fromkeys(
-            ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
-        )
+        return dict.fromkeys(SIZED_KEYS)
+    square = hidden_size * hidden_size
     return {
-        "reduce_bucket_size": hidden_size * hidden_size,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "reduce_bucket_size": square,
+        "stage3_prefetch_bucket_size": int(0.9 * square),
         "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_max_live_parameters": 10 * square,
+        "stage3_max_reuse_distance": 10 * square,
     }
 
 
