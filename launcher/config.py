@@ -51,6 +51,8 @@ class MethodConfig:
     retain_objective: str = "nll"
     gdiff_coefficient: float = 0.5
     npo_beta: float = 0.1
+    simnpo_beta: float = 2.5  # official SimNPO code's default; open-unlearning's TOFU config uses 4.5
+    simnpo_gamma: float = 0.0  # SimNPO's reward margin (open-unlearning calls it delta)
 
 
 @dataclass
@@ -292,6 +294,7 @@ def validate(config: ExperimentConfig) -> None:
         "train.log_every": config.train.log_every,
         "eval.batch_size": config.eval.batch_size,
         "method.npo_beta": config.method.npo_beta,
+        "method.simnpo_beta": config.method.simnpo_beta,
     }
     for key, value in positive.items():
         if not value > 0:

@@ -68,7 +68,11 @@ def run_training(
     output_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     forget_objective, retain_objective = build_objectives(
-        cfg.method.forget_objective, cfg.method.retain_objective, cfg.method.npo_beta
+        cfg.method.forget_objective,
+        cfg.method.retain_objective,
+        cfg.method.npo_beta,
+        cfg.method.simnpo_beta,
+        cfg.method.simnpo_gamma,
     )
     refusals = getattr(forget_objective, "uses_refusals", False)
     forget_stream, retain_stream = build_streams(cfg, tokenizer, ctx, refusals)
