@@ -64,6 +64,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 0.0  # 0 disables clipping of the combined direction
+    schedule: Literal["constant", "linear"] = "constant"  # multiplier on the lr each step (ngdiff/schedule.py)
+    warmup_steps: int = 0  # linear warmup from 0 over these steps (HF's formula)
+    warmup_epochs: float = 0.0  # or over this many epochs of the forget set (open-unlearning's warmup_epochs)
 
 
 @dataclass
@@ -303,6 +306,8 @@ def validate(config: ExperimentConfig) -> None:
         "optim.weight_decay": config.optim.weight_decay,
         "optim.momentum": config.optim.momentum,
         "optim.max_grad_norm": config.optim.max_grad_norm,
+        "optim.warmup_steps": config.optim.warmup_steps,
+        "optim.warmup_epochs": config.optim.warmup_epochs,
         "train.max_steps": config.train.max_steps,
         "train.epochs": config.train.epochs,
         "train.micro_batch_size": config.train.micro_batch_size,
@@ -313,6 +318,8 @@ def validate(config: ExperimentConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must not be negative, got {value}")
+    if config.optim.warmup_steps > 0 and config.optim.warmup_epochs > 0:
+        raise ConfigError("set optim.warmup_steps or optim.warmup_epochs, not both")
     if config.train.max_steps == 0 and config.train.epochs == 0:
         raise ConfigError("set train.max_steps or train.epochs to a positive value")
     if not 0.0 <= config.method.gdiff_coefficient <= 1.0:
