@@ -35,7 +35,8 @@ class RunOutcome:
 
 
 def build_streams(cfg, tokenizer, ctx: DistContext, refusals: bool) -> tuple[TaskStream, TaskStream]:
-    forget = encode_task(cfg.data, tokenizer, cfg.data.forget, "data.forget", cfg.data.idk if refusals else None)
+    refusals_from = cfg.data.idk if refusals else None
+    forget = encode_task(cfg.data, tokenizer, cfg.data.forget, "data.forget", refusals_from, seed=cfg.train.seed)
     retain = encode_task(cfg.data, tokenizer, cfg.data.retain, "data.retain")
     common = dict(
         rank=ctx.rank, world_size=ctx.world_size, micro_batch=cfg.train.micro_batch_size, pad_id=tokenizer.pad_token_id
