@@ -107,11 +107,11 @@ class ParallelConfig:
 class EvalConfig:
     every: int = 0
     benchmark: Literal["none", "tofu", "muse"] = "none"
-    max_items: int = 0  # 0: all items of each split
+    max_items: int = 300  # first N items of each set (TOFU's ds_size: the published logs); 0: all
     batch_size: int = 16
-    max_new_tokens: int = 64
+    max_new_tokens: int = 200  # TOFU's generation length
     best_metric: str = ""  # e.g. "forget_rougeL_recall:min" keeps the best checkpoint by it
-    split: str = "forget01"  # TOFU forget split whose *_perturbed file is evaluated
+    split: str = ""  # TOFU forget split evaluated; empty: the one data.forget names (forget10.jsonl), else forget01
     data_dir: str = ""  # folder with the benchmark files; empty: the copies bundled in ngdiff/resources
     reference: str = ""  # TOFU: retain-only model's evaluation output (forget quality); MUSE: its AUC or output
 
@@ -345,10 +345,24 @@ def validate(config: ExperimentConfig) -> None:
         check_data_source(f"data.{key}", value)
     if config.data.idk:
         check_data_source("data.idk", config.data.idk)
+    resolve_eval_split(config)
     if config.parallel.deepspeed_config and not Path(config.parallel.deepspeed_config).is_file():
         raise ConfigError(f"parallel.deepspeed_config: file not found: {config.parallel.deepspeed_config}")
     if not config.output_dir:
         raise ConfigError("output_dir must not be empty")
+
+
+def resolve_eval_split(config: ExperimentConfig) -> None:
+    """The TOFU split evaluated follows the trained one: training on forget10 never scores forget01."""
+    from ngdiff.eval.tofu import tofu_split_of
+
+    trained = tofu_split_of(config.data.forget)
+    if config.eval.split and trained and config.eval.split != trained:
+        raise ConfigError(
+            f"eval.split={config.eval.split} contradicts data.forget={config.data.forget}, which trains on {trained}; "
+            f"drop eval.split (it follows data.forget) or set eval.split={trained}"
+        )
+    config.eval.split = config.eval.split or trained or "forget01"
 
 
 def check_data_source(key: str, value: str) -> None:

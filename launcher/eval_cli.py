@@ -33,7 +33,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="forget01", help="TOFU forget split: forget01, forget05 or forget10")
     parser.add_argument("--output", help="folder for items.json, aggregate.json, summary.md (default: MODEL/eval_*)")
     parser.add_argument("--data-dir", help="folder with the benchmark files (default: the bundled copies)")
-    parser.add_argument("--max-items", type=int, default=0, help="first N items of each set (0: all)")
+    parser.add_argument(
+        "--max-items", type=int, default=300, help="first N items of each set (default: TOFU's ds_size 300; 0: all)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation / scoring batch")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="TOFU generation length (MUSE fixes its own)")
     parser.add_argument("--backend", default="", help="shard the model with a parallel backend (fsdp, zero3)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ngdiff import TOFU_DIR
+from ngdiff.data.records import looks_like_local_path
 from ngdiff.data.tokenize import answer_ids, prompt_ids
 from ngdiff.errors import UserError
 from ngdiff.eval.generation import generate_greedy_ids
@@ -44,6 +45,16 @@ class TofuSet:
 
 
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
+DS_SIZE = 300  # TOFU's eval_everything.yaml `ds_size`: the published logs score the first 300 items of each set
+MAX_NEW_TOKENS = 200  # TOFU's eval generation length (`generation.max_length: 200`)
+
+
+def tofu_split_of(source: str) -> str | None:
+    """The TOFU forget split a training source names: file stem `forget10` or hub `locuslab/TOFU:forget10`."""
+    name = Path(source).stem if looks_like_local_path(source) else [*source.split(":"), ""][1]
+    return name if name in FORGET_SPLITS else None
+
+
 UTILITY_SETS = (
     TofuSet("retain", "retain_perturbed.jsonl", "paraphrased_answer", False),
     TofuSet("real_authors", "real_authors_perturbed.jsonl", "answer", True),
@@ -63,8 +74,8 @@ def load_rows(tofu_set: TofuSet, data_dir: str | Path | None = None, max_items: 
     path = folder / tofu_set.file
     if not path.is_file():
         raise UserError(
-            f"TOFU file {tofu_set.file} not found in {folder}; bundled splits: forget01 and the utility sets "
-            "(pass --data-dir / eval.data_dir for a folder holding the other TOFU files)"
+            f"TOFU file {tofu_set.file} not found in {folder} "
+            "(leave --data-dir / eval.data_dir empty for the bundled forget01/05/10 and utility sets)"
         )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:max_items] if max_items > 0 else rows
@@ -76,7 +87,7 @@ def evaluate_rows(
     rows: Sequence[dict[str, Any]],
     base_key: str = "paraphrased_answer",
     *,
-    max_new_tokens: int = 200,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
     ed: EvalDist = ONE_PROCESS,
     autocast: Callable | None = None,
@@ -171,8 +182,8 @@ def evaluate_tofu(
     split: str = "forget01",
     *,
     data_dir: str | Path | None = None,
-    max_items: int = 0,
-    max_new_tokens: int = 200,
+    max_items: int = DS_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
     ed: EvalDist = ONE_PROCESS,
     autocast: Callable | None = None,
