@@ -41,6 +41,7 @@ class DataConfig:
     question_key: str = "question"
     answer_key: str = "answer"
     text_key: str = "text"
+    prompt_template: str = ""  # "", chat, llama2, phi or a string with {question} (ngdiff/data/tokenize.py)
     idk: str = ""  # refusal sentences for the idk forget objective; default: the bundled TOFU file
 
 
@@ -272,6 +273,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 def validate(config: ExperimentConfig) -> None:
     """Checks that need no model or data: names, signs, ranges, files that must exist."""
     from ngdiff.combiners import COMBINERS
+    from ngdiff.data.tokenize import check_prompt_template
     from ngdiff.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
     from parallel import BACKENDS
 
@@ -343,6 +345,10 @@ def validate(config: ExperimentConfig) -> None:
         if not value:
             raise ConfigError(f"data.{key} is required (a JSON/JSONL file or a hub dataset name)")
         check_data_source(f"data.{key}", value)
+    try:
+        check_prompt_template(config.data.prompt_template)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if config.data.idk:
         check_data_source("data.idk", config.data.idk)
     resolve_eval_split(config)

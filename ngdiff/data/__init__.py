@@ -65,7 +65,7 @@ def encode_task(
         rows = load_records(source, (q, a), what)
 
         def encode(question: str, answer: str) -> Encoded:
-            return encode_qa(tokenizer, question, answer, data_cfg.max_length)
+            return encode_qa(tokenizer, question, answer, data_cfg.max_length, data_cfg.prompt_template)
 
         if refusals_from is not None:
             refusals = load_lines(refusals_from or TOFU_DIR / "idontknow.jsonl")
