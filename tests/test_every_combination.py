@@ -2,6 +2,15 @@
 
 The README promises that every combination works; this is the end-to-end check of the sign convention
 (ngdiff/objectives.py) through each combiner's weights (ngdiff/combiners.py) and the trainer.
+
+Each step sees the whole forget set (batch 16 = the set), so what is measured is what is optimised:
+every combiner's direction d has <d, g_F> < 0 to first order (MGDA's min-norm point included:
+<d*, -g_F> >= |d*|^2), and NLL, NPO and SimNPO's gradients all point along the answers' NLL gradient,
+so the forget NLL rises. IdK is different in principle: it does not push the true answers' NLL up, it
+pulls the refusals' NLL down (the true answers only lose once the refusal displaces them), and on a
+small model learning any text of the same frame first lowers the true answers' NLL too (measured:
+idk + gdiff/imtlg/lossnorm/mgda/pcgrad/rlw lower it at lr 0.05). For IdK the test checks what it
+optimises: the refusal NLL of the pairs it trained on falls.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ def learned_model_dir(tiny_model_dir, tofu_split, tmp_path_factory):
 
     The untrained tiny model sits at NLL ~ ln(vocab) on every answer, where *any* training (the IdK
     refusals included, which share the frame, EOS and frequent tokens with the true answers) lowers it.
+    And SimNPO's per-sequence weight sigmoid(-beta (NLL/|y| - gamma)) is ~1e-5 at NLL/|y| = 4.5 with
+    beta 2.5: SimNPO, by design, stops pushing on answers it already finds unlikely, so the forget set
+    must be learned well for it to move in a few steps.
     """
     tokenizer = load_tokenizer(str(tiny_model_dir))
     examples = [
@@ -36,7 +48,7 @@ def learned_model_dir(tiny_model_dir, tofu_split, tmp_path_factory):
         tokenizer,
         examples,
         tmp_path_factory.mktemp("learned"),
-        FinetuneConfig(epochs=10, batch_size=8, lr=3e-3, warmup_steps=5),
+        FinetuneConfig(epochs=30, batch_size=8, lr=3e-3, warmup_steps=5),
         progress=False,
     )
 
@@ -47,6 +59,7 @@ def forget_nll(model, examples, pad_id: int) -> float:
         return float(NLL().loss_sum(model, batch) / NLL().count(batch))
 
 
+@pytest.mark.slow  # 32 short runs: about a minute on an idle machine
 @pytest.mark.parametrize("combiner", sorted(COMBINERS))
 @pytest.mark.parametrize("objective", sorted(FORGET_OBJECTIVES))
 def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp_path, objective, combiner):
@@ -61,18 +74,25 @@ def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp
             "optim.name=sgd",
             "optim.lr=0.05",
             "train.max_steps=3",
-            "train.forget_batch_size=8",
+            "train.forget_batch_size=16",
             "train.retain_batch_size=8",
             "logging.progress=false",
             f"output_dir={tmp_path / 'run'}",
         ],
     )
     tokenizer = load_tokenizer(str(learned_model_dir))
-    examples = encode_task(cfg.data, tokenizer, cfg.data.forget, "forget")  # the true answers, also for idk
+    if objective == "idk":  # the (question, refusal) pairs of the three steps (one epoch each)
+        drawn = encode_task(cfg.data, tokenizer, cfg.data.forget, "forget", cfg.data.idk, seed=cfg.train.seed)
+        examples = [drawn.draw(i, epoch) for epoch in range(3) for i in range(len(drawn))]
+    else:
+        examples = encode_task(cfg.data, tokenizer, cfg.data.forget, "forget")
     before = forget_nll(AutoModelForCausalLM.from_pretrained(learned_model_dir), examples, tokenizer.pad_token_id)
     outcome = run_training(cfg, DistContext())
     after = forget_nll(outcome.trainer.backend.model, examples, tokenizer.pad_token_id)
-    assert after > before, f"{objective} + {combiner}: forget NLL {before:.4f} -> {after:.4f}"
+    if objective == "idk":
+        assert after < before, f"idk + {combiner}: refusal NLL {before:.4f} -> {after:.4f}"
+    else:
+        assert after > before, f"{objective} + {combiner}: forget NLL {before:.4f} -> {after:.4f}"
 
 
 @pytest.mark.parametrize("loss_forget", [0.7, -0.7])
