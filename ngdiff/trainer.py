@@ -23,6 +23,7 @@ from ngdiff.combiners import CombinerOptions, TaskStats, Weights, get_combiner
 from ngdiff.data.loader import MicroBatch, TaskStream
 from ngdiff.metrics_log import MetricsSink
 from ngdiff.objectives import Objective
+from ngdiff.schedule import lr_factor, warmup_steps_of
 
 log = logging.getLogger("ngdiff.trainer")
 
@@ -105,7 +106,10 @@ class Trainer:
         self.combine = get_combiner(cfg.method.combiner)
         self.combiner_options = CombinerOptions(cfg.method.gdiff_coefficient, cfg.train.seed)
         self.autolr = AutoLR(cfg.autolr, backend, max_steps)
-        self.lr = cfg.optim.lr
+        self.lr = cfg.optim.lr  # the base lr; AutoLR, when on, maintains it
+        self.warmup_steps = warmup_steps_of(
+            cfg.optim.warmup_steps, cfg.optim.warmup_epochs, forget_stream.batches_per_epoch
+        )
         self.step_index = 0
         self.stop_requested = False  # set by a signal handler; all ranks agree through the step's all-reduce
         self.output_dir = Path(cfg.output_dir)
@@ -145,11 +149,17 @@ class Trainer:
         del retain_grads
 
         record = None
-        if self.autolr.due(self.step_index):
-            record = self.autolr_step(weights)
+        factor = self.lr_factor()
+        if self.autolr.due(self.step_index) and factor > 0:
+            record = self.autolr_step(weights, factor)
         else:
-            backend.step(self.lr)
-        return StepResult(stats, weights, self.lr, record, stop > 0)
+            backend.step(self.lr * factor)
+        return StepResult(stats, weights, self.lr * factor, record, stop > 0)
+
+    def lr_factor(self) -> float:
+        """optim.schedule's multiplier at this step: the step moves at lr x factor. With AutoLR on, the
+        factor multiplies the lr AutoLR maintains (AutoLR fits on the scheduled step and keeps the base)."""
+        return lr_factor(self.cfg.optim.schedule, self.step_index, self.warmup_steps, self.max_steps)
 
     def accumulate(self, objective: Objective | None, micro_batches: list[MicroBatch]) -> tuple[torch.Tensor, int]:
         """Backward of the objective's sum over this rank's micro-batches; returns (sum, units)."""
@@ -169,7 +179,7 @@ class Trainer:
             total += loss_sum.detach().double()
         return total, count
 
-    def autolr_step(self, weights: Weights) -> AutoLRRecord:
+    def autolr_step(self, weights: Weights, factor: float = 1.0) -> AutoLRRecord:
         """Step, probe the loss along the step on fresh data, refit lr (see ngdiff/autolr.py)."""
         retain_batches = self.retain_stream.next()
         combined = self.cfg.autolr.probe_loss == "combined"
@@ -199,8 +209,8 @@ class Trainer:
                 value = weights.retain * value + weights.forget * float(row[2] / row[3].clamp_min(1))
             return value
 
-        record = self.autolr.step(self.lr, self.step_index, probe_sums, probe_loss)
-        self.lr = record.lr_after
+        record = self.autolr.step(self.lr * factor, self.step_index, probe_sums, probe_loss)
+        self.lr = record.lr_after / factor
         return record
 
     def to_device(self, batch: MicroBatch) -> MicroBatch:
