@@ -13,7 +13,8 @@ algorithm text was not available (see docs/autolr.md). Every `every` steps:
 5. leave the parameters at `theta_before + (lr_new / lr) * u`: the step just taken, rescaled.
 
 The optimizer's moments are updated once per step (unlike the public GeN code on Adam). Memory: one
-extra copy of this rank's parameter shard (`u`). Cost: len(probe_points) forward passes.
+extra copy of this rank's parameter shard (`u`). Cost: len(probe_points) forward passes, one fewer
+with `probe_batch=step` (r = 0 is the step's own forward).
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ class AutoLR:
         for u, now in zip(update, live, strict=True):
             u.neg_().add_(now)  # u = theta_after - theta_before
         points = tuple(cfg.probe_points)
-        probed = [r for r in points if at_zero is None or r != 0.0]
+        # nearest first from theta_after (r = 1): r = 1 itself needs no move, and the path is short
+        probed = sorted((r for r in points if at_zero is None or r != 0.0), key=lambda r: abs(r - 1.0))
         position = 1.0
         partial = []
         for r in probed:
@@ -178,7 +180,8 @@ class AutoLR:
         return AutoLRRecord(lr, new_lr, points, losses, fit.A, fit.B, fit.r2, fit.accepted, rate)
 
     def _move(self, live: list[torch.Tensor], update: list[torch.Tensor], alpha: float) -> None:
-        if alpha != 0.0:
-            for param, u in zip(live, update, strict=True):
-                param.add_(u, alpha=alpha)
+        if alpha == 0.0:
+            return
+        for param, u in zip(live, update, strict=True):
+            param.add_(u, alpha=alpha)
         self.backend.params_changed()

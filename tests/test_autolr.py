@@ -182,17 +182,21 @@ def test_a_known_loss_at_zero_is_not_probed_and_gives_the_same_fit():
 
 
 def test_acceptance_rate_is_the_running_fraction_of_accepted_fits():
-    backend = make_backend(Quadratic(torch.ones(2), torch.zeros(2), torch.ones(2)), OptimConfig(name="sgd", lr=0.1))
+    model = Quadratic(torch.ones(2), torch.zeros(2), torch.ones(2)).double()
+    backend = make_backend(model, OptimConfig(name="sgd", lr=0.1))
     autolr = AutoLR(AutoLRConfig(enabled=True), backend, 10)
-    losses = iter([[1.0, 0.5, 0.5], [0.5, 1.0, 1.5], [0.5, 1.0, 1.5], [1.0, 0.5, 0.5]])  # accept, reject x2, accept
+    convex, rising = (1.0, 0.5, 0.5), (0.5, 1.0, 1.5)  # losses at r = -1, 0, 1: accepted; B < 0, rejected
     rates = []
-    for step in range(4):
+    for step, losses in enumerate((convex, rising, rising, convex)):
         backend.zero_grad()
-        backend.model.loss().backward()
-        values = iter(next(losses))
-        record = autolr.step(
-            0.1, step, lambda values=values: torch.tensor([next(values), 1.0], dtype=torch.float64), lambda row: row[0]
-        )
+        model.loss().backward()
+        before, u = model.theta.detach().clone(), -0.1 * model.theta.grad.clone()  # the SGD step at lr 0.1
+
+        def probe_sums(before=before, u=u, losses=losses):
+            r = round(float((model.theta.detach() - before)[0] / u[0]))  # where along the step we are
+            return torch.tensor([losses[r + 1], 1.0], dtype=torch.float64)
+
+        record = autolr.step(0.1, step, probe_sums, lambda row: float(row[0]))
         rates.append(record.as_metrics()["autolr/acceptance_rate"])
     assert rates == [1.0, 0.5, pytest.approx(1 / 3), 0.5]
     assert autolr.state_dict() == {"fits": 4, "accepted": 2}
