@@ -34,12 +34,41 @@ VARIANTS: dict[str, list[str]] = {
         "autolr.max_change=2",
         "autolr.on_reject=keep",
     ],
+    "retain_fresh_m0_halve": [
+        "autolr.probe_loss=retain",
+        "autolr.probe_batch=fresh",
+        "autolr.momentum=0",
+        "autolr.max_change=2",
+        "autolr.on_reject=halve",
+    ],
     "retain_step_m0_halve": [
         "autolr.probe_loss=retain",
         "autolr.probe_batch=step",
         "autolr.momentum=0",
         "autolr.max_change=2",
         "autolr.on_reject=halve",
+    ],
+    "retain_step_m0_halve_c4": [
+        "autolr.probe_loss=retain",
+        "autolr.probe_batch=step",
+        "autolr.momentum=0",
+        "autolr.max_change=4",
+        "autolr.on_reject=halve",
+    ],
+    "retain_step_m0_halve_c10": [
+        "autolr.probe_loss=retain",
+        "autolr.probe_batch=step",
+        "autolr.momentum=0",
+        "autolr.max_change=10",
+        "autolr.on_reject=halve",
+    ],
+    "retain_step_m0_halve_every2": [
+        "autolr.probe_loss=retain",
+        "autolr.probe_batch=step",
+        "autolr.momentum=0",
+        "autolr.max_change=2",
+        "autolr.on_reject=halve",
+        "autolr.every=2",
     ],
     "combined_step_m09": [
         "autolr.probe_loss=combined",
@@ -151,6 +180,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_table(rows: list[dict]) -> str:
+    """Every run's end point: loss and ROUGE-L recall on the forget pairs (F) and the retained ones (R)."""
+    lines = ["| optim | variant | start lr | final lr | accepted | F loss | R loss | F ROUGE-L | R ROUGE-L |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["optim"], r["variant"], r["lr"])):
+        rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
+        lines.append(
+            f"| {r['optim']} | {r['variant']} | {r['lr']:.2g} | {r['final_lr']:.2g} | {rate} | {r['forget_loss']:.3f} "
+            f"| {r['retain_loss']:.3f} | {r['forget_rougeL']:.2f} | {r['retain_rougeL']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def run_dir(args: argparse.Namespace, variant: str, lr: float) -> Path:
     return args.out.parent / "runs" / f"{args.optim}_{variant}_{lr:g}_{time.strftime('%H%M%S')}"
 
@@ -164,6 +206,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--out", type=Path, default=Path("/tmp/autolr/variants.jsonl"))
     parser.add_argument("--table-only", action="store_true", help="print the table of --out and exit")
+    parser.add_argument("--runs", action="store_true", help="also print every run's end point")
     args = parser.parse_args()
     if not args.table_only:
         unknown = set(args.variants.split(",")) - set(VARIANTS)
@@ -179,6 +222,9 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
     print(table(rows))
+    if args.runs:
+        print()
+        print(run_table(rows))
 
 
 if __name__ == "__main__":

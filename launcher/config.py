@@ -70,10 +70,10 @@ class AutoLRConfig:
     every: int = 4
     probe_points: tuple[float, ...] = (-1.0, 0.0, 1.0)
     probe_loss: Literal["retain", "combined"] = "retain"
-    probe_batch: Literal["fresh", "step"] = "fresh"  # step: the step's own batches; l(0) from its forward
-    momentum: float = 0.9  # lr <- momentum * lr + (1 - momentum) * scale * clip(lr * B / A)
+    probe_batch: Literal["fresh", "step"] = "step"  # step: the step's own batches; l(0) from its forward
+    momentum: float = 0.0  # lr <- momentum * lr + (1 - momentum) * scale * clip(lr * B / A)
     max_change: float = 2.0  # the clip: lr * B / A is kept within [lr / max_change, lr * max_change]
-    on_reject: Literal["keep", "halve"] = "keep"  # what a rejected fit does to the lr
+    on_reject: Literal["keep", "halve"] = "halve"  # what a rejected fit does to the lr
     min_r2: float = 0.99  # only checked when more than three points are probed
     horizon_decay: Literal["none", "linear", "cosine"] = "none"
 

@@ -5,13 +5,18 @@ algorithm text was not available (see docs/autolr.md). Every `every` steps:
 
 1. take the real optimizer step once at the current lr; `u = theta_after - theta_before` (SGD, Adam
    and AdamW steps are linear in lr, so `u` scales exactly with it);
-2. probe a loss at `theta_before + r * u` for the configured r (forward only), summed per rank and
-   all-reduced as (loss x units, units), so every rank sees the same numbers;
+2. probe a loss at `theta_before + r * u` for the configured r (forward only), on the step's own
+   batch (`probe_batch=step`: r = 0 is the step's forward, not probed) or a fresh one, summed per
+   rank and all-reduced as (loss x units, units), so every rank sees the same numbers;
 3. least-squares fit of `l(r) - l(0) = A r^2 / 2 - B r`; the optimal multiple of `u` is `B / A`;
 4. if `A > 0`, `B > 0` (and R^2 >= min_r2 with more than three points):
-   `lr <- m * lr + (1 - m) * scale * clip(lr * B / A, lr / 2, 2 lr)`; rank 0's value is broadcast;
+   `lr <- m * lr + (1 - m) * scale * clip(lr * B / A, lr / c, c lr)`, else halve (or keep) the lr;
+   rank 0's value is broadcast;
 5. leave the parameters at `theta_before + (lr_new / lr) * u`: the step just taken, rescaled.
 
+GeN's public code (`lr_parabola`, GeN/GeN.py of the gen-optim package) probes a fresh batch, uses
+m = 0.9, c = 2, keeps the lr on a rejected fit and halves it only when the fit raises; the defaults
+here differ where docs/autolr.md's study on the demo model measured that they must.
 The optimizer's moments are updated once per step (unlike the public GeN code on Adam). Memory: one
 extra copy of this rank's parameter shard (`u`). Cost: len(probe_points) forward passes, one fewer
 with `probe_batch=step` (r = 0 is the step's own forward).
@@ -19,12 +24,15 @@ with `probe_batch=step` (r = 0 is the step's own forward).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,12 @@ class AutoLRRecord:
 class AutoLR:
     """Runs the AutoLR step against any backend (it only needs the backend's interface)."""
 
-    def __init__(self, cfg, backend, max_steps: int):
+    def __init__(self, cfg, backend, max_steps: int, optimizer: str = ""):
+        if cfg.enabled and optimizer == "adamw" and cfg.probe_loss == "retain" and backend.ctx.is_main:
+            log.warning(
+                "AutoLR's retain probe assumes the raw NGDiff direction (optim.name=sgd); under AdamW it was "
+                "measured to grow the lr until retention is lost (docs/autolr.md)"
+            )
         self.cfg = cfg
         self.backend = backend
         self.max_steps = max_steps

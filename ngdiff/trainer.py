@@ -104,7 +104,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.combine = get_combiner(cfg.method.combiner)
         self.combiner_options = CombinerOptions(cfg.method.gdiff_coefficient, cfg.train.seed)
-        self.autolr = AutoLR(cfg.autolr, backend, max_steps)
+        self.autolr = AutoLR(cfg.autolr, backend, max_steps, cfg.optim.name)
         self.lr = cfg.optim.lr
         self.step_index = 0
         self.stop_requested = False  # set by a signal handler; all ranks agree through the step's all-reduce

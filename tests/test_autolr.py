@@ -99,7 +99,8 @@ def test_autolr_step_finds_the_analytic_optimum_of_a_quadratic():
 def test_autolr_keeps_the_lr_when_the_fit_is_rejected():
     model = Quadratic(torch.ones(3), torch.zeros(3), -torch.ones(3))  # concave: negative curvature
     lr = 0.1
-    record = autolr_step(make_backend(model, OptimConfig(name="sgd", lr=lr)), lr, AutoLRConfig(enabled=True))
+    cfg = AutoLRConfig(enabled=True, on_reject="keep")
+    record = autolr_step(make_backend(model, OptimConfig(name="sgd", lr=lr)), lr, cfg)
     assert not record.accepted and record.lr_after == lr
     torch.testing.assert_close(model.theta.detach(), torch.ones(3) - lr * -torch.ones(3))  # the plain step
 
