@@ -76,7 +76,10 @@ class AutoLRConfig:
     every: int = 4
     probe_points: tuple[float, ...] = (-1.0, 0.0, 1.0)
     probe_loss: Literal["retain", "combined"] = "retain"
-    momentum: float = 0.9  # lr <- momentum * lr + (1 - momentum) * scale * clip(lr * B / A)
+    probe_batch: Literal["fresh", "step"] = "step"  # step: the step's own batches; l(0) from its forward
+    momentum: float = 0.0  # lr <- momentum * lr + (1 - momentum) * scale * clip(lr * B / A)
+    max_change: float = 2.0  # the clip: lr * B / A is kept within [lr / max_change, lr * max_change]
+    on_reject: Literal["keep", "halve"] = "halve"  # what a rejected fit does to the lr
     min_r2: float = 0.99  # only checked when more than three points are probed
     horizon_decay: Literal["none", "linear", "cosine"] = "none"
 
@@ -328,6 +331,8 @@ def validate(config: ExperimentConfig) -> None:
         raise ConfigError(f"method.gdiff_coefficient must lie in [0, 1], got {config.method.gdiff_coefficient}")
     if not 0.0 <= config.autolr.momentum < 1.0:
         raise ConfigError(f"autolr.momentum must lie in [0, 1), got {config.autolr.momentum}")
+    if not config.autolr.max_change > 1.0:
+        raise ConfigError(f"autolr.max_change must be greater than 1, got {config.autolr.max_change}")
     points = config.autolr.probe_points
     if len(points) < 3 or len(set(points)) != len(points) or 0.0 not in points:
         raise ConfigError(f"autolr.probe_points needs at least three distinct points including 0, got {points}")

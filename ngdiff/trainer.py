@@ -105,7 +105,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.combine = get_combiner(cfg.method.combiner)
         self.combiner_options = CombinerOptions(cfg.method.gdiff_coefficient, cfg.train.seed)
-        self.autolr = AutoLR(cfg.autolr, backend, max_steps)
+        self.autolr = AutoLR(cfg.autolr, backend, max_steps, cfg.optim.name)
         self.lr = cfg.optim.lr  # the base lr; AutoLR, when on, maintains it
         self.warmup_steps = warmup_steps_of(
             cfg.optim.warmup_steps, cfg.optim.warmup_epochs, forget_stream.batches_per_epoch
@@ -119,10 +119,12 @@ class Trainer:
         backend = self.backend
         device = backend.ctx.device
         backend.zero_grad()
-        retain_sum, retain_count = self.accumulate(self.retain_objective, self.retain_stream.next())
+        retain_batches = self.retain_stream.next()
+        retain_sum, retain_count = self.accumulate(self.retain_objective, retain_batches)
         retain_grads = [g.detach().clone() for g in backend.local_grads()]  # one gradient shard aside
         backend.zero_grad()
-        forget_sum, forget_count = self.accumulate(self.forget_objective, self.forget_stream.next())
+        forget_batches = self.forget_stream.next()
+        forget_sum, forget_count = self.accumulate(self.forget_objective, forget_batches)
         forget_grads = backend.local_grads()  # live: the combination is written here, in place
 
         partial = gram_partial_sums(
@@ -151,7 +153,8 @@ class Trainer:
         record = None
         factor = self.lr_factor()
         if self.autolr.due(self.step_index) and factor > 0:
-            record = self.autolr_step(weights, factor)
+            step_sums = totals[[3, 5, 4, 6]]  # [sum_R, units_R, sum_F, units_F] at theta_before
+            record = self.autolr_step(weights, retain_batches, forget_batches, step_sums, factor)
         else:
             backend.step(self.lr * factor)
         return StepResult(stats, weights, self.lr * factor, record, stop > 0)
@@ -179,11 +182,27 @@ class Trainer:
             total += loss_sum.detach().double()
         return total, count
 
-    def autolr_step(self, weights: Weights, factor: float = 1.0) -> AutoLRRecord:
-        """Step, probe the loss along the step on fresh data, refit lr (see ngdiff/autolr.py)."""
-        retain_batches = self.retain_stream.next()
+    def autolr_step(
+        self,
+        weights: Weights,
+        retain_batches: list[MicroBatch],
+        forget_batches: list[MicroBatch],
+        step_sums: torch.Tensor,
+        factor: float = 1.0,
+    ) -> AutoLRRecord:
+        """Step, probe the loss along the step, refit lr (see ngdiff/autolr.py).
+
+        `autolr.probe_batch=fresh` probes newly drawn batches; `step` probes the step's own batches
+        and takes r = 0 from the step's forward (`step_sums`, all-reduced), saving one forward.
+        The step moves at lr x factor (optim.schedule); AutoLR fits that step and keeps the base lr.
+        """
         combined = self.cfg.autolr.probe_loss == "combined"
-        forget_batches = self.forget_stream.next() if combined else []
+        at_zero = step_sums if self.cfg.autolr.probe_batch == "step" else None
+        if at_zero is None:
+            retain_batches = self.retain_stream.next()
+            forget_batches = self.forget_stream.next() if combined else []
+        elif not combined:
+            forget_batches = []
 
         device = self.backend.ctx.device
 
@@ -209,7 +228,7 @@ class Trainer:
                 value = weights.retain * value + weights.forget * float(row[2] / row[3].clamp_min(1))
             return value
 
-        record = self.autolr.step(self.lr * factor, self.step_index, probe_sums, probe_loss)
+        record = self.autolr.step(self.lr * factor, self.step_index, probe_sums, probe_loss, at_zero)
         self.lr = record.lr_after / factor
         return record
 
@@ -298,6 +317,7 @@ class Trainer:
             "lr": self.lr,
             "forget_stream": self.forget_stream.state_dict(),
             "retain_stream": self.retain_stream.state_dict(),
+            "autolr": self.autolr.state_dict(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -305,3 +325,5 @@ class Trainer:
         self.lr = float(state["lr"])
         self.forget_stream.load_state_dict(state["forget_stream"])
         self.retain_stream.load_state_dict(state["retain_stream"])
+        if "autolr" in state:  # checkpoints written before the acceptance rate was logged lack it
+            self.autolr.load_state_dict(state["autolr"])
