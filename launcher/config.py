@@ -105,6 +105,8 @@ class ParallelConfig:
     deepspeed_config: str = ""
     timeout_minutes: float = 10.0
     cpu_offload: bool = False
+    stash_dtype: Literal["fp32", "bf16"] = "fp32"  # the retain-gradient stash
+    stash_offload: bool = False  # keep the stash in (pinned) CPU memory
 
 
 @dataclass
@@ -132,6 +134,11 @@ class LoggingConfig:
 
 
 @dataclass
+class ExportConfig:
+    dtype: Literal["fp32", "bf16"] = "fp32"  # of the exported final model (safetensors)
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +149,7 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     output_dir: str = "outputs/run"
 
     def to_dict(self) -> dict[str, Any]:

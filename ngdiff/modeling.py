@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,17 +19,34 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def model_factory(
-    path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
-) -> Callable[[], nn.Module]:
-    """A thunk the backend calls where it wants the model built (under `zero.Init`, on `meta`, ...)."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. Calling it loads the whole model (`from_pretrained`); a sharding backend
+    may instead build it empty on the `meta` device (`build_empty`) and fill its shards from `path`."""
 
-    def build() -> nn.Module:
+    path: str
+    trust_remote_code: bool = False
+    dtype: torch.dtype = torch.float32
+
+    def __call__(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(
+            self.path, trust_remote_code=self.trust_remote_code, dtype=self.dtype
+        )
 
-    return build
+    def build_empty(self) -> nn.Module:
+        """The architecture with every parameter and buffer on `meta`: no memory, no initialisation."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+
+
+def model_factory(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> ModelSource:
+    """A thunk the backend calls where it wants the model built (under `zero.Init`, on `meta`, ...)."""
+    return ModelSource(path, trust_remote_code, dtype)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from ngdiff.data.loader import MicroBatch, TaskStream
 from ngdiff.metrics_log import MetricsSink
 from ngdiff.objectives import Objective
 from ngdiff.schedule import lr_factor, warmup_steps_of
+from parallel.stash import GradientStash
 
 log = logging.getLogger("ngdiff.trainer")
 
@@ -121,7 +122,9 @@ class Trainer:
         backend.zero_grad()
         retain_batches = self.retain_stream.next()
         retain_sum, retain_count = self.accumulate(self.retain_objective, retain_batches)
-        retain_grads = [g.detach().clone() for g in backend.local_grads()]  # one gradient shard aside
+        retain_grads = GradientStash(
+            backend.local_grads(), self.cfg.parallel.stash_dtype, self.cfg.parallel.stash_offload
+        )
         backend.zero_grad()
         forget_batches = self.forget_stream.next()
         forget_sum, forget_count = self.accumulate(self.forget_objective, forget_batches)
@@ -307,7 +310,7 @@ class Trainer:
         return tqdm(total=self.max_steps, initial=self.step_index, desc="unlearning", unit="step", dynamic_ncols=True)
 
     def export(self, directory: Path) -> None:
-        self.backend.export_pretrained(directory, self.tokenizer)
+        self.backend.export_pretrained(directory, self.tokenizer, self.cfg.export.dtype)
         self.backend.barrier()
 
     # ------------------------------------------------------------------ resumable state

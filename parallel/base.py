@@ -8,7 +8,7 @@ under DDP); a global inner product is the all-reduced sum of the per-rank `inner
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,7 @@ class Backend(ABC):
         self.optim_cfg = optim_cfg
         self.precision = precision
         self.model: nn.Module | None = None  # what forward passes are called on
+        self.module: nn.Module | None = None  # the plain (Hugging Face) model inside: what is exported
         self.batch_layout: tuple[int, int] = (1, 1)  # (micro-batch per rank, accumulation steps)
 
     def set_batch_layout(self, micro_batch: int, accumulation_steps: int) -> None:
@@ -96,11 +97,12 @@ class Backend(ABC):
             if live.data_ptr() != new.data_ptr():
                 live.copy_(new)
 
-    def inner_product_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def inner_product_views(self, tensors: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
         """The part of `tensors` whose inner products this rank adds to the global sums.
 
         Sharded engines: the whole local shard. Replicated gradients (DDP) override this with a
-        1/world_size slice, so the all-reduce of the partial sums still gives each term once.
+        1/world_size slice, so the all-reduce of the partial sums still gives each term once. Whatever
+        iterable comes in goes out (a stash converts its tensors one at a time as they are consumed).
         """
         return tensors
 
@@ -140,10 +142,20 @@ class Backend(ABC):
     @abstractmethod
     def load_checkpoint(self, directory: Path) -> None: ...
 
-    @abstractmethod
-    def export_pretrained(self, directory: Path, tokenizer: Any = None) -> None:
-        """Consolidated Hugging Face model (safetensors) in `directory`, written by rank 0."""
+    def export_pretrained(self, directory: Path, tokenizer: Any = None, dtype: str = "fp32") -> None:
+        """Consolidated Hugging Face model (sharded safetensors + index) in `directory`, in `dtype`, written
+        by rank 0 tensor by tensor as `full_tensors` gathers them; every rank must call it."""
+        from parallel.export import write_pretrained
+
+        write_pretrained(
+            directory, self.module, self.full_tensors(), is_main=self.ctx.is_main, dtype=dtype, tokenizer=tokenizer
+        )
 
     @abstractmethod
+    def full_tensors(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """(name, whole tensor on CPU) for every exported tensor, one at a time: on rank 0; the other ranks
+        get None and hold no whole copy. Every rank must exhaust it (the gathers are collectives)."""
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's parameters on CPU (for tests and export); every rank must call it."""
+        """The whole model's parameters on CPU, on rank 0 (for tests); every rank must call it."""
+        return {name: t.detach().clone() for name, t in self.full_tensors() if t is not None}

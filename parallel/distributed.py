@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.base import DistContext
+from parallel.host_memory import return_freed_memory
 
 
 def env_rank_world() -> tuple[int, int, int]:
@@ -22,6 +23,7 @@ def env_rank_world() -> tuple[int, int, int]:
 
 def init_distributed(timeout_minutes: float = 10.0) -> DistContext:
     """Join the process group (nccl on GPU, gloo on CPU) when more than one process runs."""
+    return_freed_memory()  # before any model memory: a fragmented heap keeps every transient peak resident
     rank, world, local_rank = env_rank_world()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -46,6 +48,8 @@ def shutdown_distributed() -> None:
 
 def init_single_process_group(ctx: DistContext) -> None:
     """A one-rank group, so a sharded engine also runs in a plain single process (debugging, tests)."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # what launchers set; DeepSpeed's zero.Init reads LOCAL_RANK
     dist.init_process_group(
         backend="nccl" if ctx.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
     )

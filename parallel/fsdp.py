@@ -9,22 +9,26 @@ reduction is off until the last micro-batch: one reduce-scatter per task per ste
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from parallel.base import Backend
+from parallel.export import exported_names, gather_rows_to_main
+from parallel.loading import (
+    init_non_persistent_buffers,
+    load_shards,
+    missing_tensors,
+    safetensors_files,
+    shard_rows,
+)
 from parallel.optim import build_optimizer, grads_of, set_lr
 
 log = logging.getLogger("ngdiff.parallel")
@@ -37,6 +41,18 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     if not blocks:
         log.warning("no decoder blocks found (%s); sharding the model as one unit", type(model).__name__)
     return blocks
+
+
+def embedding_units(model: nn.Module) -> list[nn.Module]:
+    """The input and output embeddings as units of their own (unless tied): in the root unit they would be
+    gathered together, and their gradients unsharded together, which at a 32k vocabulary is a third of a
+    small model on every rank at once."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    units = [get() for get in (get_in, get_out) if get is not None]
+    units = [u for u in units if isinstance(u, nn.Module)]
+    if len(units) == 2 and units[0].weight is units[1].weight:
+        return []
+    return units
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -52,30 +68,47 @@ class FSDPBackend(Backend):
         if mixed:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if self.parallel_cfg.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
-        for block in decoder_blocks(model):
-            fully_shard(block, **kwargs)
+            # pinned memory needs an accelerator; on a CPU-only machine offloading is a no-op anyway
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        for unit in [*decoder_blocks(model), *embedding_units(model)]:
+            fully_shard(unit, **kwargs)
         fully_shard(model, **kwargs)
         return model
 
-    def prepare(self, build_model, gradient_checkpointing=False):
-        model = build_model()  # fp32 master weights; bf16 only in the all-gathered compute copies
+    def _build_sharded(self, build_model, gradient_checkpointing: bool = False) -> nn.Module:
+        """Built on `meta` and filled shard by shard from the checkpoint where it is a local safetensors
+        folder (no rank holds a whole copy); otherwise built whole on every rank, then sharded."""
+        files = safetensors_files(build_model.path) if hasattr(build_model, "build_empty") else None
+        model = build_model.build_empty() if files is not None else None
+        if model is not None and (missing := missing_tensors(model, files)):
+            log.warning("%s lacks %s...: loading the whole model on every rank", build_model.path, missing[:3])
+            model = None
+        whole = model is None
+        if whole:
+            model = build_model()  # fp32 master weights; bf16 only in the all-gathered compute copies
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if not self.parallel_cfg.cpu_offload:
-            model.to(self.ctx.device)
-        self.model = self._shard(model, mixed=self.precision == "bf16")
+        device = torch.device("cpu") if self.parallel_cfg.cpu_offload else self.ctx.device
+        if whole:
+            model.to(device)
+        model = self._shard(model, mixed=self.precision == "bf16")
+        if not whole:
+            model.to_empty(device=device)
+            init_non_persistent_buffers(model)  # before the load: an initialiser may touch parameters too
+            load_shards(model.state_dict(keep_vars=True).items(), files)
+        return model
+
+    def prepare(self, build_model, gradient_checkpointing=False):
+        self.model = self.module = self._build_sharded(build_model, gradient_checkpointing)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, self.optim_cfg)
         return self.model
 
     def prepare_frozen(self, build_model):
-        model = build_model()
+        model = self._build_sharded(build_model)
         model.requires_grad_(False)
-        if not self.parallel_cfg.cpu_offload:
-            model.to(self.ctx.device)
-        return self._shard(model, mixed=self.precision == "bf16").eval()
+        return model.eval()
 
     def autocast(self):
         # the MixedPrecisionPolicy casts parameters; autocast on top would only add casts
@@ -97,6 +130,9 @@ class FSDPBackend(Backend):
     def params_changed(self):
         # The root keeps its parameters gathered after a forward (FSDP2 skips its reshard, expecting the
         # backward): free those stale copies so the next forward gathers the edited shards.
+        self._reshard()
+
+    def _reshard(self) -> None:
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
@@ -116,16 +152,12 @@ class FSDPBackend(Backend):
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
-    def full_state_dict(self):
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
-        state = get_model_state_dict(self.model, options=options)
-        if not self.ctx.is_main:  # the full dict lands on rank 0 only; tests compare there
-            return state
-        return {k: v.detach().clone() for k, v in state.items()}
-
-    def export_pretrained(self, directory: Path, tokenizer=None):
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.ctx.is_main:
-            self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(directory)
+    def full_tensors(self):
+        self._reshard()  # parameters still gathered after a forward would be the bf16 compute copies
+        for name, tensor in exported_names(self.model):
+            if isinstance(tensor, DTensor):
+                local, _ = shard_rows(tensor)
+                rows = math.ceil(tensor.shape[0] / self.ctx.world_size)
+                yield name, gather_rows_to_main(local.detach(), tensor.shape, rows, self.ctx.device)
+            else:  # buffers: replicated
+                yield name, tensor.detach().cpu() if self.ctx.is_main else None

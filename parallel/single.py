@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from parallel.base import Backend
+from parallel.export import exported_names
 from parallel.optim import build_optimizer, grads_of, set_lr
 
 
@@ -58,11 +59,6 @@ class SingleBackend(Backend):
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def full_state_dict(self):
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-
-    def export_pretrained(self, directory: Path, tokenizer=None):
-        if self.ctx.is_main:
-            self.module.save_pretrained(directory, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(directory)
+    def full_tensors(self):
+        for name, tensor in exported_names(self.module):
+            yield name, tensor.detach().cpu()

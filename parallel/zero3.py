@@ -21,6 +21,7 @@ import torch
 
 from ngdiff.errors import UserError
 from parallel.base import Backend
+from parallel.export import exported_names, gather_rows_to_main
 from parallel.optim import build_optimizer, set_lr
 
 log = logging.getLogger("ngdiff.parallel")
@@ -39,6 +40,36 @@ def _conflict(key: str, ours: Any, theirs: Any, source: str) -> DeepSpeedConfigE
     )
 
 
+SIZED_KEYS = (
+    "reduce_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+
+
+def bucket_sizes(hidden_size: int | None) -> dict[str, int | None]:
+    """ZeRO-3's bucket and residency sizes for "auto" (or absent) keys, from the model's hidden size.
+
+    The first three as transformers' DeepSpeed integration fills them (`trainer_config_finalize` in
+    transformers/integrations/deepspeed.py): a reduce bucket of hidden^2 elements, not DeepSpeed's 5e8,
+    which holds every full gradient of a smaller model until the backward ends. The last two are
+    ngdiff's: DeepSpeed's 1e9 keeps every parameter gathered in the forward until its reuse in the
+    backward, i.e. the whole model on every rank; 10 hidden^2 (about one decoder block) releases them
+    as FSDP does. Without a known size, DeepSpeed's own defaults."""
+    if hidden_size is None:
+        return dict.fromkeys(SIZED_KEYS)
+    square = hidden_size * hidden_size
+    return {
+        "reduce_bucket_size": square,
+        "stage3_prefetch_bucket_size": int(0.9 * square),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_max_live_parameters": 10 * square,
+        "stage3_max_reuse_distance": 10 * square,
+    }
+
+
 def build_deepspeed_config(
     user: dict[str, Any],
     *,
@@ -47,6 +78,7 @@ def build_deepspeed_config(
     world_size: int,
     precision: str,
     cpu_offload: bool,
+    hidden_size: int | None = None,
     source: str = "parallel.deepspeed_config",
 ) -> dict[str, Any]:
     """The user's DeepSpeed JSON with the trainer's keys filled in; a clear error where they disagree.
@@ -73,8 +105,17 @@ def build_deepspeed_config(
             "Use stage 3 (parallel.backend=zero3) or parallel.backend=fsdp"
         )
     zero["stage"] = 3
+    for key, value in bucket_sizes(hidden_size).items():  # Hugging Face's "auto": sized to the model
+        if zero.get(key, "auto") == "auto":
+            if value is None:
+                zero.pop(key, None)  # no model size known: DeepSpeed's default
+            else:
+                zero[key] = value
     if cpu_offload:
         zero.setdefault("offload_optimizer", {"device": "cpu"})
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # the trainer's torch optimizer steps the offloaded fp32 partitions (DeepSpeed refuses it by default)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     ours = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
@@ -101,6 +142,19 @@ def build_deepspeed_config(
     return config
 
 
+def model_hidden_size(build_model) -> int | None:
+    """The model's hidden size from its config file (a `ModelSource`), without building it."""
+    path = getattr(build_model, "path", None)
+    if path is None:
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=getattr(build_model, "trust_remote_code", False))
+    config = getattr(config, "text_config", None) or config
+    sizes = getattr(config, "hidden_sizes", None)
+    return getattr(config, "hidden_size", None) or (max(sizes) if sizes else None)
+
+
 class Zero3Backend(Backend):
     name = "zero3"
 
@@ -109,7 +163,7 @@ class Zero3Backend(Backend):
         self.ds_config: dict[str, Any] | None = None
         self._hf_ds_config = None  # transformers holds only a weak reference: keep it alive
 
-    def _config(self) -> dict[str, Any]:
+    def _config(self, build_model=None) -> dict[str, Any]:
         if self.ds_config is None:
             path = self.parallel_cfg.deepspeed_config
             user = json.loads(Path(path).read_text()) if path else {}
@@ -121,6 +175,7 @@ class Zero3Backend(Backend):
                 world_size=self.ctx.world_size,
                 precision=self.precision,
                 cpu_offload=self.parallel_cfg.cpu_offload,
+                hidden_size=model_hidden_size(build_model),
                 source=path or "parallel.deepspeed_config",
             )
         return self.ds_config
@@ -132,7 +187,7 @@ class Zero3Backend(Backend):
         # DeepSpeed's comm layer adopts our process group (its config reads the world size from it)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
 
-        self._hf_ds_config = HfDeepSpeedConfig(self._config())  # from_pretrained now builds under zero.Init
+        self._hf_ds_config = HfDeepSpeedConfig(self._config(build_model))  # from_pretrained now builds under zero.Init
         return build_model()
 
     def prepare(self, build_model, gradient_checkpointing=False):
@@ -217,16 +272,18 @@ class Zero3Backend(Backend):
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
 
-    def full_state_dict(self):
-        """fp32 masters gathered on every rank (a collective per parameter)."""
-        from deepspeed.utils import safe_get_full_fp32_param
+    def full_tensors(self):
+        """fp32 masters gathered to rank 0 one parameter at a time (a `gather` of the flat partitions)."""
+        import deepspeed
+        from deepspeed.utils import safe_get_local_fp32_param
 
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        return {names[id(p)]: safe_get_full_fp32_param(p).detach().cpu().clone() for p in self.params}
-
-    def export_pretrained(self, directory: Path, tokenizer=None):
-        state = self.full_state_dict()
-        if self.ctx.is_main:
-            self.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(directory)
+        for name, tensor in exported_names(self.module):
+            if not hasattr(tensor, "ds_id"):  # buffers: not partitioned
+                yield name, tensor.detach().cpu() if self.ctx.is_main else None
+            elif tensor.requires_grad:
+                local = safe_get_local_fp32_param(tensor).reshape(-1)
+                full = gather_rows_to_main(local, torch.Size([tensor.ds_numel]), local.numel(), self.ctx.device)
+                yield name, full.view(tensor.ds_shape) if full is not None else None
+            else:  # frozen: no fp32 master, the (compute-dtype) partitions themselves
+                with deepspeed.zero.GatheredParameters([tensor]):
+                    yield name, tensor.detach().cpu().clone() if self.ctx.is_main else None

@@ -12,7 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from dist_helpers import WORKER, backend_cases, common_overrides, deepspeed_launcher, matrix_cases, run_launch, torchrun
+from dist_helpers import (
+    WORKER,
+    backend_cases,
+    common_overrides,
+    deepspeed_launcher,
+    matrix_cases,
+    precision_cases,
+    run_launch,
+    torchrun,
+)
 
 
 @pytest.fixture(scope="session")
@@ -46,4 +55,23 @@ def single_reference(tmp_path_factory, tiny_model_dir, tofu_split) -> Path:
     spec = out / "spec.json"
     spec.write_text(json.dumps({"common": common_overrides(tiny_model_dir, tofu_split), "cases": [case]}))
     run_launch([sys.executable, str(WORKER), str(spec), str(out)], out / "single.log")
+    return out
+
+
+@pytest.fixture(scope="session")
+def precision_runs(tmp_path_factory, tiny_model_dir, tofu_split) -> Path:
+    """bf16, stash and export cases: 1 process (fsdp and zero3 on a 1-rank group, and `single`), then
+    2 ranks under torchrun (fsdp) and the deepspeed launcher (zero3)."""
+    out = tmp_path_factory.mktemp("precision_runs")
+    common = common_overrides(tiny_model_dir, tofu_split)
+    two = precision_cases(2)
+    launches = [
+        ([sys.executable], precision_cases(1), "one"),
+        (torchrun(), [c for c in two if "_fsdp_" in c["name"]], "torchrun"),
+        (deepspeed_launcher(), [c for c in two if "_zero3_" in c["name"]], "deepspeed"),
+    ]
+    for prefix, cases, label in launches:
+        spec = out / f"{label}.json"
+        spec.write_text(json.dumps({"common": common, "cases": cases}))
+        run_launch([*prefix, str(WORKER), str(spec), str(out)], out / f"{label}.log")
     return out

@@ -142,3 +142,31 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     params = [k for k in a if "rotary" not in k]
     assert set(params) == {k for k in b if "rotary" not in k}, "parameter names differ"
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in params)
+
+
+def precision_cases(world_size: int) -> list[dict]:
+    """bf16 training (and with CPU offload) under fsdp and zero3, for 1 rank and for 2; the retain-gradient
+    stash options and a bf16 export on 2 ranks. FSDP cases must load shard by shard (never whole)."""
+    base = matrix_cases()["ngdiff_sgd"]
+    bf16 = ["train.precision=bf16"]
+    variants = {"bf16": bf16, "bf16_offload": [*bf16, "parallel.cpu_offload=true"]}
+    if world_size > 1:
+        variants.update(
+            stash_bf16=["parallel.stash_dtype=bf16"],
+            stash_offload=["parallel.stash_offload=true"],
+            export_bf16=["export.dtype=bf16"],
+        )
+    cases = []
+    if world_size == 1:  # first: after a zero3 case, transformers would build every model under zero.Init
+        for name, overrides in {"fp32": [], "stash_bf16": ["parallel.stash_dtype=bf16"]}.items():
+            cases.append({"name": f"r1_single_{name}", "overrides": ["parallel.backend=single", *base, *overrides]})
+    for backend in ("fsdp", "zero3"):  # fsdp before zero3 likewise
+        for variant, overrides in variants.items():
+            cases.append(
+                {
+                    "name": f"r{world_size}_{backend}_{variant}",
+                    "overrides": [f"parallel.backend={backend}", *base, *overrides],
+                    "forbid_whole_model": backend == "fsdp",
+                }
+            )
+    return cases

@@ -49,3 +49,19 @@ def test_conflicts_are_clear_errors(user, needle):
 def test_cpu_offload_adds_optimizer_offload():
     config = build_deepspeed_config({}, **{**LAYOUT, "cpu_offload": True})
     assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert config["zero_force_ds_cpu_optimizer"] is False  # the trainer's torch optimizer steps it
+
+
+def test_auto_buckets_are_sized_to_the_model():
+    """Hugging Face's "auto": reduce bucket hidden^2, prefetch 0.9 hidden^2, persistence 10 hidden; and
+    ngdiff's: at most 10 hidden^2 gathered parameters kept for reuse."""
+    config = build_deepspeed_config(json.loads(SHIPPED.read_text()), **LAYOUT, hidden_size=64)
+    zero = config["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 4096
+    assert zero["stage3_prefetch_bucket_size"] == 3686
+    assert zero["stage3_param_persistence_threshold"] == 640
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 40960
+    explicit = build_deepspeed_config({"zero_optimization": {"reduce_bucket_size": 123}}, **LAYOUT, hidden_size=64)
+    assert explicit["zero_optimization"]["reduce_bucket_size"] == 123
+    unknown = build_deepspeed_config(json.loads(SHIPPED.read_text()), **LAYOUT)  # no model size: DeepSpeed's own
+    assert "reduce_bucket_size" not in unknown["zero_optimization"]

@@ -4,7 +4,8 @@ Usage (under torchrun, the deepspeed launcher, or plain python for the 1-process
     worker.py SPEC.json OUT_DIR
 
 SPEC: {"common": [overrides...], "cases": [{"name": str, "overrides": [...],
-        "crash_after": k (optional), "count_collectives": bool (optional)}]}
+        "crash_after": k (optional), "count_collectives": bool (optional),
+        "forbid_whole_model": bool (optional)}]}
 Rank 0 writes OUT_DIR/<name>.pt (the full parameters) and OUT_DIR/<name>.json (per-step metrics,
 collective counts). Process start-up (and DeepSpeed's import) is the slow part, so one launch runs
 many cases.
@@ -17,7 +18,9 @@ import json
 import os
 import sys
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 import torch.distributed as dist
@@ -26,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from launcher.config import load_config  # noqa: E402
+from ngdiff.modeling import ModelSource  # noqa: E402
 from ngdiff.pipeline import run_training  # noqa: E402
 from parallel.distributed import init_distributed  # noqa: E402
 
@@ -103,6 +107,18 @@ def run_case(case: dict, common: list[str], out: Path, rank: int, ctx) -> None:
         gc.collect()
         cfg = load_config(None, [*overrides, "train.resume=auto"])
 
+    with ExitStack() as stack:
+        if case.get("forbid_whole_model"):  # sharded loading must never build the whole model on a rank
+            stack.enter_context(patch.object(ModelSource, "__call__", forbidden_whole_load))
+        run_measured_case(case, cfg, out, rank, ctx, record)
+
+
+def forbidden_whole_load(source) -> None:
+    raise AssertionError(f"{source.path} was loaded whole (from_pretrained) instead of shard by shard")
+
+
+def run_measured_case(case: dict, cfg, out: Path, rank: int, ctx, record: dict) -> None:
+    name = case["name"]
     counter = CollectiveCounter()
     if case.get("count_collectives"):
         record["rank_tokens"] = first_batch_tokens(cfg, ctx)
