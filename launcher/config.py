@@ -18,6 +18,7 @@ import yaml
 
 from ngdiff.data.records import looks_like_local_path
 from ngdiff.errors import UserError
+from ngdiff.model_source import ModelSourceError, check_model_source
 
 
 class ConfigError(UserError):
@@ -96,6 +97,8 @@ class ParallelConfig:
     deepspeed_config: str = ""
     timeout_minutes: float = 10.0
     cpu_offload: bool = False
+    stash_dtype: Literal["fp32", "bf16"] = "fp32"  # the retain-gradient stash
+    stash_offload: bool = False  # keep the stash in (pinned) CPU memory
 
 
 @dataclass
@@ -328,6 +331,11 @@ def validate(config: ExperimentConfig) -> None:
         raise ConfigError("autolr.probe_loss=retain needs a retain objective (method.retain_objective is none)")
     if not config.model.path:
         raise ConfigError("model.path is required (a local model directory or a hub name)")
+    for key, value in (("model.path", config.model.path), ("model.reference_path", config.model.reference_path)):
+        try:
+            check_model_source(key, value) if value else None
+        except ModelSourceError as err:
+            raise ConfigError(str(err)) from None
     for key in ("forget", "retain"):
         value = getattr(config.data, key)
         if not value:
