@@ -153,8 +153,11 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------- parsing
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read an optional YAML file, apply `key.sub=value` overrides, validate, return typed config."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, check_sources: bool = True
+) -> ExperimentConfig:
+    """Read an optional YAML file, apply `key.sub=value` overrides, validate, return typed config.
+    `check_sources=False` skips the model and data paths (`ngdiff plan` reads neither)."""
     raw: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -174,7 +177,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         _apply_override(raw, item)
     config = _build(ExperimentConfig, raw, prefix="", source=source)
-    validate(config)
+    validate(config, check_sources=check_sources)
     return config
 
 
@@ -267,7 +270,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(config: ExperimentConfig) -> None:
+def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
     """Checks that need no model or data: names, signs, ranges, files that must exist."""
     from ngdiff.combiners import COMBINERS
     from ngdiff.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
@@ -329,6 +332,16 @@ def validate(config: ExperimentConfig) -> None:
         )
     if config.autolr.enabled and config.method.retain_objective == "none" and config.autolr.probe_loss == "retain":
         raise ConfigError("autolr.probe_loss=retain needs a retain objective (method.retain_objective is none)")
+    if check_sources:
+        check_sources_of(config)
+    if config.parallel.deepspeed_config and not Path(config.parallel.deepspeed_config).is_file():
+        raise ConfigError(f"parallel.deepspeed_config: file not found: {config.parallel.deepspeed_config}")
+    if not config.output_dir:
+        raise ConfigError("output_dir must not be empty")
+
+
+def check_sources_of(config: ExperimentConfig) -> None:
+    """The model and data a run reads: given, and existing where they are local paths."""
     if not config.model.path:
         raise ConfigError("model.path is required (a local model directory or a hub name)")
     for key, value in (("model.path", config.model.path), ("model.reference_path", config.model.reference_path)):
@@ -343,10 +356,6 @@ def validate(config: ExperimentConfig) -> None:
         check_data_source(f"data.{key}", value)
     if config.data.idk:
         check_data_source("data.idk", config.data.idk)
-    if config.parallel.deepspeed_config and not Path(config.parallel.deepspeed_config).is_file():
-        raise ConfigError(f"parallel.deepspeed_config: file not found: {config.parallel.deepspeed_config}")
-    if not config.output_dir:
-        raise ConfigError("output_dir must not be empty")
 
 
 def check_data_source(key: str, value: str) -> None:
