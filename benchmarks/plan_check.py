@@ -96,8 +96,9 @@ def worker(args) -> None:
         torch.distributed.destroy_process_group()
 
 
-def build_inputs(root: Path, max_length: int) -> list[str]:
-    """A small tokenizer and text records long enough that every sequence is `max_length` tokens."""
+def build_inputs(root: Path, max_length: int, model: dict = MODEL) -> list[str]:
+    """A small tokenizer, `model` as config.json, and text records long enough that every sequence is
+    `max_length` tokens."""
     from ngdiff import TOFU_DIR
     from ngdiff.modeling import train_tokenizer
 
@@ -106,8 +107,9 @@ def build_inputs(root: Path, max_length: int) -> list[str]:
     tokenizer = train_tokenizer(texts, 2000)
     (root / "tok").mkdir()
     tokenizer.save_pretrained(root / "tok")
-    (root / "tok" / "config.json").write_text(json.dumps({"model_type": "llama", **MODEL}))
-    records = [" ".join(texts[i : i + 12]) for i in range(0, 384, 12)]  # 32 records of ~12 QA pairs
+    (root / "tok" / "config.json").write_text(json.dumps({"model_type": "llama", **model}))
+    pairs = max(12, max_length // 16)  # a QA pair is 40-80 tokens of this tokenizer
+    records = [" ".join(texts[(i * pairs + j) % len(texts)] for j in range(pairs)) for i in range(32)]
     for name in ("forget", "retain"):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in records))
     return [f"model.path={root / 'tok'}", "data.format=text", f"data.forget={root / 'forget.jsonl'}",
