@@ -280,7 +280,8 @@ def report(results: dict[str, dict]) -> str:
         )
     if "plain_ngdiff" in results.get("single", {}).get("median_step_s", {}):
         lines += ["", "| one process, median of rounds | NGDiff ms | plain NGDiff loop ms "
-                  "| plain GradDiff (one bwd) ms | NGDiff / plain NGDiff | NGDiff / plain GradDiff |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "| plain GradDiff (one bwd) ms | NGDiff / plain NGDiff | NGDiff / plain GradDiff |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
         for clock, key in (("wall", "median_step_s"), ("CPU time", "median_cpu_s")):
             t = results["single"][key]
             lines.append(
@@ -289,7 +290,9 @@ def report(results: dict[str, dict]) -> str:
                 f"| {ratio(t, 'ngdiff', 'plain_gdiff_one')} |"
             )
         load = results["single"]["load_average"]
-        lines.append(f"\nload average at the end of the single run (1/5/15 min): {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
+        lines.append(
+            f"\nload average at the end of the single run (1/5/15 min): {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
+        )  # noqa: E501
     return "\n".join(lines)
 
 
