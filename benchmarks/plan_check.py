@@ -11,7 +11,9 @@ Measured per rank: the peak resident set (VmHWM) over the timed steps minus the 
 process before the model was built (Python, torch, transformers, DeepSpeed and the process group: the
 runtime a GPU run does not put on the GPU). The high-water mark is reset (`/proc/self/clear_refs`)
 after one warm-up step, so loading peaks are excluded, as they are from the planner, which models the
-steady state of a step.
+steady state of a step. Workers run with `MALLOC_MMAP_THRESHOLD_=65536` so that glibc returns each freed
+tensor to the OS (`--glibc-heap` keeps the default, under which the heap retains freed gradient and
+gather buffers and the resident set overstates live memory: by half again under fsdp and zero3).
 """
 
 from __future__ import annotations
@@ -47,6 +49,35 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+class PhaseTrace:
+    """Peak resident set per phase of the step, sampled every 10 ms by a thread (`--trace`)."""
+
+    def __init__(self):
+        import threading
+
+        self.phase, self.peaks, self.stop = "setup", {}, False
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        while not self.stop:
+            rss = rss_kib("VmRSS") / 1024
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
+            time.sleep(0.01)
+
+    def wrap(self, owner, name: str, label) -> None:
+        inner = getattr(owner, name)
+
+        def traced(*a, **k):
+            self.phase = label(*a) if callable(label) else label
+            try:
+                return inner(*a, **k)
+            finally:
+                self.phase = f"after {self.phase}"
+
+        setattr(owner, name, traced)
+
+
 def worker(args) -> None:
     import torch
 
@@ -80,12 +111,20 @@ def worker(args) -> None:
     backend.prepare(build, cfg.model.gradient_checkpointing)
     trainer = Trainer(cfg, backend, forget_stream, retain_stream, forget_objective, retain_objective, max_steps=100)
     trainer.unlearning_step()  # warm-up: optimizer state exists from here on
+    trace = None
+    if args.trace:
+        trace = PhaseTrace()
+        trace.wrap(trainer, "accumulate", lambda objective, _: "retain" if objective is retain_objective else "forget")
+        trace.wrap(backend, "step", "optimizer step")
     reset_peak()
     start = time.perf_counter()
     for _ in range(args.steps):
         trainer.unlearning_step()
     seconds = (time.perf_counter() - start) / args.steps
     row = {"rank": ctx.rank, "baseline_mib": baseline / 1024, "peak_mib": rss_kib("VmHWM") / 1024, "step_s": seconds}
+    if trace is not None:
+        trace.stop = True
+        row["phase_peaks_mib"] = trace.peaks
     rows = [row]
     if ctx.distributed:
         rows = [None] * ctx.world_size
@@ -121,8 +160,8 @@ def launch(backend: str, ranks: int, overrides: list[str], args, root: Path) -> 
     from benchmarks.step_overhead import free_port
 
     result = root / f"{backend}.json"
-    tail = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--steps", str(args.steps), "--",
-            *overrides]  # fmt: skip
+    tail = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--steps", str(args.steps),
+            *(["--trace"] if args.trace else []), "--", *overrides]  # fmt: skip
     if backend == "single":
         cmd = [sys.executable, *tail]
     elif backend == "zero3":
@@ -133,6 +172,8 @@ def launch(backend: str, ranks: int, overrides: list[str], args, root: Path) -> 
                f"--master_port={free_port()}", *tail]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO),
            "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    if not args.glibc_heap:  # freed tensors go back to the OS at once: the resident set tracks live bytes
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -159,6 +200,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the sharded backends")
     parser.add_argument("--batch", type=int, default=4, help="global forget and retain batch size")
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--glibc-heap", action="store_true", help="keep glibc's default heap (it retains freed memory)")
+    parser.add_argument("--trace", action="store_true", help="also record the peak resident set per phase")
     parser.add_argument("--out", default="", help="also write all results as JSON here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
