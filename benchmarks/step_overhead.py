@@ -292,7 +292,7 @@ def report(results: dict[str, dict]) -> str:
         load = results["single"]["load_average"]
         lines.append(
             f"\nload average at the end of the single run (1/5/15 min): {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
-        )  # noqa: E501
+        )
     return "\n".join(lines)
 
 
