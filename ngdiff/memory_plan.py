@@ -13,18 +13,22 @@ tokens of one micro-batch on this rank.
 Per component (single/ddp | fsdp | zero3):
 - parameters: 4P fp32 (+2 x linear weights: bf16 autocast's cast cache) | 4PS master shard + c(2B + O)
   gathered (the running and the prefetched block, the root's embeddings and head) | cPS partition + 4PS
-  fp32 master + c(2B + O) gathered.
-- gradients: 4P (ddp: +4P reducer buckets) | 4PS + 4(B + O) unsharded in flight | 4PS + c min(bucket, P)
-  (DeepSpeed's reduce bucket, `zero_optimization.reduce_bucket_size`, default 5e8 elements).
+  fp32 master + c max(2B + O, min(P, max_live)) gathered (DeepSpeed keeps parameters it will reuse
+  within `stage3_max_reuse_distance` gathered, up to `stage3_max_live_parameters`, default 1e9).
+- gradients: 4P (ddp: +4P reducer buckets) | 4PS + 4(B + O) unsharded in flight | 4PS + 2c min(bucket, P)
+  (DeepSpeed's reduce bucket, `reduce_bucket_size`, default 5e8 elements, and its flat reduce-scatter copy).
 - stash (NGDiff's retain-gradient copy): one gradient shard, 4PS (2PS with `parallel.stash_dtype=bf16`,
   in host memory with `parallel.stash_offload`).
 - optimizer state: AdamW 8PS, SGD with momentum 4PS, plain SGD 0; plus the step's temporaries (AdamW's
   foreach sqrt buffer, 4PS) where they exceed the stash and activations the backward held.
 - AutoLR copy: 4PS when `autolr.enabled` (one fp32 parameter shard).
 - reference model (NPO, KL): 4P | 4PS | cPS.
-- activations: T x (L x per-layer + 12V + 16h): the saved tensors of every layer, the fp32
-  log-softmax kept for the backward with its gradient and the logits' gradient, small per-token rest
-  (+4V with a reference model's logits).
+- activations: A = T x (L x per-layer + 12V + 16h): the saved tensors of every layer, the fp32
+  log-softmax kept for the backward with its gradient and the logits' gradient, a small per-token rest
+  (+4V with a reference model's logits). single, ddp and fsdp drop their gradients in `zero_grad`, so
+  the backward allocates gradients while it frees activations: the component is what the backward's
+  peak adds above the gradients, max(0, A + 4Vh - 4P) (single/ddp; 4Vh the head's gradient, made first)
+  or max(0, A - 4PS) (fsdp). ZeRO-3 keeps its gradient buffers: A.
 
 Per layer and token (bytes, measured with saved-tensor hooks on transformers' Llama, torch 2.13):
 fp32 `32h + 8kv + 16I`; bf16 compute weights (fsdp/zero3) `20h + 4kv + 8I`; bf16 autocast over fp32
@@ -53,6 +57,7 @@ COMPONENTS = (
 )
 SHARDED = ("fsdp", "zero3")
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+DEEPSPEED_MAX_LIVE = 1_000_000_000  # its default stage3_max_live_parameters (elements)
 GiB = 2**30
 
 
@@ -95,6 +100,7 @@ class PlanSettings:
     stash_dtype: str = "fp32"
     stash_offload: bool = False
     reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
+    max_live: int = DEEPSPEED_MAX_LIVE
 
 
 @dataclass
@@ -193,6 +199,8 @@ def component_bytes(shape: ModelShape, s: PlanSettings) -> tuple[dict[str, int],
     local = math.ceil(p / s.world_size) if sharded else p
     c = 2 if s.precision == "bf16" else 4
     gathered = c * (2 * shape.block_params + shape.outside_params) if sharded else 0
+    if s.backend == "zero3":  # DeepSpeed keeps parameters it will reuse soon gathered, up to max_live of them
+        gathered = max(gathered, c * min(p, s.max_live))
     offload = s.cpu_offload and sharded
     device: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
     host: dict[str, int] = {}
@@ -214,7 +222,7 @@ def component_bytes(shape: ModelShape, s: PlanSettings) -> tuple[dict[str, int],
     if s.backend == "fsdp":
         put("gradients", 4 * (shape.block_params + shape.outside_params))
     elif s.backend == "zero3":
-        put("gradients", c * min(s.reduce_bucket, p))
+        put("gradients", 2 * c * min(s.reduce_bucket, p))  # the reduce bucket and its flat reduce-scatter copy
     elif s.backend == "ddp":
         put("gradients", 4 * p)
     # the NGDiff retain-gradient stash: one gradient shard
@@ -222,13 +230,18 @@ def component_bytes(shape: ModelShape, s: PlanSettings) -> tuple[dict[str, int],
     # optimizer state (+ the step's temporaries where they exceed what the backward held)
     slots = 2 if s.optimizer == "adamw" else (1 if s.momentum > 0 else 0)
     put("optimizer_state", 4 * slots * local, on_host=offload)
+    # single, ddp and fsdp drop the gradients in zero_grad: the backward allocates them while it frees
+    # the activations, so only the activations (and, without sharding, the head's gradient, made before
+    # any activation is freed) above the gradients add to the peak. ZeRO-3 keeps its gradient buffers.
+    released = 0 if s.backend == "zero3" or offload else 4 * local
+    head = 4 * shape.vocab * shape.hidden if not sharded else 0
     step_temporaries = 0 if offload else 4 * local * (1 if s.optimizer == "adamw" else 0)
-    backward_extra = device["stash"] + activation_bytes(shape, s)
+    backward_extra = device["stash"] + max(0, activation_bytes(shape, s) + head - released)
     put("optimizer_state", max(0, step_temporaries - backward_extra))
     put("autolr_copy", 4 * local if s.autolr else 0, on_host=offload)
     if s.reference:
         put("reference_model", (c if s.backend == "zero3" else 4) * local, on_host=offload and s.backend == "fsdp")
-    put("activations", activation_bytes(shape, s))
+    put("activations", max(0, activation_bytes(shape, s) + head - released))
     return device, {k: v for k, v in host.items() if v}
 
 
@@ -335,10 +348,11 @@ def settings_from_config(cfg: Any, world_size: int) -> PlanSettings:
 
     forget = FORGET_OBJECTIVES[cfg.method.forget_objective]
     retain = RETAIN_OBJECTIVES[cfg.method.retain_objective]
-    bucket = DEEPSPEED_REDUCE_BUCKET
+    bucket, max_live = DEEPSPEED_REDUCE_BUCKET, DEEPSPEED_MAX_LIVE
     if cfg.parallel.deepspeed_config:
         zero = json.loads(Path(cfg.parallel.deepspeed_config).read_text()).get("zero_optimization", {})
         bucket = int(float(zero.get("reduce_bucket_size", bucket)))
+        max_live = int(float(zero.get("stage3_max_live_parameters", max_live)))
     return PlanSettings(
         backend=cfg.parallel.backend,
         world_size=world_size,
@@ -356,6 +370,7 @@ def settings_from_config(cfg: Any, world_size: int) -> PlanSettings:
         stash_dtype=cfg.parallel.stash_dtype,
         stash_offload=cfg.parallel.stash_offload,
         reduce_bucket=bucket,
+        max_live=max_live,
     )
 
 

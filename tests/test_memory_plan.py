@@ -52,7 +52,7 @@ def test_fsdp_components_follow_the_formulas():
         "optimizer_state": 8 * 250,
         "autolr_copy": 4 * 250,
         "reference_model": 0,
-        "activations": 10 * per_token,
+        "activations": 10 * per_token - 4 * 250,  # the backward allocates the dropped gradient shard as it goes
     }
     assert host == {}
 
@@ -68,15 +68,18 @@ def test_single_with_reference_bf16_stash_and_plain_sgd():
         "optimizer_state": 0,
         "autolr_copy": 0,
         "reference_model": 4000,
-        "activations": 8 * 10 * per_token,  # the whole per-rank batch of 8 at once
+        # the whole per-rank batch of 8 at once, and the head's gradient, above the gradients (dropped)
+        "activations": 8 * 10 * per_token + 4 * 50 * 16 - 4000,
     }
 
 
 def test_zero3_offload_moves_the_sharded_state_to_the_host():
     settings = PlanSettings(backend="zero3", world_size=2, precision="bf16", cpu_offload=True, reduce_bucket=300)
-    device, host = component_bytes(SHAPE, settings)
-    assert device["parameters"] == 2 * 500 + 2 * (2 * 100 + 200)  # bf16 partition + gathered
-    assert device["gradients"] == 2 * 300  # the reduce bucket
+    device, host = component_bytes(SHAPE, replace(settings, max_live=300))
+    assert device["parameters"] == 2 * 500 + 2 * (2 * 100 + 200)  # bf16 partition + the running blocks and root
+    assert device["gradients"] == 2 * 2 * 300  # the reduce bucket and its flat copy
+    # under max_live, DeepSpeed keeps the whole model gathered (parameters reused within the reuse distance)
+    assert component_bytes(SHAPE, settings)[0]["parameters"] == 2 * 500 + 2 * 1000
     assert device["stash"] == device["optimizer_state"] == 0
     assert host == {"parameters": 4 * 500, "gradients": 4 * 500, "stash": 4 * 500, "optimizer_state": 8 * 500}
 
