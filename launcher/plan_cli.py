@@ -118,4 +118,6 @@ def render(result, source: str) -> str:
             f"does NOT fit; cheapest change that fits: {change['change']} ({how}) -> "
             f"{format_bytes(change['total_bytes'])} per rank"
         )
+        if change.get("also_fits"):
+            lines.append(f"each of these alone would fit too (dearer): {', '.join(change['also_fits'])}")
     return "\n".join(lines)

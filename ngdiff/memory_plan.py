@@ -303,9 +303,16 @@ def cheapest_fix(shape: ModelShape, s: PlanSettings, capacity_bytes: int) -> dic
         return sum(component_bytes(shape, settings)[0].values())
 
     changes = candidate_changes(s)
-    for name, overrides, settings in changes:
-        if total(settings) <= capacity_bytes:
-            return {"change": name, "overrides": overrides, "total_bytes": total(settings)}
+    fitting = [change for change in changes if total(change[2]) <= capacity_bytes]
+    if fitting:
+        name, overrides, settings = fitting[0]
+        # the dearer single changes that fit as well, one per kind (the fewest ranks, the largest micro-batch)
+        kinds, also = {next(iter(overrides))}, []
+        for other, change, _ in fitting[1:]:
+            if next(iter(change)) not in kinds:
+                kinds.add(next(iter(change)))
+                also.append(other)
+        return {"change": name, "overrides": overrides, "total_bytes": total(settings), "also_fits": also}
     combined, names, overrides = s, [], {}
     for name, change, _ in changes:
         if "world_size" in change and "world_size" in overrides:
