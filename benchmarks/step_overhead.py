@@ -156,6 +156,22 @@ def worker(args) -> None:
     variants = tuple(v for v in variants if not args.variants or v in args.variants.split(","))
 
     cpu_times: dict[str, list[float]] = {v: [] for v in variants}
+    # CPU seconds of the NGDiff step spent inside its two accumulate() calls and the optimizer step:
+    # the rest is the step's own bookkeeping (stash, Gram sums, all-reduce, combination)
+    inside = {"seconds": 0.0}
+
+    def cpu_timed(function):
+        def timed(*a, **k):
+            start = time.process_time()
+            try:
+                return function(*a, **k)
+            finally:
+                inside["seconds"] += time.process_time() - start
+
+        return timed
+
+    trainer.accumulate, backend.step = cpu_timed(trainer.accumulate), cpu_timed(backend.step)
+    bookkeeping: list[float] = []
 
     def run(variant: str, steps: int) -> float:
         """Wall seconds per step; this process's CPU seconds per step go to `cpu_times` (with one torch
@@ -164,6 +180,7 @@ def worker(args) -> None:
         forget_stream.rewind()
         retain_stream.rewind()
         backend.barrier()
+        inside["seconds"] = 0.0
         cpu_start = time.process_time()
         start = time.perf_counter()
         for _ in range(steps):
@@ -177,13 +194,15 @@ def worker(args) -> None:
                 gdiff_step(trainer, combined=variant == "gdiff_one")
         backend.barrier()
         cpu_times[variant].append((time.process_time() - cpu_start) / steps)
+        if variant == "ngdiff":
+            bookkeeping.append(cpu_times[variant][-1] - inside["seconds"] / steps)
         return (time.perf_counter() - start) / steps
 
     for variant in variants:  # warm-up (DeepSpeed traces its prefetch order on the first passes)
         run(variant, 4)
     trainer.step_index = 0
     times: dict[str, list[float]] = {v: [] for v in variants}
-    for rounds in cpu_times.values():
+    for rounds in [*cpu_times.values(), bookkeeping]:
         rounds.clear()  # drop the warm-up
     for _ in range(args.repeats):
         for variant in variants:
@@ -202,7 +221,9 @@ def worker(args) -> None:
     medians = {v: statistics.median(t) for v, t in times.items()}
     result = {"backend": cfg.parallel.backend, "world_size": ctx.world_size, "median_step_s": medians,
               "median_cpu_s": {v: statistics.median(t) for v, t in cpu_times.items()}, "rounds": times,
-              "cpu_rounds": cpu_times, "load_average": os.getloadavg(), "memory": memory}  # fmt: skip
+              "cpu_rounds": cpu_times,
+              "ngdiff_bookkeeping_cpu_s": statistics.median(bookkeeping) if bookkeeping else None,
+              "load_average": os.getloadavg(), "memory": memory}  # fmt: skip
     gathered = [None] * ctx.world_size
     if ctx.distributed:
         torch.distributed.all_gather_object(gathered, memory)
@@ -288,6 +309,11 @@ def report(results: dict[str, dict]) -> str:
                 f"| {clock} | {1000 * t['ngdiff']:.1f} | {1000 * t['plain_ngdiff']:.1f} "
                 f"| {1000 * t.get('plain_gdiff_one', float('nan')):.1f} | {ratio(t, 'ngdiff', 'plain_ngdiff')} "
                 f"| {ratio(t, 'ngdiff', 'plain_gdiff_one')} |"
+            )
+        own = results["single"].get("ngdiff_bookkeeping_cpu_s")
+        if own is not None:
+            lines.append(
+                f"\nNGDiff step's own work (CPU time outside forward/backward and the optimizer): {1000 * own:.1f} ms"
             )
         load = results["single"]["load_average"]
         lines.append(
