@@ -18,6 +18,7 @@ import yaml
 
 from ngdiff.data.records import looks_like_local_path
 from ngdiff.errors import UserError
+from ngdiff.model_source import ModelSourceError, check_model_source
 
 
 class ConfigError(UserError):
@@ -167,8 +168,11 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------- parsing
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read an optional YAML file, apply `key.sub=value` overrides, validate, return typed config."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, check_sources: bool = True
+) -> ExperimentConfig:
+    """Read an optional YAML file, apply `key.sub=value` overrides, validate, return typed config.
+    `check_sources=False` skips the model and data paths (`ngdiff plan` reads neither)."""
     raw: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -188,7 +192,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         _apply_override(raw, item)
     config = _build(ExperimentConfig, raw, prefix="", source=source)
-    validate(config)
+    validate(config, check_sources=check_sources)
     return config
 
 
@@ -281,7 +285,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(config: ExperimentConfig) -> None:
+def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
     """Checks that need no model or data: names, signs, ranges, files that must exist."""
     from ngdiff.combiners import COMBINERS
     from ngdiff.data.tokenize import check_prompt_template
@@ -351,24 +355,35 @@ def validate(config: ExperimentConfig) -> None:
         )
     if config.autolr.enabled and config.method.retain_objective == "none" and config.autolr.probe_loss == "retain":
         raise ConfigError("autolr.probe_loss=retain needs a retain objective (method.retain_objective is none)")
-    if not config.model.path:
-        raise ConfigError("model.path is required (a local model directory or a hub name)")
-    for key in ("forget", "retain"):
-        value = getattr(config.data, key)
-        if not value:
-            raise ConfigError(f"data.{key} is required (a JSON/JSONL file or a hub dataset name)")
-        check_data_source(f"data.{key}", value)
     try:
         check_prompt_template(config.data.prompt_template)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if config.data.idk:
-        check_data_source("data.idk", config.data.idk)
+    if check_sources:
+        check_sources_of(config)
     resolve_eval_split(config)
     if config.parallel.deepspeed_config and not Path(config.parallel.deepspeed_config).is_file():
         raise ConfigError(f"parallel.deepspeed_config: file not found: {config.parallel.deepspeed_config}")
     if not config.output_dir:
         raise ConfigError("output_dir must not be empty")
+
+
+def check_sources_of(config: ExperimentConfig) -> None:
+    """The model and data a run reads: given, and existing where they are local paths."""
+    if not config.model.path:
+        raise ConfigError("model.path is required (a local model directory or a hub name)")
+    for key, value in (("model.path", config.model.path), ("model.reference_path", config.model.reference_path)):
+        try:
+            check_model_source(key, value) if value else None
+        except ModelSourceError as err:
+            raise ConfigError(str(err)) from None
+    for key in ("forget", "retain"):
+        value = getattr(config.data, key)
+        if not value:
+            raise ConfigError(f"data.{key} is required (a JSON/JSONL file or a hub dataset name)")
+        check_data_source(f"data.{key}", value)
+    if config.data.idk:
+        check_data_source("data.idk", config.data.idk)
 
 
 def resolve_eval_split(config: ExperimentConfig) -> None:

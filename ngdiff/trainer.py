@@ -55,15 +55,17 @@ class StepResult:
 
 
 def gram_partial_sums(retain: Sequence[torch.Tensor], forget: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """This rank's contributions to |g_R|^2, <g_R, g_F>, |g_F|^2, accumulated in float64."""
-    zero = torch.zeros((), dtype=torch.float64, device=forget[0].device if forget else "cpu")
-    aa, cc, bb = zero.clone(), zero.clone(), zero.clone()
+    """This rank's contributions to |g_R|^2, <g_R, g_F>, |g_F|^2, summed in float64.
+
+    One fp32 dot per term and tensor, stacked and summed once: three kernels per tensor in all (the
+    per-term conversion and accumulation cost more than the dots on the small tensors of a block)."""
+    if not forget:
+        return [torch.zeros((), dtype=torch.float64) for _ in range(3)]
+    dots = []
     for r, f in zip(retain, forget, strict=True):
         r, f = r.reshape(-1), f.reshape(-1)
-        aa += torch.dot(r, r).double()
-        cc += torch.dot(r, f).double()
-        bb += torch.dot(f, f).double()
-    return [aa, cc, bb]
+        dots += [torch.dot(r, r), torch.dot(r, f), torch.dot(f, f)]
+    return list(torch.stack(dots).view(-1, 3).double().sum(0))
 
 
 def clip_weights(weights: Weights, stats: TaskStats, max_norm: float) -> Weights:
@@ -122,10 +124,7 @@ class Trainer:
         backend.zero_grad()
         retain_batches = self.retain_stream.next()
         retain_sum, retain_count = self.accumulate(self.retain_objective, retain_batches)
-        retain_grads = GradientStash(
-            backend.local_grads(), self.cfg.parallel.stash_dtype, self.cfg.parallel.stash_offload
-        )
-        backend.zero_grad()
+        retain_grads = GradientStash.take(backend, self.cfg.parallel.stash_dtype, self.cfg.parallel.stash_offload)
         forget_batches = self.forget_stream.next()
         forget_sum, forget_count = self.accumulate(self.forget_objective, forget_batches)
         forget_grads = backend.local_grads()  # live: the combination is written here, in place
@@ -148,8 +147,8 @@ class Trainer:
             step=self.step_index,
         )
         weights = clip_weights(self.combine(stats, self.combiner_options), stats, self.cfg.optim.max_grad_norm)
-        for forget, retain in zip(forget_grads, retain_grads, strict=True):
-            forget.mul_(weights.forget / n_f).add_(retain, alpha=weights.retain / n_r)
+        torch._foreach_mul_(forget_grads, weights.forget / n_f)
+        retain_grads.add_to(forget_grads, weights.retain / n_r)
         backend.set_local_grads(forget_grads)
         del retain_grads
 

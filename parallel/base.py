@@ -91,6 +91,14 @@ class Backend(ABC):
     def local_grads(self) -> list[torch.Tensor]:
         """This rank's (reduced) gradient shards, fp32. Writes go back with `set_local_grads`."""
 
+    def take_local_grads(self) -> list[torch.Tensor]:
+        """This rank's gradient shards, kept aside, with the engine's gradients zeroed for the next
+        backward. Default: a copy, then `zero_grad`. Engines whose `zero_grad` lets go of the gradient
+        tensors hand the tensors themselves over (no copy, no extra traffic)."""
+        grads = [g.detach().clone() for g in self.local_grads()]
+        self.zero_grad()
+        return grads
+
     def set_local_grads(self, grads: list[torch.Tensor]) -> None:
         """Make `grads` the gradients the next `step` uses (no-op when they alias the engine's)."""
         for live, new in zip(self.local_grads(), grads, strict=True):

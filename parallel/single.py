@@ -36,9 +36,14 @@ class SingleBackend(Backend):
         loss.backward()
 
     def zero_grad(self):
+        # drop the tensors: the next backward writes fresh gradients instead of adding into zeroed ones
         for p in self.params:
-            if p.grad is not None:
-                p.grad.zero_()
+            p.grad = None
+
+    def take_local_grads(self):
+        grads = self.local_grads()
+        self.zero_grad()  # the engine lets go of them: the caller owns these tensors now
+        return grads
 
     def local_grads(self):
         return grads_of(self.params)

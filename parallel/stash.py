@@ -26,7 +26,9 @@ def _host_copy(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class GradientStash:
     """A copy of `grads` in `dtype` ("fp32" | "bf16"), in (pinned) CPU memory when `offload`."""
 
-    def __init__(self, grads: Sequence[torch.Tensor], dtype: str = "fp32", offload: bool = False):
+    def __init__(self, grads: Sequence[torch.Tensor], dtype: str = "fp32", offload: bool = False, owned: bool = False):
+        """`owned`: nothing else writes `grads` any more (the engine let go of them), so an fp32 stash on
+        their device keeps the tensors themselves instead of a copy."""
         if dtype not in DTYPES:
             raise ValueError(f"parallel.stash_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.dtype = DTYPES[dtype]
@@ -34,16 +36,37 @@ class GradientStash:
         if offload:
             self.tensors = [_host_copy(g, self.dtype) for g in grads]
         else:
-            self.tensors = [g.detach().to(self.dtype, copy=True) for g in grads]
+            self.tensors = [g.detach().to(self.dtype, copy=not owned) for g in grads]
+
+    @classmethod
+    def take(cls, backend, dtype: str = "fp32", offload: bool = False) -> GradientStash:
+        """This rank's gradient shards taken out of `backend`, whose gradients are left zeroed for the next
+        backward. The default stash is `backend.take_local_grads()` (the engine's own tensors where it lets
+        go of them, else one copy); a bf16 or offloaded one converts the live gradients directly, with no
+        fp32 copy in between."""
+        if dtype == "fp32" and not offload:
+            return cls(backend.take_local_grads(), owned=True)
+        stash = cls(backend.local_grads(), dtype, offload)
+        backend.zero_grad()
+        return stash
 
     def __len__(self) -> int:
         return len(self.tensors)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """fp32 tensors on the gradients' devices, converted one at a time (the stash itself when it is fp32
-        and on the device: the default costs exactly one clone, as before)."""
+        and on the device)."""
         for tensor, device in zip(self.tensors, self.devices, strict=True):
             yield tensor.to(device=device, dtype=torch.float32, non_blocking=True)
+
+    def add_to(self, targets: list[torch.Tensor], alpha: float) -> None:
+        """`targets += alpha * stash`: one fused `_foreach` call when the stash is fp32 on the targets'
+        devices, else tensor by tensor, so a bf16 or offloaded stash is converted one tensor at a time."""
+        if self.dtype == torch.float32 and all(t.device == d for t, d in zip(self.tensors, self.devices, strict=True)):
+            torch._foreach_add_(targets, self.tensors, alpha=alpha)
+            return
+        for target, tensor in zip(targets, self, strict=True):
+            target.add_(tensor, alpha=alpha)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)

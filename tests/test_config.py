@@ -131,3 +131,46 @@ def test_output_dir_guard(base, tmp_path):
     with pytest.raises(ConfigError, match=r"holds no ngdiff run"):
         check_output_dir(load_config(None, [*base, f"output_dir={stranger}"]), overwrite=True)
     assert (stranger / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("/no/such/model", r"model.path: no such model directory: /no/such/model"),
+        ("./outputs/missing", r"model.path: no such model directory"),
+        ("runs/a/final", r"model.path: no such model directory: runs/a/final"),
+        ("org/bad name", r"model.path: 'org/bad name' is neither an existing directory nor a valid hub repo id"),
+        ("org/model--x", r"neither an existing directory nor a valid hub repo id"),
+    ],
+)
+def test_model_path_that_cannot_name_a_model_is_one_config_error(tofu_split, tiny_model_dir, value, message):
+    data = [f"data.forget={tofu_split['forget']}", f"data.retain={tofu_split['retain']}"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"model.path={value}", *data])
+    with pytest.raises(ConfigError, match=message.replace("model.path", "model.reference_path")):
+        load_config(None, [f"model.path={tiny_model_dir}", f"model.reference_path={value}", *data])
+
+
+def test_model_path_must_be_a_model_folder(tofu_split, tmp_path):
+    data = [f"data.forget={tofu_split['forget']}", f"data.retain={tofu_split['retain']}"]
+    with pytest.raises(ConfigError, match=r"model.path: .*forget.jsonl is a file; give the model folder"):
+        load_config(None, [f"model.path={tofu_split['forget']}", *data])
+    with pytest.raises(ConfigError, match=r"model.path: .* is not a Hugging Face model folder \(no config.json"):
+        load_config(None, [f"model.path={tmp_path}", *data])
+    load_config(None, ["model.path=meta-llama/Llama-2-7b-hf", *data])  # a well-formed hub name passes
+
+
+def test_a_hub_name_that_fails_to_load_names_the_key_and_what_was_tried():
+    from ngdiff.model_source import ModelSourceError, guarded
+
+    def unreachable():
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nmore detail")
+
+    build = guarded(unreachable, "model.reference_path", "org/model")
+    with pytest.raises(ModelSourceError) as caught:
+        build()
+    assert str(caught.value) == (
+        "model.reference_path: cannot load a model from 'org/model': 'org/model' is not a local directory, so it "
+        "was tried as a Hugging Face hub repo id, which failed: We couldn't connect to 'https://huggingface.co' "
+        "to load the files."
+    )

@@ -1,0 +1,123 @@
+"""`ngdiff plan`: will this run fit? Memory per rank from the model's config.json alone (no weights, no data).
+
+ngdiff plan CONFIG [key=value ...] --world-size 8 [--gpu-memory 80GiB] [--json] [--model-config llama2-7b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+from launcher.cli import split_config_and_overrides, subcommand
+from launcher.config import ConfigError, load_config
+
+UNITS = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+         "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '80g', '81920MiB'; a bare number is GiB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"--gpu-memory {text!r}: give a positive size such as 80GiB, 80GB or 81920MiB")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("items", nargs="*", metavar="[CONFIG] KEY=VALUE", help="YAML file, then dotted overrides")
+    parser.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs) the run would use")
+    parser.add_argument("--gpu-memory", default="80GiB", help="memory of one accelerator (default 80GiB)")
+    parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    parser.add_argument(
+        "--model-config",
+        default="",
+        help="a config.json file or a preset (llama2-7b, llama2-13b, llama2-70b) instead of model.path's config",
+    )
+
+
+@subcommand("plan", "predict memory per rank of a run from the model's config.json (no weights, no data)",
+            add_plan_arguments)  # fmt: skip
+def run_plan(args: argparse.Namespace) -> int:
+    from ngdiff.memory_plan import plan, settings_from_config
+
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be at least 1, got {args.world_size}")
+    capacity = parse_bytes(args.gpu_memory)
+    config_path, overrides = split_config_and_overrides(args.items)
+    cfg = load_config(config_path, overrides, check_sources=False)
+    if cfg.parallel.backend == "single" and args.world_size > 1:
+        raise ConfigError(
+            f"parallel.backend=single runs one process; --world-size {args.world_size} needs ddp, fsdp or zero3"
+        )
+    shape, source = read_shape(cfg, args.model_config)
+    result = plan(shape, settings_from_config(cfg, args.world_size), capacity)
+    if args.json:
+        print(json.dumps({"model": source, **result.as_dict()}, indent=1))
+    else:
+        print(render(result, source))
+    return 0
+
+
+def read_shape(cfg, model_config: str):
+    """The model's shape from `--model-config` or from model.path's config.json (local folder or hub)."""
+    from ngdiff.memory_plan import LLAMA2_CONFIGS, llama_config, model_shape
+    from ngdiff.model_source import ModelSourceError, check_model_source, loading_from
+
+    if model_config in LLAMA2_CONFIGS:
+        return model_shape(llama_config(model_config)), model_config
+    from transformers import AutoConfig
+
+    if model_config:
+        try:
+            return model_shape(AutoConfig.from_pretrained(model_config)), model_config
+        except (OSError, ValueError) as err:
+            presets = ", ".join(LLAMA2_CONFIGS)
+            raise ConfigError(
+                f"--model-config {model_config}: not a readable config.json or a preset ({presets}): {err}"
+            ) from None
+    if not cfg.model.path:
+        raise ConfigError("model.path is required (or pass --model-config FILE or a preset)")
+    try:
+        check_model_source("model.path", cfg.model.path)
+    except ModelSourceError as err:
+        raise ConfigError(str(err)) from None
+    with loading_from("model.path", cfg.model.path):
+        hf_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    return model_shape(hf_config), cfg.model.path
+
+
+def render(result, source: str) -> str:
+    from ngdiff.memory_plan import format_bytes, micro_tokens
+
+    s = result.settings
+    lines = [
+        f"{source}: {result.shape.params / 1e9:.3f}B parameters; {s.backend} on {s.world_size} rank(s), {s.precision}, "
+        f"{micro_tokens(s)} tokens per micro-batch (max_length {s.max_length}), "
+        f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}",
+        "",
+        f"{'per rank':<18}{'bytes':>14}",
+    ]
+    for name, value in result.per_rank_bytes.items():
+        lines.append(f"{name:<18}{format_bytes(value):>14}")
+    lines.append(f"{'total':<18}{format_bytes(result.total_bytes):>14}   of {format_bytes(result.capacity_bytes)}")
+    if result.host_bytes:
+        held = ", ".join(f"{k} {format_bytes(v)}" for k, v in result.host_bytes.items())
+        lines.append(f"in host memory: {held}")
+    lines.append("")
+    if result.fits:
+        lines.append("fits")
+    elif result.suggestion is None:
+        lines.append("does NOT fit, and no change tried here (up to 4096 ranks with CPU offload) makes it fit")
+    else:
+        change = result.suggestion
+        how = " ".join(
+            f"--world-size {v}" if k == "world_size" else f"{k}={json.dumps(v)}" for k, v in change["overrides"].items()
+        )
+        lines.append(
+            f"does NOT fit; cheapest change that fits: {change['change']} ({how}) -> "
+            f"{format_bytes(change['total_bytes'])} per rank"
+        )
+        if change.get("also_fits"):
+            lines.append(f"each of these alone would fit too (dearer): {', '.join(change['also_fits'])}")
+    return "\n".join(lines)
