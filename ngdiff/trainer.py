@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ngdiff.autolr import AutoLR, AutoLRRecord
 from ngdiff.checkpoint import checkpoint_root, latest_complete, load_checkpoint, save_checkpoint
 from ngdiff.combiners import CombinerOptions, TaskStats, Weights, get_combiner
 from ngdiff.data.loader import MicroBatch, TaskStream
-from ngdiff.metrics_log import MetricsSink
+from ngdiff.metrics_log import MetricsSink, peak_memory_mb
 from ngdiff.objectives import Objective
 
 log = logging.getLogger("ngdiff.trainer")
@@ -34,6 +35,9 @@ class StepResult:
     lr: float
     autolr: AutoLRRecord | None
     stop_requested: bool
+    input_tokens: float = 0.0  # both tasks' non-padding input tokens of the step, all ranks
+    seconds: float = 0.0  # the step's wall time (set by the fit loop)
+    peak_memory_mb: float = 0.0  # see ngdiff.metrics_log.peak_memory_mb
 
     def metrics(self) -> dict[str, float]:
         s, w = self.stats, self.weights
@@ -47,6 +51,10 @@ class StepResult:
             "w_forget": w.forget,
             "lr": self.lr,
         }
+        if self.seconds > 0:
+            out["step_seconds"] = self.seconds
+            out["tokens_per_second"] = self.input_tokens / self.seconds
+            out["peak_memory_mb"] = self.peak_memory_mb
         if self.autolr is not None:
             out.update(self.autolr.as_metrics())
         return out
@@ -62,6 +70,12 @@ def gram_partial_sums(retain: Sequence[torch.Tensor], forget: Sequence[torch.Ten
         cc += torch.dot(r, f).double()
         bb += torch.dot(f, f).double()
     return [aa, cc, bb]
+
+
+def input_tokens(micro_batches: Sequence[MicroBatch]) -> int:
+    """Non-padding input tokens of this rank's micro-batches (host copies: no device sync); the
+    throughput's unit whatever the objective normalises by (tokens or sequences)."""
+    return sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
 
 
 def clip_weights(weights: Weights, stats: TaskStats, max_norm: float) -> Weights:
@@ -115,20 +129,22 @@ class Trainer:
         backend = self.backend
         device = backend.ctx.device
         backend.zero_grad()
-        retain_sum, retain_count = self.accumulate(self.retain_objective, self.retain_stream.next())
+        retain_batches, forget_batches = self.retain_stream.next(), self.forget_stream.next()
+        retain_sum, retain_count = self.accumulate(self.retain_objective, retain_batches)
         retain_grads = [g.detach().clone() for g in backend.local_grads()]  # one gradient shard aside
         backend.zero_grad()
-        forget_sum, forget_count = self.accumulate(self.forget_objective, self.forget_stream.next())
+        forget_sum, forget_count = self.accumulate(self.forget_objective, forget_batches)
         forget_grads = backend.local_grads()  # live: the combination is written here, in place
 
         partial = gram_partial_sums(
             backend.inner_product_views(retain_grads), backend.inner_product_views(forget_grads)
         )
+        tokens = input_tokens(forget_batches) + (input_tokens(retain_batches) if self.retain_objective else 0)
         counts = torch.tensor(
-            [retain_count, forget_count, float(self.stop_requested)], dtype=torch.float64, device=device
+            [retain_count, forget_count, float(self.stop_requested), tokens], dtype=torch.float64, device=device
         )
         totals = backend.all_reduce_sum(torch.cat([torch.stack([*partial, retain_sum, forget_sum]), counts]))
-        aa, cc, bb, sum_r, sum_f, n_r, n_f, stop = totals.tolist()
+        aa, cc, bb, sum_r, sum_f, n_r, n_f, stop, tokens = totals.tolist()
         n_r, n_f = max(n_r, 1.0), max(n_f, 1.0)
         stats = TaskStats(
             a=aa / n_r**2,
@@ -149,7 +165,7 @@ class Trainer:
             record = self.autolr_step(weights)
         else:
             backend.step(self.lr)
-        return StepResult(stats, weights, self.lr, record, stop > 0)
+        return StepResult(stats, weights, self.lr, record, stop > 0, input_tokens=tokens)
 
     def accumulate(self, objective: Objective | None, micro_batches: list[MicroBatch]) -> tuple[torch.Tensor, int]:
         """Backward of the objective's sum over this rank's micro-batches; returns (sum, units)."""
@@ -221,7 +237,12 @@ class Trainer:
         results = []
         save_every, eval_every = self.cfg.train.save_every, self.cfg.eval.every
         while self.step_index < self.max_steps:
+            started = time.perf_counter()
+            # the step syncs once (its all-reduce); kernels it queues after that are waited for by the next
+            # step's sync, so in steady state each step's wall time is its own
             result = self.unlearning_step()
+            result.seconds = time.perf_counter() - started
+            result.peak_memory_mb = peak_memory_mb(ctx.device)
             self.step_index += 1
             results.append(result)
             metrics = result.metrics()
