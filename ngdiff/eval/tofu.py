@@ -221,7 +221,7 @@ def aggregate(
     parts = [f"{s.name}_{m}" for s in UTILITY_SETS for m in ("rougeL_recall", "prob", "truth_ratio")]
     if all(p in out for p in parts):
         out["model_utility"] = model_utility([out[p] for p in parts])
-    if reference_ratios is not None and items.get("forget"):
+    if reference_ratios is not None and "forget_truth_ratio" in out:  # else `missing_metrics` says why
         pvalue, statistic = forget_quality([r["truth_ratio"] for r in items["forget"]], reference_ratios)
         out["forget_quality"] = pvalue
         out["forget_ks_statistic"] = statistic
