@@ -115,6 +115,8 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
             read_custom_rows(tofu_set, path, 1)
         for tofu_set in [] if custom else tofu_sets(args.split):
             load_rows(tofu_set, args.data_dir, 1)
+        if not custom and (hint := own_splits_hint(model_dir, args.split)):
+            log.warning(hint)
         if args.reference:
             reference_ratios = load_forget_truth_ratios(args.reference)
     else:
@@ -176,6 +178,25 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
         return 0
     finally:
         shutdown_distributed()
+
+
+def own_splits_hint(model_dir: Path, split: str) -> str | None:
+    """When `model_dir` is an ngdiff run's `final/` trained on local files, TOFU's `split` is most likely not
+    what it unlearned: say so, and give the command that scores what it did."""
+    import yaml
+
+    saved = model_dir.parent / "config.yaml"
+    if model_dir.name != "final" or not saved.is_file():
+        return None
+    data = (yaml.safe_load(saved.read_text()) or {}).get("data", {})
+    forget, retain = data.get("forget", ""), data.get("retain", "")
+    if not (forget and Path(forget).is_file()):
+        return None
+    own = f"--forget {forget}" + (f" --retain {retain}" if retain and Path(retain).is_file() else "")
+    return (
+        f"{model_dir} was unlearned on {forget}; --split {split} scores TOFU's {split} authors instead. "
+        f"To score what it unlearned: ngdiff eval --model {model_dir} {own}"
+    )
 
 
 def split_description(args: argparse.Namespace, custom) -> str:

@@ -103,3 +103,20 @@ def test_plot_draws_every_panel_of_a_run(tmp_path, capsys):
 def test_plot_of_a_folder_without_metrics_is_one_clear_line(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_eval_of_a_run_on_tofu_names_the_run_s_own_splits(tmp_path):
+    from launcher.eval_cli import own_splits_hint
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    forget, retain = tmp_path / "f.jsonl", tmp_path / "r.jsonl"
+    forget.write_text("{}\n")
+    retain.write_text("{}\n")
+    (run / "config.yaml").write_text(f"data:\n  forget: {forget}\n  retain: {retain}\n")
+    hint = own_splits_hint(run / "final", "forget01")
+    assert hint.endswith(f"ngdiff eval --model {run / 'final'} --forget {forget} --retain {retain}")
+    assert "scores TOFU's forget01 authors instead" in hint
+    (run / "config.yaml").write_text("data:\n  forget: locuslab/TOFU:forget10\n")
+    assert own_splits_hint(run / "final", "forget10") is None  # trained on a hub split: nothing to suggest
+    assert own_splits_hint(run, "forget01") is None  # not a run's final/
