@@ -139,7 +139,8 @@ class Trainer:
         partial = gram_partial_sums(
             backend.inner_product_views(retain_grads), backend.inner_product_views(forget_grads)
         )
-        tokens = input_tokens(forget_batches) + (input_tokens(retain_batches) if self.retain_objective else 0)
+        tokens = input_tokens(forget_batches)
+        tokens += input_tokens(retain_batches) if self.retain_objective is not None else 0
         counts = torch.tensor(
             [retain_count, forget_count, float(self.stop_requested), tokens], dtype=torch.float64, device=device
         )

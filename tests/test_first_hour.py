@@ -54,6 +54,10 @@ def test_training_leaves_deepspeed_unimported_and_libraries_quiet(
     assert "Setting accelerator" not in proc.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert "final model written to" in proc.stderr  # ngdiff's own phase messages stay
+    own = f"--forget {tofu_split['forget']} --retain {tofu_split['retain']}"
+    assert (
+        f"next: ngdiff eval --model {tmp_path / 'run' / 'final'} {own}; ngdiff plot {tmp_path / 'run'}" in proc.stderr
+    )
     library_bars = ("Loading weights" in proc.stderr, "Writing model shards" in proc.stderr)
     assert library_bars == ((True, True) if verbose else (False, False))
 
