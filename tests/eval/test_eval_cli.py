@@ -102,7 +102,10 @@ def test_own_forget_split_with_reference_gives_forget_quality(one_process, tiny_
         (["eval", "--benchmark", "tofu", "--model", "/nonexistent"], "not a model folder"),
         (["eval", "--model", "x"], "--benchmark"),
         (["eval", "--benchmark", "tofu", "--model", "{model}", "--split", "forget77"], "unknown TOFU split"),
-        (["eval", "--benchmark", "tofu", "--model", "{model}", "--split", "forget10"], "not found"),
+        (
+            ["eval", "--benchmark", "tofu", "--model", "{model}", "--split", "forget10", "--data-dir", "{model}"],
+            "not found",
+        ),
         (["eval", "forget-quality", "--unlearned", "/nonexistent"], "needs --unlearned A and --reference B"),
         (["eval", "--benchmark", "muse", "--model", "{model}", "--reference", "/nonexistent"], "neither a number"),
         (
