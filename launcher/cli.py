@@ -11,6 +11,7 @@ from launcher.config import ConfigError, load_config
 from ngdiff.errors import UserError
 
 log = logging.getLogger("ngdiff")
+VERBOSE_HELP = "library INFO lines and transformers' loading/saving bars"
 
 # name -> (add arguments, run) ; other modules (eval, slurm) register here
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -34,7 +35,7 @@ def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("items", nargs="*", metavar="[CONFIG] KEY=VALUE", help="YAML file, then dotted overrides")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
-    parser.add_argument("--verbose", action="store_true", help="INFO logs from every rank")
+    parser.add_argument("--verbose", action="store_true", help=f"{VERBOSE_HELP}, from every rank (logging.verbose)")
 
 
 @subcommand("train", "unlearn with a YAML config and/or dotted overrides", add_train_arguments)
@@ -43,13 +44,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     config_path, overrides = split_config_and_overrides(args.items)
     cfg = load_config(config_path, overrides)
-    return train_from_config(cfg, overwrite=args.overwrite, verbose=args.verbose)
+    return train_from_config(cfg, overwrite=args.overwrite, verbose=args.verbose or cfg.logging.verbose)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="outputs/demo", help="where the demo writes everything")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --output-dir")
     parser.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; targets not expected)")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
 @subcommand(
@@ -58,7 +60,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from ngdiff.demo import run_demo as demo
 
-    report = demo(args.output_dir, overwrite=args.overwrite, quick=args.quick)
+    report = demo(args.output_dir, overwrite=args.overwrite, quick=args.quick, verbose=args.verbose)
     return 0 if report is not None else 1
 
 
@@ -66,7 +68,7 @@ def _register_optional() -> None:
     """Import the modules that add subcommands (kept optional so a broken extra never hides train)."""
     import importlib
 
-    for module in ("launcher.eval_cli", "launcher.plan_cli", "launcher.slurm"):
+    for module in ("launcher.eval_cli", "launcher.plan_cli", "launcher.plot_cli", "launcher.slurm"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -132,6 +132,7 @@ class LoggingConfig:
     group: str = ""
     tags: tuple[str, ...] = ()
     progress: bool = True
+    verbose: bool = False  # library INFO lines and transformers' load/save bars (same as --verbose)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from launcher.cli import subcommand
+from launcher.cli import VERBOSE_HELP, subcommand
 from ngdiff.errors import UserError
 
 log = logging.getLogger("ngdiff.eval")
@@ -31,6 +31,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "MUSE: a retrained model's AUC or evaluation output (PrivLeak)",
     )
     parser.add_argument("--split", default="forget01", help="TOFU forget split: forget01, forget05 or forget10")
+    parser.add_argument(
+        "--forget",
+        help="your forget split (question/answer JSON or JSONL, e.g. a demo's data/forget.jsonl) instead of --split; "
+        "paraphrased/perturbed answers are read from FILE_perturbed.jsonl beside it when present",
+    )
+    parser.add_argument("--retain", help="your retain split, like --forget")
     parser.add_argument("--output", help="folder for items.json, aggregate.json, summary.md (default: MODEL/eval_*)")
     parser.add_argument("--data-dir", help="folder with the benchmark files (default: the bundled copies)")
     parser.add_argument(
@@ -47,14 +53,23 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="", help="shard the model with a parallel backend (fsdp, zero3)")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--unlearned", help="forget-quality: the unlearned model's evaluation output")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
 @subcommand("eval", "TOFU / MUSE-News metrics of a model, or forget quality from two outputs", add_eval_arguments)
 def run_eval(args: argparse.Namespace) -> int:
     if args.action == "forget-quality":
         return forget_quality_command(args)
+    custom = bool(args.forget or args.retain)
+    if custom and args.benchmark == "muse":
+        raise UserError("--forget / --retain are question/answer splits scored the TOFU way; drop --benchmark muse")
+    if custom:
+        args.benchmark = "tofu"
     if not args.benchmark:
-        raise UserError("ngdiff eval needs --benchmark tofu or --benchmark muse")
+        raise UserError(
+            "ngdiff eval needs --benchmark tofu, --benchmark muse, or your own splits: "
+            "ngdiff eval --model DIR --forget FORGET.jsonl --retain RETAIN.jsonl"
+        )
     if not args.model:
         raise UserError("ngdiff eval needs --model DIR")
     model_dir = Path(args.model)
@@ -104,12 +119,18 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
 
     # cheap checks first: split, data files, reference
     reference_ratios, reference_auc = None, None
+    custom = []
     if args.benchmark == "tofu":
-        from ngdiff.eval.tofu import load_rows, tofu_sets
+        from ngdiff.eval.tofu import custom_sets, load_rows, read_custom_rows, tofu_sets
         from ngdiff.eval.tofu_metrics import load_forget_truth_ratios
 
-        for tofu_set in tofu_sets(args.split):
+        custom = custom_sets(args.forget, args.retain)
+        for tofu_set, path in custom:
+            read_custom_rows(tofu_set, path, 1)
+        for tofu_set in [] if custom else tofu_sets(args.split):
             load_rows(tofu_set, args.data_dir, 1)
+        if not custom and (hint := own_splits_hint(model_dir, args.split)):
+            log.warning(hint)
         if args.reference:
             reference_ratios = load_forget_truth_ratios(args.reference)
     else:
@@ -118,8 +139,12 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
         reference_auc = load_reference_auc(args.reference)
 
     ctx = init_distributed()
-    setup_logging(ctx.rank, False)
+    setup_logging(ctx.rank, args.verbose)
+    output = Path(args.output) if args.output else model_dir / f"eval_{args.benchmark}"
     try:
+        if ctx.is_main:
+            what = ", ".join(f"{s.name} from {p}" for s, p in custom) if custom else f"the {args.split} split"
+            log.info("evaluating %s on %s", model_dir, what if args.benchmark == "tofu" else "MUSE-News")
         model = load_model(args, model_dir, ctx)
         from ngdiff.modeling import load_tokenizer
 
@@ -136,6 +161,8 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
                 args.split,
                 max_new_tokens=args.max_new_tokens,
                 reference_ratios=reference_ratios,
+                custom=custom,
+                progress=ctx.is_main,
                 prompt_template=args.prompt_template,
                 **common,
             )
@@ -147,22 +174,51 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
         if ctx.is_main:
             meta = {
                 "model": str(model_dir),
-                "split": args.split if args.benchmark == "tofu" else "news",
-                "reference": args.reference or "",
+                "split": split_description(args, custom),
+                "reference": args.reference or "none",
                 "max_items": args.max_items,
                 "max_new_tokens": args.max_new_tokens if args.benchmark == "tofu" else "128 / 32",
                 "prompt_template": args.prompt_template,
                 "ranks": ctx.world_size,
                 "seconds": round(seconds, 2),
             }
-            output = Path(args.output) if args.output else model_dir / f"eval_{args.benchmark}"
+            if args.benchmark == "tofu":
+                from ngdiff.eval.tofu import missing_metrics
+
+                meta["not computed"] = missing_metrics(items, metrics)
             write_outputs(output, args.benchmark, items, metrics, meta)
             print((output / "summary.md").read_text())
+            print(f"per-item records, aggregate metrics and this summary: {output}/{{items,aggregate,summary}}")
         if ctx.distributed:
             torch.distributed.barrier()
         return 0
     finally:
         shutdown_distributed()
+
+
+def own_splits_hint(model_dir: Path, split: str) -> str | None:
+    """When `model_dir` is an ngdiff run's `final/` trained on local files, TOFU's `split` is most likely not
+    what it unlearned: say so, and give the command that scores what it did."""
+    import yaml
+
+    saved = model_dir.parent / "config.yaml"
+    if model_dir.name != "final" or not saved.is_file():
+        return None
+    data = (yaml.safe_load(saved.read_text()) or {}).get("data", {})
+    forget, retain = data.get("forget", ""), data.get("retain", "")
+    if not (forget and Path(forget).is_file()):
+        return None
+    own = f"--forget {forget}" + (f" --retain {retain}" if retain and Path(retain).is_file() else "")
+    return (
+        f"{model_dir} was unlearned on {forget}; --split {split} scores TOFU's {split} authors instead. "
+        f"To score what it unlearned: ngdiff eval --model {model_dir} {own}"
+    )
+
+
+def split_description(args: argparse.Namespace, custom) -> str:
+    if custom:
+        return ", ".join(f"{tofu_set.name}: {path}" for tofu_set, path in custom)
+    return args.split if args.benchmark == "tofu" else "news"
 
 
 def load_model(args: argparse.Namespace, model_dir: Path, ctx):

@@ -11,7 +11,13 @@ from launcher.config import ConfigError, ExperimentConfig, dump_config
 
 CONFIG_NAME = "config.yaml"
 # keys that may change between a run and its resumption without making it a different run
-RESUME_FREE = {("train", "resume"), ("logging", "wandb"), ("logging", "progress"), ("logging", "run_name")}
+RESUME_FREE = {
+    ("train", "resume"),
+    ("logging", "wandb"),
+    ("logging", "progress"),
+    ("logging", "run_name"),
+    ("logging", "verbose"),
+}
 
 
 def _comparable(raw: dict) -> dict:
@@ -23,8 +29,12 @@ def _comparable(raw: dict) -> dict:
     }
 
 
-def check_output_dir(cfg: ExperimentConfig, overwrite: bool) -> None:
-    """Raise unless `output_dir` is new, empty, ours to overwrite, or the same run being resumed."""
+RESUME_HINT = "pass train.resume=auto to continue it or --overwrite to start again"
+
+
+def check_output_dir(cfg: ExperimentConfig, overwrite: bool, again: str = RESUME_HINT) -> None:
+    """Raise unless `output_dir` is new, empty, ours to overwrite, or the same run being resumed;
+    `again` tells the refused command how to continue or redo the run (train's way by default)."""
     out = Path(cfg.output_dir)
     if not out.exists():
         return
@@ -47,9 +57,7 @@ def check_output_dir(cfg: ExperimentConfig, overwrite: bool) -> None:
             "choose another folder or pass --overwrite"
         )
     if cfg.train.resume != "auto":
-        raise ConfigError(
-            f"output_dir {out} already holds this run; pass train.resume=auto to continue it or --overwrite"
-        )
+        raise ConfigError(f"output_dir {out} already holds this run; {again}")
 
 
 def write_output_dir(cfg: ExperimentConfig, overwrite: bool) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -41,6 +42,8 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: b
             cfg, ctx, sinks=sinks, evaluate_factory=evaluation_factory(cfg), on_trainer=install_stop_handlers
         )
         stopped = bool(outcome.results) and outcome.results[-1].stop_requested and not outcome.trainer.finished
+        if ctx.is_main and outcome.final_dir is not None:
+            log.info("next: %s", next_commands(cfg, outcome.final_dir))
         return after_stop(cfg, ctx) if stopped else 0
     except RuntimeError as err:
         if not (ctx.distributed and is_peer_failure(err)):
@@ -55,6 +58,13 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: b
         return 3
     finally:
         shutdown_distributed()
+
+
+def next_commands(cfg: ExperimentConfig, final_dir) -> str:
+    """What a user runs after training: evaluate the model on what it unlearned, draw the run."""
+    local = all(Path(f).is_file() for f in (cfg.data.forget, cfg.data.retain)) and cfg.data.format == "tofu"
+    own = f" --forget {cfg.data.forget} --retain {cfg.data.retain}" if local else " --benchmark tofu|muse"
+    return f"ngdiff eval --model {final_dir}{own}; ngdiff plot {cfg.output_dir}"
 
 
 def is_peer_failure(err: BaseException) -> bool:

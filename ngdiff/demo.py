@@ -4,6 +4,9 @@
 2. fine-tuned on those 400 question/answer pairs until it recites them;
 3. NGDiff + AutoLR unlearns the last two authors (40 pairs) while retaining the other 18;
 4. greedy answers are scored (ROUGE-L recall) before and after; `report.json` holds both.
+
+The splits are written to `data/` (with TOFU's paraphrased and perturbed answers of the same questions
+in `*_perturbed.jsonl`), so `ngdiff eval --forget/--retain` scores the model on what it unlearned.
 """
 
 from __future__ import annotations
@@ -58,9 +61,17 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def with_companions(rows: list[dict]) -> list[dict]:
+    """The rows that TOFU's `retain_perturbed.jsonl` also holds (it covers the first 20 authors), with
+    its paraphrased and perturbed answers: what truth ratio needs."""
+    companions = {r["question"]: r for r in load_records(str(TOFU_DIR / "retain_perturbed.jsonl"), (), "TOFU")}
+    keys = ("paraphrased_answer", "perturbed_answer")
+    return [{**r, **{k: companions[r["question"]][k] for k in keys}} for r in rows if r["question"] in companions]
+
+
 @torch.no_grad()
 def evaluate(
-    model_dir: Path, forget: list[dict], retain_eval: list[dict], max_new_tokens: int = 64
+    model_dir: Path, forget: list[dict], retain_eval: list[dict], max_new_tokens: int = 64, when: str = ""
 ) -> dict[str, float]:
     """TOFU-style scores of the model in `model_dir`: ROUGE-L recall of greedy answers and the mean
     length-normalised answer loss, on the forget pairs and on a slice of the retained ones."""
@@ -68,8 +79,8 @@ def evaluate(
 
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    f = qa_metrics(model, tokenizer, forget, max_new_tokens=max_new_tokens)
-    r = qa_metrics(model, tokenizer, retain_eval, max_new_tokens=max_new_tokens)
+    f = qa_metrics(model, tokenizer, forget, max_new_tokens=max_new_tokens, progress=f"forget pairs, {when}")
+    r = qa_metrics(model, tokenizer, retain_eval, max_new_tokens=max_new_tokens, progress=f"retain pairs, {when}")
     return {
         "forget_rougeL_recall": f["rougeL_recall"],
         "retain_rougeL_recall": r["rougeL_recall"],
@@ -86,8 +97,10 @@ def format_table(before: dict[str, float], after: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, quick: bool = False) -> dict[str, Any]:
-    setup_logging(0)
+def run_demo(
+    output_dir: str | Path = "outputs/demo", overwrite: bool = False, quick: bool = False, verbose: bool = False
+) -> dict[str, Any]:
+    setup_logging(0, verbose)
     started = time.time()
     out = Path(output_dir)
     # validate the unlearning config before any heavy work; the model path exists only later
@@ -104,7 +117,8 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     cfg = load_config(None, overrides)  # data paths point at bundled files until the splits are written
     data_dir = out / "data"
     cfg.data.forget, cfg.data.retain = str(data_dir / "forget.jsonl"), str(data_dir / "retain.jsonl")
-    check_output_dir(cfg, overwrite)
+    again = f"run `ngdiff demo --output-dir {out} --overwrite` to redo it, or choose another --output-dir"
+    check_output_dir(cfg, overwrite, again=again)
     write_output_dir(cfg, overwrite)
 
     rows = load_records(str(TOFU_DIR / "full.jsonl"), ("question", "answer"), "bundled TOFU")[
@@ -117,6 +131,8 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     write_rows(Path(cfg.data.forget), forget)
     write_rows(Path(cfg.data.retain), retain)
     write_rows(data_dir / "all.jsonl", rows)
+    write_rows(data_dir / "forget_perturbed.jsonl", with_companions(forget))
+    write_rows(data_dir / "retain_perturbed.jsonl", with_companions(retain))
 
     log.info("building a tiny Llama and training its tokenizer on %d TOFU pairs", len(rows))
     spec = QUICK_SPEC if quick else TinyLlamaSpec()
@@ -129,11 +145,21 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     examples = encode_task(cfg.data, tokenizer, str(data_dir / "all.jsonl"), "demo data")
     log.info("fine-tuning on all %d pairs (%d epochs) so that the model recites them", len(rows), ft_cfg.epochs)
     finetune(base, tokenizer, examples, out / "finetuned", ft_cfg)
+    sizes = (len(forget), len(retain_eval))
 
-    before = evaluate(out / "finetuned", forget, retain_eval, new_tokens)
+    log.info("scoring the fine-tuned model: greedy answers to %d forget and %d retain questions", *sizes)
+    before = evaluate(out / "finetuned", forget, retain_eval, new_tokens, "before")
     log.info("before unlearning: %s", json.dumps(before))
+    log.info(
+        "unlearning %d pairs of %d authors with NGDiff + AutoLR (at most %d steps%s)",
+        FORGET_AUTHORS * QUESTIONS_PER_AUTHOR,
+        FORGET_AUTHORS,
+        cfg.train.max_steps,
+        f", stops when the forget loss reaches {cfg.train.stop_forget_loss}" if cfg.train.stop_forget_loss else "",
+    )
     outcome = run_training(cfg, DistContext())
-    after = evaluate(out / "final", forget, retain_eval, new_tokens)
+    log.info("scoring the unlearned model on the same questions")
+    after = evaluate(out / "final", forget, retain_eval, new_tokens, "after")
 
     report = {
         "before": before,
@@ -150,8 +176,20 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print("\nNGDiff + AutoLR unlearning of 2 TOFU authors from a tiny Llama (CPU)\n")
     print(format_table(before, after))
-    print(
-        f"\nsteps {report['steps']}, final lr {report['final_lr']:.2e}, {report['seconds']} s; "
-        f"report: {out / 'report.json'}"
-    )
+    print(f"\nsteps {report['steps']}, final lr {report['final_lr']:.2e}, {report['seconds']} s")
+    print(next_steps(out))
     return report
+
+
+def next_steps(out: Path) -> str:
+    """The demo's last lines: where things are and the commands that come next."""
+    data = out / "data"
+    return "\n".join(
+        [
+            f"report:      {out / 'report.json'}",
+            f"final model: {out / 'final'}  (a Hugging Face model folder)",
+            "next, evaluate it on the demo's own splits (truth ratio included) and plot the run:",
+            f"  ngdiff eval --model {out / 'final'} --forget {data / 'forget.jsonl'} --retain {data / 'retain.jsonl'}",
+            f"  ngdiff plot {out}",
+        ]
+    )

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import sys
 from pathlib import Path
 from typing import Any, Protocol
+
+import torch
 
 
 class MetricsSink(Protocol):
@@ -39,3 +43,13 @@ class JsonlSink:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """This process's peak memory so far, in MiB: CUDA's max allocated on a GPU (the allocator's own
+    counter: no device sync), else the process's peak resident set size (`ru_maxrss`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux

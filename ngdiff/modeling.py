@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from parallel.base import defer_deepspeed_import
+
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
@@ -112,6 +114,7 @@ def build_tiny_model(
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     output_dir.mkdir(parents=True, exist_ok=True)
+    defer_deepspeed_import()
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
     return output_dir

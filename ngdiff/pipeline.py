@@ -80,6 +80,16 @@ def run_training(
     refusals = getattr(forget_objective, "uses_refusals", False)
     forget_stream, retain_stream = build_streams(cfg, tokenizer, ctx, refusals)
     max_steps = total_steps(cfg, forget_stream)
+    if ctx.is_main:
+        log.info(
+            "data: %d forget and %d retain examples; loading %s on the %s backend (%d rank%s)",
+            len(forget_stream.examples),
+            len(retain_stream.examples),
+            cfg.model.path,
+            cfg.parallel.backend,
+            ctx.world_size,
+            "s" if ctx.world_size > 1 else "",
+        )
 
     backend = build_backend(cfg.parallel.backend, ctx, cfg.parallel, cfg.optim, cfg.train.precision)
     backend.set_batch_layout(forget_stream.micro, forget_stream.accumulation_steps)
@@ -112,6 +122,13 @@ def run_training(
     )
     if on_trainer is not None:
         on_trainer(trainer)
+    if ctx.is_main:
+        log.info(
+            "unlearning: %d steps (%s); metrics in %s",
+            max_steps,
+            cfg.method.combiner,
+            output_dir / "metrics.jsonl",
+        )
     try:
         results = trainer.fit()
         final_dir = None

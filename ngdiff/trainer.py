@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ngdiff.autolr import AutoLR, AutoLRRecord
 from ngdiff.checkpoint import checkpoint_root, latest_complete, load_checkpoint, save_checkpoint
 from ngdiff.combiners import CombinerOptions, TaskStats, Weights, get_combiner
 from ngdiff.data.loader import MicroBatch, TaskStream
-from ngdiff.metrics_log import MetricsSink
+from ngdiff.metrics_log import MetricsSink, peak_memory_mb
 from ngdiff.objectives import Objective
 from ngdiff.schedule import lr_factor, warmup_steps_of
 from parallel.stash import GradientStash
@@ -36,6 +37,9 @@ class StepResult:
     lr: float
     autolr: AutoLRRecord | None
     stop_requested: bool
+    input_tokens: float = 0.0  # both tasks' non-padding input tokens of the step, all ranks
+    seconds: float = 0.0  # the step's wall time (set by the fit loop)
+    peak_memory_mb: float = 0.0  # see ngdiff.metrics_log.peak_memory_mb
 
     def metrics(self) -> dict[str, float]:
         s, w = self.stats, self.weights
@@ -49,6 +53,10 @@ class StepResult:
             "w_forget": w.forget,
             "lr": self.lr,
         }
+        if self.seconds > 0:
+            out["step_seconds"] = self.seconds
+            out["tokens_per_second"] = self.input_tokens / self.seconds
+            out["peak_memory_mb"] = self.peak_memory_mb
         if self.autolr is not None:
             out.update(self.autolr.as_metrics())
         return out
@@ -66,6 +74,12 @@ def gram_partial_sums(retain: Sequence[torch.Tensor], forget: Sequence[torch.Ten
         r, f = r.reshape(-1), f.reshape(-1)
         dots += [torch.dot(r, r), torch.dot(r, f), torch.dot(f, f)]
     return list(torch.stack(dots).view(-1, 3).double().sum(0))
+
+
+def input_tokens(micro_batches: Sequence[MicroBatch]) -> int:
+    """Non-padding input tokens of this rank's micro-batches (host copies: no device sync); the
+    throughput's unit whatever the objective normalises by (tokens or sequences)."""
+    return sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
 
 
 def clip_weights(weights: Weights, stats: TaskStats, max_norm: float) -> Weights:
@@ -132,11 +146,13 @@ class Trainer:
         partial = gram_partial_sums(
             backend.inner_product_views(retain_grads), backend.inner_product_views(forget_grads)
         )
+        tokens = input_tokens(forget_batches)
+        tokens += input_tokens(retain_batches) if self.retain_objective is not None else 0
         counts = torch.tensor(
-            [retain_count, forget_count, float(self.stop_requested)], dtype=torch.float64, device=device
+            [retain_count, forget_count, float(self.stop_requested), tokens], dtype=torch.float64, device=device
         )
         totals = backend.all_reduce_sum(torch.cat([torch.stack([*partial, retain_sum, forget_sum]), counts]))
-        aa, cc, bb, sum_r, sum_f, n_r, n_f, stop = totals.tolist()
+        aa, cc, bb, sum_r, sum_f, n_r, n_f, stop, tokens = totals.tolist()
         n_r, n_f = max(n_r, 1.0), max(n_f, 1.0)
         stats = TaskStats(
             a=aa / n_r**2,
@@ -159,7 +175,7 @@ class Trainer:
             record = self.autolr_step(weights, retain_batches, forget_batches, step_sums, factor)
         else:
             backend.step(self.lr * factor)
-        return StepResult(stats, weights, self.lr * factor, record, stop > 0)
+        return StepResult(stats, weights, self.lr * factor, record, stop > 0, input_tokens=tokens)
 
     def lr_factor(self) -> float:
         """optim.schedule's multiplier at this step: the step moves at lr x factor. With AutoLR on, the
@@ -252,7 +268,12 @@ class Trainer:
         results = []
         save_every, eval_every = self.cfg.train.save_every, self.cfg.eval.every
         while self.step_index < self.max_steps:
+            started = time.perf_counter()
+            # the step syncs once (its all-reduce); kernels it queues after that are waited for by the next
+            # step's sync, so in steady state each step's wall time is its own
             result = self.unlearning_step()
+            result.seconds = time.perf_counter() - started
+            result.peak_memory_mb = peak_memory_mb(ctx.device)
             self.step_index += 1
             results.append(result)
             metrics = result.metrics()

@@ -21,4 +21,21 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     assert (out / "final" / "model.safetensors").is_file()
     printed = capsys.readouterr().out
     assert "forget_rougeL_recall" in printed and "before" in printed
+    # the last lines: where the model is, and the commands that come next, for this very output folder
+    data = out / "data"
+    eval_command = (
+        f"ngdiff eval --model {out / 'final'} --forget {data / 'forget.jsonl'} --retain {data / 'retain.jsonl'}"
+    )
+    assert printed.rstrip().splitlines()[-3:] == [
+        "next, evaluate it on the demo's own splits (truth ratio included) and plot the run:",
+        f"  {eval_command}",
+        f"  ngdiff plot {out}",
+    ]
+    assert f"final model: {out / 'final'}" in printed
+    # the splits it unlearned, and their TOFU companions (paraphrased + perturbed answers, same questions)
+    forget = [json.loads(line) for line in (data / "forget.jsonl").read_text().splitlines()]
+    companions = [json.loads(line) for line in (data / "forget_perturbed.jsonl").read_text().splitlines()]
+    assert len(forget) == 40 and [r["question"] for r in companions] == [r["question"] for r in forget]
+    assert all(len(r["perturbed_answer"]) == 5 and r["paraphrased_answer"] for r in companions)
     assert main(["demo", "--quick", "--output-dir", str(out)]) == 2  # an earlier demo is not overwritten silently
+    assert f"run `ngdiff demo --output-dir {out} --overwrite` to redo it" in capsys.readouterr().err

@@ -254,3 +254,23 @@ def test_cli_refuses_an_output_dir_with_another_run(tiny_model_dir, tofu_split, 
     assert main([*base, "optim.lr=0.1"]) == 2
     assert "holds a different run" in capsys.readouterr().err
     assert main([*base, "optim.lr=0.1", "--overwrite"]) == 0
+
+
+def test_metrics_log_step_time_throughput_and_peak_memory(tiny_model_dir, tofu_split, tmp_path):
+    from ngdiff.metrics_log import peak_memory_mb
+
+    cfg = config(tiny_model_dir, tofu_split, tmp_path / "run", "train.max_steps=2", "autolr.enabled=false")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    retain = first_global_batch(cfg, tokenizer, cfg.data.retain, cfg.train.seed + 1)
+    forget = first_global_batch(cfg, tokenizer, cfg.data.forget, cfg.train.seed)
+    first_step_tokens = int(retain["attention_mask"].sum() + forget["attention_mask"].sum())
+    rss_before = peak_memory_mb("cpu")
+    run_training(cfg, DistContext())
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["step_seconds"] > 0
+        assert rss_before <= row["peak_memory_mb"] <= peak_memory_mb("cpu")
+    # both tasks' non-padding input tokens over the step's wall time
+    assert rows[0]["tokens_per_second"] * rows[0]["step_seconds"] == pytest.approx(first_step_tokens, rel=1e-9)
+    assert rows[0]["peak_memory_mb"] <= rows[1]["peak_memory_mb"]

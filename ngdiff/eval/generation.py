@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,7 @@ def generate_greedy_ids(
     max_new_tokens: int,
     batch_size: int = 16,
     synced_gpus: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (EOS and padding removed), in prompt order.
 
@@ -65,6 +66,8 @@ def generate_greedy_ids(
             if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
             results[i] = [t for t in row if t != pad_id]
+        if on_batch is not None:
+            on_batch(len(rows))
     if was_training:
         model.train()
     return results

@@ -42,7 +42,12 @@ def _pad_right(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict
 
 @torch.no_grad()
 def _token_log_likelihoods(
-    model, rows: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int, autocast: Callable | None
+    model,
+    rows: Sequence[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int,
+    autocast: Callable | None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
     """Log p of every labelled next token, one 1-d tensor per row (in label order)."""
     device = next(model.parameters()).device
@@ -55,6 +60,8 @@ def _token_log_likelihoods(
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         token_ll, mask = token_log_likelihoods(logits, batch["labels"])
         out.extend(ll[m].double().cpu() for ll, m in zip(token_ll, mask, strict=True))
+        if on_batch is not None:
+            on_batch(len(batch["input_ids"]))
     if was_training:
         model.train()
     return out
@@ -67,10 +74,11 @@ def answer_losses(
     pad_id: int,
     batch_size: int = 16,
     autocast: Callable | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[AnswerLoss]:
     """NLL of each answer given its prompt (loss on the answer tokens only, as in TOFU's `get_batch_loss`)."""
     rows = [([*p, *a], [IGNORE] * len(p) + list(a)) for p, a in zip(prompts, answers, strict=True)]
-    lls = _token_log_likelihoods(model, rows, pad_id, batch_size, autocast)
+    lls = _token_log_likelihoods(model, rows, pad_id, batch_size, autocast, on_batch)
     return [AnswerLoss(float(-ll.sum()), int(ll.numel())) for ll in lls]
 
 

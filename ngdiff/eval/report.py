@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-# display order and labels of the summary table; anything else follows alphabetically
+# display order and labels of the summary table; anything else follows alphabetically, labelled by `label`
 LABELS = {
     "forget_quality": "Forget quality (KS p-value)",
     "model_utility": "Model utility",
@@ -29,12 +29,41 @@ def _clean(value: Any) -> Any:
     return value
 
 
+SET_LABELS = {"forget": "Forget", "retain": "Retain", "real_authors": "Real authors", "world_facts": "World facts"}
+METRIC_LABELS = {
+    "answer_loss": "answer loss",
+    "rougeL_recall": "ROUGE-L recall",
+    "rouge1_recall": "ROUGE-1 recall",
+    "prob": "probability",
+    "truth_ratio": "truth ratio",
+    "ks_statistic": "KS statistic",
+}
+
+
+def label(key: str) -> str:
+    """A metric's name in the summary: one style (sentence case, words), whatever the key's form."""
+    if key in LABELS:
+        return LABELS[key]
+    for prefix, set_label in SET_LABELS.items():
+        rest = key.removeprefix(prefix + "_")
+        if rest != key and rest in METRIC_LABELS:
+            return f"{set_label} {METRIC_LABELS[rest]}"
+    words = key.replace("_", " ")
+    return words[:1].upper() + words[1:]
+
+
 def summary_markdown(benchmark: str, metrics: dict[str, float], meta: dict[str, Any]) -> str:
+    """Title, how the numbers were made, the table (label, value, key in aggregate.json), and what was
+    not computed and why (`meta["not computed"]`: metric -> reason)."""
     rows = [k for k in LABELS if k in metrics] + sorted(k for k in metrics if k not in LABELS)
+    missing = meta.get("not computed") or {}
     lines = [f"# {benchmark.upper()} evaluation", ""]
-    lines += [f"- {k}: `{v}`" for k, v in meta.items()]
-    lines += ["", "| metric | value |", "|---|---|"]
-    lines += [f"| {LABELS.get(k, k)} | {metrics[k]:.6g} |" for k in rows]
+    lines += [f"- {k}: `{v}`" for k, v in meta.items() if k != "not computed"]
+    lines += ["", "| metric | value | key |", "|---|---|---|"]
+    lines += [f"| {label(k)} | {metrics[k]:.6g} | `{k}` |" for k in rows]
+    if missing:
+        lines += ["", "Not computed:"]
+        lines += [f"- {label(k)}: {reason}" for k, reason in missing.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -61,6 +61,7 @@ UTILITY_SETS = (
     TofuSet("real_authors", "real_authors_perturbed.jsonl", "answer", True),
     TofuSet("world_facts", "world_facts_perturbed.jsonl", "answer", True),
 )
+COMPANION_KEYS = ("paraphrased_answer", "perturbed_answer")  # what truth ratio and forget quality need
 
 
 def tofu_sets(split: str) -> list[TofuSet]:
@@ -82,6 +83,34 @@ def load_rows(tofu_set: TofuSet, data_dir: str | Path | None = None, max_items: 
     return rows[:max_items] if max_items > 0 else rows
 
 
+def companion_file(path: Path) -> Path | None:
+    """TOFU's naming: `forget01.jsonl`'s paraphrased and perturbed answers are in `forget01_perturbed.jsonl`."""
+    candidate = path.with_name(f"{path.stem}_perturbed{path.suffix}")
+    return candidate if candidate.is_file() else None
+
+
+def custom_sets(forget: str | None, retain: str | None) -> list[tuple[TofuSet, Path]]:
+    """The user's own splits (question/answer JSON or JSONL), each read from its `*_perturbed` companion
+    when one sits beside it (then truth ratio, and with a reference forget quality, can be computed)."""
+    sets = []
+    for name, file in (("forget", forget), ("retain", retain)):
+        if not file:
+            continue
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise UserError(f"--{name} {file}: file not found")
+        source = companion_file(path) or path
+        sets.append((TofuSet(name, source.name, "paraphrased_answer", False), source))
+    return sets
+
+
+def read_custom_rows(tofu_set: TofuSet, path: Path, max_items: int = 0) -> list[dict[str, Any]]:
+    from ngdiff.data import load_records
+
+    rows = load_records(str(path), ("question", "answer"), f"--{tofu_set.name}")
+    return rows[:max_items] if max_items > 0 else rows
+
+
 def evaluate_rows(
     model,
     tokenizer,
@@ -94,46 +123,81 @@ def evaluate_rows(
     autocast: Callable | None = None,
     generate: bool = True,
     prompt_template: str = "",
+    progress: str = "",
 ) -> list[dict[str, Any]]:
     """Per-question TOFU records for `rows` (question, answer [, base_key, perturbed_answer]).
 
     Every rank calls this with the same rows and gets every record back (rank r computes slice r).
-    Rows without perturbed answers get ROUGE and answer loss only.
+    Rows without perturbed answers get ROUGE and answer loss only. A non-empty `progress` names a
+    progress bar (rank 0) over this rank's items.
     """
     local, indices = local_slice(list(rows), ed)
+    has_perturbed = bool(local) and all("perturbed_answer" in r for r in local)
+    stages = int(generate) + 1 + 2 * int(has_perturbed)
+    bar = ItemProgress(progress if ed.rank == 0 else "", len(local), stages)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [prompt_ids(tokenizer, r["question"], prompt_template) for r in local]
     records: list[dict[str, Any]] = [{"question": r["question"], "answer": r["answer"]} for r in local]
 
     if generate:
-        outputs = generate_greedy_ids(model, tokenizer, prompts, max_new_tokens, batch_size, ed.synced)
+        outputs = generate_greedy_ids(
+            model, tokenizer, prompts, max_new_tokens, batch_size, ed.synced, on_batch=bar.stage_batch
+        )
         for rec, out in zip(records, outputs, strict=True):
             rec["generated_text"] = tokenizer.decode(out, skip_special_tokens=True)
             scores = rouge_scores(rec["generated_text"], rec["answer"], stemmer=True)
             rec["rouge1_recall"], rec["rougeL_recall"] = scores["rouge1_recall"], scores["rougeL_recall"]
 
-    def losses(answers: list[str], questions: list[str]):
+    def losses(answers: list[str], questions: list[str], per_item: float = 1):
         pairs = [qa_ids(tokenizer, q, a, prompt_template) for q, a in zip(questions, answers, strict=True)]
-        return answer_losses(model, [p for p, _ in pairs], [t for _, t in pairs], pad_id, batch_size, autocast)
+        on_batch = bar.stage_batch if per_item == 1 else lambda n: bar.stage_batch(n / per_item)
+        prompt_list, targets = [p for p, _ in pairs], [t for _, t in pairs]
+        return answer_losses(model, prompt_list, targets, pad_id, batch_size, autocast, on_batch=on_batch)
 
     questions = [r["question"] for r in local]
     for rec, loss in zip(records, losses([r["answer"] for r in local], questions), strict=True):
         rec.update(gt_loss=loss.loss, num_token_gt=loss.tokens, avg_gt_loss=loss.mean)
 
-    has_perturbed = bool(local) and all("perturbed_answer" in r for r in local)
     if has_perturbed:
         for rec, loss in zip(records, losses([r.get(base_key, r["answer"]) for r in local], questions), strict=True):
             rec.update(paraphrased_loss=loss.loss, num_token_paraphrased=loss.tokens, avg_paraphrased_loss=loss.mean)
         flat_answers = [a for r in local for a in r["perturbed_answer"]]
         flat_questions = [r["question"] for r in local for _ in r["perturbed_answer"]]
-        flat = iter(losses(flat_answers, flat_questions))
+        per_item = len(flat_answers) / max(len(local), 1)
+        flat = iter(losses(flat_answers, flat_questions, per_item))
         for rec, row in zip(records, local, strict=True):
             mine = [next(flat) for _ in row["perturbed_answer"]]
             rec["perturb_loss"] = [x.loss for x in mine]
             rec["num_token_perturb"] = [x.tokens for x in mine]
             rec["average_perturb_loss"] = [x.mean for x in mine]
             rec["truth_ratio"] = truth_ratio(rec["avg_paraphrased_loss"], rec["average_perturb_loss"])
+    bar.close()
     return gather_in_order(records, indices, ed)
+
+
+class ItemProgress:
+    """A tqdm bar over a set's items (items/s) when named; each of the `stages` passes over the items
+    (generation, gold-answer loss, paraphrased loss, perturbed losses) moves it by 1/stages per item."""
+
+    def __init__(self, name: str, items: int, stages: int):
+        self.bar = None
+        self.weight = 1.0 / max(stages, 1)
+        if name and items:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=items, desc=name, unit="item", dynamic_ncols=True, bar_format=BAR_FORMAT)
+
+    def stage_batch(self, items: float) -> None:
+        if self.bar is not None:
+            self.bar.update(items * self.weight)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.n = self.bar.total  # float steps may fall short by rounding
+            self.bar.close()
+
+
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
 
 
 def set_metrics(name: str, records: Sequence[dict[str, Any]], normalise_prob: bool) -> dict[str, float]:
@@ -172,7 +236,7 @@ def aggregate(
     parts = [f"{s.name}_{m}" for s in UTILITY_SETS for m in ("rougeL_recall", "prob", "truth_ratio")]
     if all(p in out for p in parts):
         out["model_utility"] = model_utility([out[p] for p in parts])
-    if reference_ratios is not None and items.get("forget"):
+    if reference_ratios is not None and "forget_truth_ratio" in out:  # else `missing_metrics` says why
         pvalue, statistic = forget_quality([r["truth_ratio"] for r in items["forget"]], reference_ratios)
         out["forget_quality"] = pvalue
         out["forget_ks_statistic"] = statistic
@@ -192,11 +256,17 @@ def evaluate_tofu(
     autocast: Callable | None = None,
     reference_ratios: Sequence[float] | None = None,
     prompt_template: str = "",
+    custom: Sequence[tuple[TofuSet, Path]] = (),
+    progress: bool = False,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
-    """(per-item records by set, aggregate metrics) for the forget split and the three utility sets."""
+    """(per-item records by set, aggregate metrics) for the forget split and the three utility sets,
+    or, when `custom` (from `custom_sets`) is given, for those sets only."""
+    if custom:
+        sets = [(tofu_set, read_custom_rows(tofu_set, path, max_items)) for tofu_set, path in custom]
+    else:
+        sets = [(tofu_set, load_rows(tofu_set, data_dir, max_items)) for tofu_set in tofu_sets(split)]
     items: dict[str, list[dict[str, Any]]] = {}
-    for tofu_set in tofu_sets(split):
-        rows = load_rows(tofu_set, data_dir, max_items)
+    for tofu_set, rows in sets:
         items[tofu_set.name] = evaluate_rows(
             model,
             tokenizer,
@@ -207,16 +277,46 @@ def evaluate_tofu(
             ed=ed,
             autocast=autocast,
             prompt_template=prompt_template,
+            progress=f"{tofu_set.name} ({tofu_set.file})" if progress else "",
         )
     return items, aggregate(items, reference_ratios)
 
 
+def missing_metrics(items: dict[str, list[dict[str, Any]]], metrics: dict[str, float]) -> dict[str, str]:
+    """Why a TOFU headline number is absent, keyed by the metric, in words a user can act on."""
+    reasons = {}
+    forget = items.get("forget") or []
+    if forget and "forget_truth_ratio" not in metrics:
+        reasons["forget_truth_ratio"] = (
+            "the forget rows have no paraphrased_answer / perturbed_answer (TOFU keeps them in a "
+            "`<split>_perturbed.jsonl` file beside the split; put one beside yours)"
+        )
+    if forget and "forget_quality" not in metrics:
+        reasons["forget_quality"] = (
+            "needs the forget truth ratios (above)"
+            if "forget_truth_ratio" not in metrics
+            else "needs --reference, the retain model's evaluation output or a TOFU log (eval_log_forget.json)"
+        )
+    if "model_utility" not in metrics:
+        reasons["model_utility"] = (
+            "needs the retain, real_authors and world_facts sets with perturbed answers (`--split` evaluates them)"
+        )
+    return reasons
+
+
 def qa_metrics(
-    model, tokenizer, rows: Sequence[dict[str, Any]], max_new_tokens: int = 64, batch_size: int = 16
+    model,
+    tokenizer,
+    rows: Sequence[dict[str, Any]],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    progress: str = "",
 ) -> dict[str, float]:
     """Mean ROUGE-L / ROUGE-1 recall of greedy answers and mean length-normalised answer loss of plain
     question/answer rows (one process): what the demo reports for its forget and retain sets."""
-    records = evaluate_rows(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    records = evaluate_rows(
+        model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    )
     if not records:
         return {"rougeL_recall": 0.0, "rouge1_recall": 0.0, "answer_loss": 0.0}
     n = len(records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -46,6 +47,55 @@ def test_outputs_and_forget_quality_subcommand(one_process, tmp_path, capsys):
     assert (result["n_unlearned"], result["n_reference"]) == (3, 300)
 
 
+def test_own_splits_with_and_without_companions(one_process, tiny_model_dir, tmp_path, capsys):
+    from ngdiff import TOFU_DIR
+    from tests.conftest import tofu_rows, write_jsonl
+
+    companion = [json.loads(line) for line in (TOFU_DIR / "forget01_perturbed.jsonl").read_text().splitlines()[:3]]
+    write_jsonl(tmp_path / "forget.jsonl", [{"question": r["question"], "answer": r["answer"]} for r in companion])
+    write_jsonl(tmp_path / "forget_perturbed.jsonl", companion)
+    write_jsonl(tmp_path / "retain.jsonl", tofu_rows(3))
+    own = ["--forget", str(tmp_path / "forget.jsonl"), "--retain", str(tmp_path / "retain.jsonl")]
+    capsys.readouterr()
+    items = run_eval(tiny_model_dir, tmp_path / "out", *own)
+    assert list(items) == ["forget", "retain"]
+    # the forget split read from its companion is TOFU's forget01 set: the same records as --split forget01
+    assert_same_items(
+        {"forget": json.loads((one_process / "items.json").read_text())["forget"]}, {"forget": items["forget"]}
+    )
+    metrics = json.loads((tmp_path / "out" / "aggregate.json").read_text())["metrics"]
+    assert "forget_truth_ratio" in metrics and "retain_truth_ratio" not in metrics and "model_utility" not in metrics
+    assert metrics["retain_rougeL_recall"] == pytest.approx(sum(r["rougeL_recall"] for r in items["retain"]) / 3)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "Forget quality (KS p-value): needs --reference" in summary
+    assert "Model utility: needs the retain, real_authors and world_facts sets" in summary
+    # one naming style: a label in words, then the value, then the key in aggregate.json
+    assert re.search(r"\n\| Forget ROUGE-L recall \| [0-9.e+-]+ \| `forget_rougeL_recall` \|\n", summary)
+    assert str(tmp_path / "out") in capsys.readouterr().out  # where the files went
+
+    # without a companion the forget truth ratio (and so forget quality) is skipped, with the reason
+    (tmp_path / "forget_perturbed.jsonl").unlink()
+    run_eval(tiny_model_dir, tmp_path / "out2", *own, "--reference", str(one_process))
+    metrics = json.loads((tmp_path / "out2" / "aggregate.json").read_text())["metrics"]
+    assert "forget_truth_ratio" not in metrics and "forget_quality" not in metrics
+    summary = (tmp_path / "out2" / "summary.md").read_text()
+    assert "Forget truth ratio: the forget rows have no paraphrased_answer" in summary
+    assert "Forget quality (KS p-value): needs the forget truth ratios" in summary
+
+
+def test_own_forget_split_with_reference_gives_forget_quality(one_process, tiny_model_dir, tmp_path):
+    from ngdiff import TOFU_DIR
+    from tests.conftest import write_jsonl
+
+    rows = [json.loads(line) for line in (TOFU_DIR / "forget01_perturbed.jsonl").read_text().splitlines()[:3]]
+    write_jsonl(tmp_path / "mine.jsonl", rows)  # companions in the file itself
+    run_eval(
+        tiny_model_dir, tmp_path / "out", "--forget", str(tmp_path / "mine.jsonl"), "--reference", str(one_process)
+    )
+    metrics = json.loads((tmp_path / "out" / "aggregate.json").read_text())["metrics"]
+    assert metrics["forget_quality"] == pytest.approx(1.0)  # the same model's truth ratios: indistinguishable
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -58,6 +108,11 @@ def test_outputs_and_forget_quality_subcommand(one_process, tmp_path, capsys):
         ),
         (["eval", "forget-quality", "--unlearned", "/nonexistent"], "needs --unlearned A and --reference B"),
         (["eval", "--benchmark", "muse", "--model", "{model}", "--reference", "/nonexistent"], "neither a number"),
+        (
+            ["eval", "--model", "{model}", "--forget", "/nonexistent.jsonl"],
+            "--forget /nonexistent.jsonl: file not found",
+        ),
+        (["eval", "--benchmark", "muse", "--model", "{model}", "--forget", "x.jsonl"], "drop --benchmark muse"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, tiny_model_dir, capsys):
