@@ -17,6 +17,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback address, for a test's rendezvous (torchrun, deepspeed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tofu_rows(n: int = 400) -> list[dict]:
     with open(TOFU_DIR / "full.jsonl") as f:
         return [json.loads(line) for _, line in zip(range(n), f, strict=False)]

@@ -207,7 +207,11 @@ def test_cli_trains_text_data_from_overrides_only(tiny_model_dir, tmp_path):
         ]
     )
     assert code == 0
-    assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+    exported = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in start.items()}
+    assert all(torch.isfinite(v).all() for v in exported.values())
+    assert any(not torch.equal(exported[k], start[k]) for k in start), "two SGD steps left the model unchanged"
     assert load_tokenizer(str(out / "final")).bos_token == "<s>"
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
     assert "method" in (out / "config.yaml").read_text()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from itertools import product
 from pathlib import Path
@@ -13,18 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 BACKENDS = ("ddp", "fsdp", "zero3")
 COMBINERS = ("ngdiff", "gdiff", "mgda", "pcgrad")
 LR = {"sgd": 0.05, "adamw": 1e-4}  # small AdamW lr: Adam turns last-bit gradient noise into O(lr) moves
 STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env() -> dict[str, str]:

@@ -13,6 +13,7 @@ from ngdiff.eval.during_training import evaluation_factory
 from ngdiff.metrics_log import read_jsonl
 from ngdiff.pipeline import run_training
 from parallel.base import DistContext
+from tests.conftest import free_port
 
 
 def config(tiny_model_dir, tofu_split, out, *extra):
@@ -64,14 +65,6 @@ def test_bad_eval_settings_fail_before_training(overrides, message, tiny_model_d
 
 def test_no_benchmark_no_evaluation(tiny_model_dir, tofu_split, tmp_path):
     assert evaluation_factory(config(tiny_model_dir, tofu_split, tmp_path / "run")) is None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,12 +119,6 @@ def test_bad_input_is_one_clear_line(argv, message, tiny_model_dir, capsys):
     argv = [a.replace("{model}", str(tiny_model_dir)) for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_eval(model_dir: Path, out: Path, *extra: str) -> dict:
