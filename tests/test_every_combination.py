@@ -11,6 +11,11 @@ pulls the refusals' NLL down (the true answers only lose once the refusal displa
 small model learning any text of the same frame first lowers the true answers' NLL too (measured:
 idk + gdiff/imtlg/lossnorm/mgda/pcgrad/rlw lower it at lr 0.05). For IdK the test checks what it
 optimises: the refusal NLL of the pairs it trained on falls.
+
+The combined direction is clipped to norm 1 (optim.max_grad_norm) so that every combiner takes a step of
+the same bounded length and the test is about direction: unclipped, idk + pcgrad (no conflict, so the
+plain sum of both gradients, twice GDiff's step) overshot at lr 0.05 (retain gradient norm 1.4 -> 18 in
+three steps, refusal NLL 4.47 -> 6.10), a step-size effect, not a sign error.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp
             f"method.forget_objective={objective}",
             "optim.name=sgd",
             "optim.lr=0.05",
+            "optim.max_grad_norm=1.0",  # every combiner's step has the same bound: the test is about direction
             "train.max_steps=3",
             "train.forget_batch_size=16",
             "train.retain_batch_size=8",
