@@ -114,7 +114,9 @@ def run_demo(
     ]
     if quick:  # a smoke test of the same path: a smaller model, a short run, no stopping rule
         overrides += ["train.max_steps=4", "train.stop_forget_loss=0"]
-    cfg = load_config(None, overrides)  # data paths point at bundled files until the splits are written
+    # every key is validated now; the model and the data splits it names are made below, so their paths
+    # cannot be checked yet
+    cfg = load_config(None, overrides, check_sources=False)
     data_dir = out / "data"
     cfg.data.forget, cfg.data.retain = str(data_dir / "forget.jsonl"), str(data_dir / "retain.jsonl")
     again = f"run `ngdiff demo --output-dir {out} --overwrite` to redo it, or choose another --output-dir"

@@ -8,14 +8,11 @@ when a hub name cannot be resolved into one line that names the config key and w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 from ngdiff.errors import UserError
-
-T = TypeVar("T")
 
 
 class ModelSourceError(UserError):
@@ -66,13 +63,3 @@ def loading_from(key: str, value: str) -> Iterator[None]:
         else:
             tried = f"{value!r} is not a local directory, so it was tried as a Hugging Face hub repo id"
         raise ModelSourceError(f"{key}: cannot load a model from {value!r}: {tried}, which failed: {cause}") from err
-
-
-def guarded(build: Callable[[], T], key: str, value: str) -> Callable[[], T]:
-    """`build` with its loading errors reported as `loading_from(key, value)` does."""
-
-    def run() -> T:
-        with loading_from(key, value):
-            return build()
-
-    return run

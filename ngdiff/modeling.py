@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ngdiff.model_source import loading_from
 from parallel.base import defer_deepspeed_import
 
 
@@ -24,31 +25,37 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from. Calling it loads the whole model (`from_pretrained`); a sharding backend
-    may instead build it empty on the `meta` device (`build_empty`) and fill its shards from `path`."""
+    may instead build it empty on the `meta` device (`build_empty`) and fill its shards from `path`.
+    Either way a failed load is one error naming the config `key` and what was tried."""
 
     path: str
     trust_remote_code: bool = False
     dtype: torch.dtype = torch.float32
+    key: str = "model.path"
 
     def __call__(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(
-            self.path, trust_remote_code=self.trust_remote_code, dtype=self.dtype
-        )
+        with loading_from(self.key, self.path):
+            return AutoModelForCausalLM.from_pretrained(
+                self.path, trust_remote_code=self.trust_remote_code, dtype=self.dtype
+            )
 
     def build_empty(self) -> nn.Module:
         """The architecture with every parameter and buffer on `meta`: no memory, no initialisation."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        with loading_from(self.key, self.path):
+            config = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code, dtype=self.dtype)
 
 
-def model_factory(path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> ModelSource:
+def model_factory(
+    path: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, key: str = "model.path"
+) -> ModelSource:
     """A thunk the backend calls where it wants the model built (under `zero.Init`, on `meta`, ...)."""
-    return ModelSource(path, trust_remote_code, dtype)
+    return ModelSource(path, trust_remote_code, dtype, key)
 
 
 @dataclass(frozen=True)

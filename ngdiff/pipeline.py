@@ -18,7 +18,7 @@ import torch
 
 from ngdiff.data import TaskStream, encode_task
 from ngdiff.metrics_log import JsonlSink, MetricsSink
-from ngdiff.model_source import guarded, loading_from
+from ngdiff.model_source import loading_from
 from ngdiff.modeling import load_tokenizer, model_factory
 from ngdiff.objectives import build_objectives
 from ngdiff.trainer import StepResult, Trainer
@@ -93,15 +93,12 @@ def run_training(
 
     backend = build_backend(cfg.parallel.backend, ctx, cfg.parallel, cfg.optim, cfg.train.precision)
     backend.set_batch_layout(forget_stream.micro, forget_stream.accumulation_steps)
-    build = guarded(model_factory(cfg.model.path, cfg.model.trust_remote_code), "model.path", cfg.model.path)
-    backend.prepare(build, cfg.model.gradient_checkpointing)
+    backend.prepare(model_factory(cfg.model.path, cfg.model.trust_remote_code), cfg.model.gradient_checkpointing)
     reference = None
     if forget_objective.needs_reference or (retain_objective is not None and retain_objective.needs_reference):
         reference_path = cfg.model.reference_path or cfg.model.path
         key = "model.reference_path" if cfg.model.reference_path else "model.path"
-        reference = backend.prepare_frozen(
-            guarded(model_factory(reference_path, cfg.model.trust_remote_code), key, reference_path)
-        )
+        reference = backend.prepare_frozen(model_factory(reference_path, cfg.model.trust_remote_code, key=key))
 
     all_sinks: list[MetricsSink] = list(sinks)
     if ctx.is_main:

@@ -160,17 +160,23 @@ def test_model_path_must_be_a_model_folder(tofu_split, tmp_path):
     load_config(None, ["model.path=meta-llama/Llama-2-7b-hf", *data])  # a well-formed hub name passes
 
 
-def test_a_hub_name_that_fails_to_load_names_the_key_and_what_was_tried():
-    from ngdiff.model_source import ModelSourceError, guarded
+def test_a_hub_name_that_fails_to_load_names_the_key_and_what_was_tried(monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    def unreachable():
+    from ngdiff.model_source import ModelSourceError
+    from ngdiff.modeling import model_factory
+
+    def unreachable(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nmore detail")
 
-    build = guarded(unreachable, "model.reference_path", "org/model")
-    with pytest.raises(ModelSourceError) as caught:
-        build()
-    assert str(caught.value) == (
-        "model.reference_path: cannot load a model from 'org/model': 'org/model' is not a local directory, so it "
-        "was tried as a Hugging Face hub repo id, which failed: We couldn't connect to 'https://huggingface.co' "
-        "to load the files."
-    )
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", unreachable)
+    monkeypatch.setattr(AutoConfig, "from_pretrained", unreachable)
+    source = model_factory("org/model", key="model.reference_path")
+    for load in (source, source.build_empty):  # whole, or empty on meta for a sharding backend
+        with pytest.raises(ModelSourceError) as caught:
+            load()
+        assert str(caught.value) == (
+            "model.reference_path: cannot load a model from 'org/model': 'org/model' is not a local directory, so "
+            "it was tried as a Hugging Face hub repo id, which failed: We couldn't connect to "
+            "'https://huggingface.co' to load the files."
+        )

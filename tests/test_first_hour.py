@@ -44,7 +44,9 @@ def train_in_subprocess(tiny_model_dir, tofu_split, out: Path, *extra: str) -> s
     return proc
 
 
-@pytest.mark.parametrize(("backend", "verbose"), [("single", False), ("fsdp", True)])
+# quiet and --verbose on single, where transformers loads the model (its bar unless quiet); fsdp loads
+# shard by shard itself, so it shows no transformers bar either way
+@pytest.mark.parametrize(("backend", "verbose"), [("single", False), ("single", True), ("fsdp", False)])
 def test_training_leaves_deepspeed_unimported_and_libraries_quiet(
     tiny_model_dir, tofu_split, tmp_path, backend, verbose
 ):
@@ -58,8 +60,8 @@ def test_training_leaves_deepspeed_unimported_and_libraries_quiet(
     assert (
         f"next: ngdiff eval --model {tmp_path / 'run' / 'final'} {own}; ngdiff plot {tmp_path / 'run'}" in proc.stderr
     )
-    library_bars = ("Loading weights" in proc.stderr, "Writing model shards" in proc.stderr)
-    assert library_bars == ((True, True) if verbose else (False, False))
+    assert ("Loading weights" in proc.stderr) == (verbose and backend == "single")
+    assert "Writing model shards" not in proc.stderr  # final/ is written by ngdiff's streaming exporter
 
 
 def write_metrics(run: Path) -> None:

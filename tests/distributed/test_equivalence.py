@@ -52,7 +52,8 @@ def test_one_small_all_reduce_per_step(dist_runs, backend):
     _, log = load_result(dist_runs, f"{backend}_count")
     ours = log["ours_all_reduce"]
     assert len(ours) == STEPS, ours
-    assert all(numel == 8 for numel, _ in ours)  # Gram (3) + loss sums (2) + unit counts (2) + stop flag
+    # Gram (3) + loss sums (2) + unit counts (2) + stop flag + input tokens (for tokens_per_second)
+    assert all(numel == 9 for numel, _ in ours)
 
 
 def test_data_would_catch_rank_local_normalisation(dist_runs):
