@@ -55,13 +55,23 @@ class SingleBackend(Backend):
         set_lr(self.optimizer, lr)
         self.optimizer.step()
 
+    def _frozen_names(self) -> set[str]:
+        return {name for name, p in self.module.named_parameters() if not p.requires_grad}
+
     def save_checkpoint(self, directory: Path):
-        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-        torch.save(state, directory / "model_optimizer.pt")
+        # frozen parameters (a LoRA run's base model) are rebuilt from model.path: only what trains is saved
+        frozen = self._frozen_names()
+        model_state = {k: v for k, v in self.module.state_dict().items() if k not in frozen}
+        torch.save({"model": model_state, "optimizer": self.optimizer.state_dict()}, directory / "model_optimizer.pt")
 
     def load_checkpoint(self, directory: Path):
         state = torch.load(directory / "model_optimizer.pt", map_location=self.ctx.device, weights_only=True)
-        self.module.load_state_dict(state["model"])
+        missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
+        if unexpected or set(missing) - self._frozen_names():
+            raise RuntimeError(
+                f"{directory}: checkpoint does not match the model (missing {sorted(set(missing))[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_tensors(self):
