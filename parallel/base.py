@@ -34,6 +34,22 @@ class DistContext:
         return self.world_size > 1
 
 
+def frozen_names(module: nn.Module) -> set[str]:
+    """Parameters that do not train (a LoRA run's base model): checkpoints leave them out, since the run
+    rebuilds them from model.path."""
+    return {name for name, p in module.named_parameters() if not p.requires_grad}
+
+
+def check_loaded_keys(directory: Path, module: nn.Module, missing: Iterable[str], unexpected: Iterable[str]) -> None:
+    """A checkpoint may lack only frozen parameters; anything else means it belongs to another model."""
+    missing, unexpected = set(missing) - frozen_names(module), list(unexpected)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{directory}: checkpoint does not match the model (missing {sorted(missing)[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+
+
 class Backend(ABC):
     """Wraps a model and its optimizer for one engine."""
 

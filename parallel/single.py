@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from parallel.base import Backend
+from parallel.base import Backend, check_loaded_keys, frozen_names
 from parallel.export import exported_names
 from parallel.optim import build_optimizer, grads_of, set_lr
 
@@ -55,23 +55,15 @@ class SingleBackend(Backend):
         set_lr(self.optimizer, lr)
         self.optimizer.step()
 
-    def _frozen_names(self) -> set[str]:
-        return {name for name, p in self.module.named_parameters() if not p.requires_grad}
-
     def save_checkpoint(self, directory: Path):
         # frozen parameters (a LoRA run's base model) are rebuilt from model.path: only what trains is saved
-        frozen = self._frozen_names()
+        frozen = frozen_names(self.module)
         model_state = {k: v for k, v in self.module.state_dict().items() if k not in frozen}
         torch.save({"model": model_state, "optimizer": self.optimizer.state_dict()}, directory / "model_optimizer.pt")
 
     def load_checkpoint(self, directory: Path):
         state = torch.load(directory / "model_optimizer.pt", map_location=self.ctx.device, weights_only=True)
-        missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
-        if unexpected or set(missing) - self._frozen_names():
-            raise RuntimeError(
-                f"{directory}: checkpoint does not match the model (missing {sorted(set(missing))[:3]}, "
-                f"unexpected {unexpected[:3]})"
-            )
+        check_loaded_keys(directory, self.module, *self.module.load_state_dict(state["model"], strict=False))
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_tensors(self):
