@@ -7,13 +7,17 @@ frozen reference of NPO / KL is the same module run under `disable_adapter()`: n
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ngdiff.errors import UserError
+from ngdiff.modeling import model_factory
 
 
 class LoraTargetError(UserError):
@@ -72,3 +76,32 @@ class AdaptersDisabled:
 
 def has_adapters(module: nn.Module) -> bool:
     return hasattr(module, "peft_config") and hasattr(module, "disable_adapter")
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """A PEFT adapter folder (what `export.lora=adapter` writes) rather than a whole model."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """A model thunk for a PEFT adapter folder: its base model (the adapter config's
+    `base_model_name_or_path`) with the adapter merged in, as a plain Hugging Face model."""
+
+    path: str
+    trust_remote_code: bool = False
+
+    def base_path(self) -> str:
+        base = json.loads((Path(self.path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{self.path}/{ADAPTER_CONFIG}: no base_model_name_or_path to load the adapter onto")
+        return base
+
+    def __call__(self) -> nn.Module:
+        from peft import PeftModel
+
+        base = model_factory(self.base_path(), self.trust_remote_code)()
+        return PeftModel.from_pretrained(base, self.path).merge_and_unload()

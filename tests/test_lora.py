@@ -137,3 +137,26 @@ def test_resumed_lora_run_equals_uninterrupted(tiny_model_dir, tofu_split, tmp_p
     )
     assert len(resumed.results) == 2
     assert max_diff(trained_state(uninterrupted), trained_state(resumed)) <= 1e-6
+
+
+def test_eval_accepts_an_adapter_folder(npo_runs, tmp_path):
+    """`ngdiff eval --model` on the adapter folder scores what it scores on the merged export."""
+    from tests.eval.test_eval_cli import run_eval
+
+    backend = npo_runs[0].trainer.backend
+    backend.export_pretrained(tmp_path / "adapter", npo_runs[0].trainer.tokenizer, lora="adapter")
+    backend.export_pretrained(tmp_path / "merged", npo_runs[0].trainer.tokenizer, lora="merged")
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    from_adapter = run_eval(tmp_path / "adapter", tmp_path / "eval_adapter")
+    from_merged = run_eval(tmp_path / "merged", tmp_path / "eval_merged")
+    assert leaves(from_adapter).keys() == leaves(from_merged).keys()
+    for key, value in leaves(from_adapter).items():  # same texts; numbers up to the merge's fp32 rounding
+        assert value == (pytest.approx(leaves(from_merged)[key], rel=1e-4) if isinstance(value, float) else value), key
+
+
+def leaves(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in leaves(sub, f"{prefix}/{i}").items()}
+    return {prefix: tree}
