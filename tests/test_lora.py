@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -160,3 +162,20 @@ def leaves(tree, prefix: str = "") -> dict:
     if isinstance(tree, list):
         return {k: v for i, sub in enumerate(tree) for k, v in leaves(sub, f"{prefix}/{i}").items()}
     return {prefix: tree}
+
+
+def test_memory_plan_counts_only_the_adapters():
+    from ngdiff.memory_plan import PlanSettings, component_bytes, llama_config, model_shape
+
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    shape = model_shape(llama_config("llama2-7b"), targets, 8)
+    h, inter = 4096, 11008  # per layer r x (in + out): 4 attention projections h x h, 3 MLP ones h x I
+    assert shape.lora_params == 32 * 8 * (4 * 2 * h + 3 * (h + inter)) == 19_988_480
+    settings = PlanSettings(optimizer="sgd", autolr=True, reference=True, reference_copy=False)
+    device, _ = component_bytes(shape, settings)
+    r = shape.lora_params
+    assert (device["gradients"], device["stash"], device["autolr_copy"]) == (4 * r, 4 * r, 4 * r)
+    assert device["reference_model"] == 0 and device["optimizer_state"] == 0
+    assert device["parameters"] == 4 * shape.params + 4 * r
+    full, _ = component_bytes(replace(shape, lora_params=0), replace(settings, reference_copy=True))
+    assert full["gradients"] == full["reference_model"] == 4 * shape.params
