@@ -395,11 +395,6 @@ def validate_lora(config: ExperimentConfig) -> None:
         raise ConfigError(f"model.lora.dropout must lie in [0, 1), got {lora.dropout}")
     if not lora.target_modules:
         raise ConfigError("model.lora.target_modules must name at least one module")
-    if config.parallel.backend == "zero3":
-        raise ConfigError(
-            "model.lora.enabled=true is not supported with parallel.backend=zero3 yet (adapter injection under "
-            "zero.Init is not verified to equal one process); use parallel.backend=fsdp, ddp or single"
-        )
 
 
 def check_sources_of(config: ExperimentConfig) -> None:

@@ -39,8 +39,6 @@ def test_config_keys_and_refusals(tiny_model_dir, tofu_split, tmp_path):
     assert cfg.export.lora == "merged"
     with pytest.raises(ConfigError, match=r"model\.lora\.r must be positive"):
         config(tiny_model_dir, tofu_split, tmp_path, "model.lora.r=0")
-    with pytest.raises(ConfigError, match=r"model.lora.enabled=true is not supported with parallel.backend=zero3"):
-        config(tiny_model_dir, tofu_split, tmp_path, "parallel.backend=zero3")
     with pytest.raises(ConfigError, match=r"export\.lora"):
         config(tiny_model_dir, tofu_split, tmp_path, "export.lora=both")
 

@@ -1,6 +1,6 @@
-"""LoRA under the sharded backends: 2 ranks (ddp, fsdp) equal 1 process (fp32, CPU, gloo), with every
+"""LoRA under the sharded backends: 2 ranks (ddp, fsdp, zero3) equal 1 process (fp32, CPU, gloo), with every
 combiner, AutoLR, and NPO / KL whose reference is the base model with adapters disabled; a resumed run
-equals an uninterrupted one. zero3 + LoRA is refused by the config (tests/test_lora.py)."""
+equals an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dist_helpers import (
     STEPS,
     WORKER,
     common_overrides,
+    deepspeed_launcher,
     load_result,
     lora_backend_cases,
     lora_matrix,
@@ -22,7 +23,7 @@ from dist_helpers import (
 
 pytestmark = pytest.mark.distributed
 
-LORA_BACKENDS = ("ddp", "fsdp")
+LORA_BACKENDS = ("ddp", "fsdp", "zero3")
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +32,8 @@ def lora_runs(tmp_path_factory, tiny_model_dir, tofu_split):
     common = common_overrides(tiny_model_dir, tofu_split)
     launches = [
         ([sys.executable], lora_backend_cases("single"), "single"),
-        (torchrun(), [c for b in LORA_BACKENDS for c in lora_backend_cases(b)], "torchrun"),
+        (torchrun(), [*lora_backend_cases("ddp"), *lora_backend_cases("fsdp")], "torchrun"),
+        (deepspeed_launcher(), lora_backend_cases("zero3"), "deepspeed"),
     ]
     for prefix, cases, label in launches:
         spec = out / f"{label}.json"
@@ -74,3 +76,24 @@ def test_lora_resume_after_crash_equals_uninterrupted(lora_runs, backend):
     assert log["crashed_at"] == 3
     assert len(log["steps"]) == STEPS - 2
     assert max_abs_diff(uninterrupted, resumed) <= 1e-6
+
+
+def checkpoint_model_keys(engine_dir, backend: str) -> list[str]:
+    import torch
+
+    if backend == "fsdp":
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(engine_dir)).read_metadata().state_dict_metadata
+        return [k for k in keys if k.startswith("model.")]
+    if backend == "zero3":
+        files = sorted((engine_dir / "zero3").glob("*model_states.pt"))
+        return [k for f in files for k in torch.load(f, weights_only=False)["module"]]
+    return list(torch.load(engine_dir / "model_optimizer.pt", weights_only=True)["model"])
+
+
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
+def test_lora_checkpoint_holds_only_adapters(lora_runs, backend):
+    engine = lora_runs / "runs" / f"{backend}_lora_resume" / "checkpoints" / "step_00000002" / "engine"
+    keys = checkpoint_model_keys(engine, backend)
+    assert keys and all(".lora_" in k for k in keys), [k for k in keys if ".lora_" not in k][:3]
