@@ -177,3 +177,11 @@ def test_memory_plan_counts_only_the_adapters():
     assert device["parameters"] == 4 * shape.params + 4 * r
     full, _ = component_bytes(replace(shape, lora_params=0), replace(settings, reference_copy=True))
     assert full["gradients"] == full["reference_model"] == 4 * shape.params
+
+
+def test_target_modules_that_match_nothing_name_the_key(tiny_model_dir, tofu_split, tmp_path):
+    from ngdiff.lora import LoraTargetError
+
+    cfg = config(tiny_model_dir, tofu_split, tmp_path, "model.lora.target_modules=[no_such_proj]")
+    with pytest.raises(LoraTargetError, match=r"model\.lora\.target_modules=\['no_such_proj'\]"):
+        run_training(cfg, DistContext())
