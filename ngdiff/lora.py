@@ -52,13 +52,18 @@ def attach_adapters(model: nn.Module, lora_cfg, seed: int) -> nn.Module:
             raise LoraTargetError(f"model.lora.target_modules={list(lora_cfg.target_modules)}: {err}") from None
 
 
-def with_adapters(build: Callable[[], nn.Module], lora_cfg, seed: int) -> Callable[[], nn.Module]:
-    """A model thunk (what backends call) that builds the base with `build`, then attaches adapters."""
+class WithAdapters:
+    """A model thunk (what backends call) that builds the base with `build`, then attaches adapters. It
+    exposes the base's `path` (ZeRO-3 sizes its buckets from its config) but no `build_empty`: FSDP builds
+    the model with adapters whole, then shards it (the adapters are not in the checkpoint)."""
 
-    def run() -> nn.Module:
-        return attach_adapters(build(), lora_cfg, seed)
+    def __init__(self, build: Callable[[], nn.Module], lora_cfg, seed: int):
+        self.build, self.lora_cfg, self.seed = build, lora_cfg, seed
+        self.path = getattr(build, "path", None)
+        self.trust_remote_code = getattr(build, "trust_remote_code", False)
 
-    return run
+    def __call__(self) -> nn.Module:
+        return attach_adapters(self.build(), self.lora_cfg, self.seed)
 
 
 class AdaptersDisabled:

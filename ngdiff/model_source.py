@@ -68,11 +68,24 @@ def loading_from(key: str, value: str) -> Iterator[None]:
         raise ModelSourceError(f"{key}: cannot load a model from {value!r}: {tried}, which failed: {cause}") from err
 
 
+class Guarded:
+    """`build` with its loading errors reported as `loading_from(key, value)` does. Other attributes are
+    `build`'s own, so a backend still sees a `ModelSource`'s `path` and `build_empty` (FSDP's shard-by-shard
+    loading, ZeRO-3's bucket sizes) through it."""
+
+    def __init__(self, build: Callable[[], T], key: str, value: str):
+        self.build, self.key, self.value = build, key, value
+
+    def __call__(self) -> T:
+        with loading_from(self.key, self.value):
+            return self.build()
+
+    def __getattr__(self, name: str):
+        if name == "build":  # not yet set (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.build, name)
+
+
 def guarded(build: Callable[[], T], key: str, value: str) -> Callable[[], T]:
-    """`build` with its loading errors reported as `loading_from(key, value)` does."""
-
-    def run() -> T:
-        with loading_from(key, value):
-            return build()
-
-    return run
+    """`build` with its loading errors reported as `loading_from(key, value)` does (see `Guarded`)."""
+    return Guarded(build, key, value)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ngdiff.data import TaskStream, encode_task
-from ngdiff.lora import AdaptersDisabled, with_adapters
+from ngdiff.lora import AdaptersDisabled, WithAdapters
 from ngdiff.metrics_log import JsonlSink, MetricsSink
 from ngdiff.model_source import guarded, loading_from
 from ngdiff.modeling import load_tokenizer, model_factory
@@ -86,7 +86,7 @@ def run_training(
     backend.set_batch_layout(forget_stream.micro, forget_stream.accumulation_steps)
     build = guarded(model_factory(cfg.model.path, cfg.model.trust_remote_code), "model.path", cfg.model.path)
     if cfg.model.lora.enabled:
-        build = with_adapters(build, cfg.model.lora, cfg.train.seed)
+        build = WithAdapters(build, cfg.model.lora, cfg.train.seed)
     backend.prepare(build, cfg.model.gradient_checkpointing)
     reference = None
     needs_reference = forget_objective.needs_reference or (
