@@ -26,11 +26,24 @@ class ConfigError(UserError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft): only they train; NPO / KL's reference is the base with adapters disabled."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # > 0 draws per-rank masks: runs stay correct but no longer equal across world sizes
+    # the attention and MLP projections of Llama-like models (Llama, Mistral, Qwen, Phi-3 name them alike)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
 class ModelConfig:
     path: str = ""
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    reference_path: str = ""  # frozen reference model for NPO / KL; defaults to model.path
+    reference_path: str = ""  # frozen reference model for NPO / KL; defaults to model.path (LoRA: adapters off)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -138,6 +151,7 @@ class LoggingConfig:
 @dataclass
 class ExportConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # of the exported final model (safetensors)
+    lora: Literal["adapter", "merged"] = "merged"  # LoRA runs: a PEFT adapter folder, or the merged plain model
 
 
 @dataclass
@@ -367,6 +381,21 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
         raise ConfigError(f"parallel.deepspeed_config: file not found: {config.parallel.deepspeed_config}")
     if not config.output_dir:
         raise ConfigError("output_dir must not be empty")
+    validate_lora(config)
+
+
+def validate_lora(config: ExperimentConfig) -> None:
+    lora = config.model.lora
+    if not lora.enabled:
+        return
+    if lora.r <= 0:
+        raise ConfigError(f"model.lora.r must be positive, got {lora.r}")
+    if lora.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout must lie in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        raise ConfigError("model.lora.target_modules must name at least one module")
 
 
 def check_sources_of(config: ExperimentConfig) -> None:

@@ -73,8 +73,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("ngdiff eval needs --model DIR")
     model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"--model {model_dir}: not a model folder (no config.json)")
+    from ngdiff.lora import is_adapter_folder
+
+    if not (model_dir / "config.json").is_file() and not is_adapter_folder(model_dir):
+        raise UserError(f"--model {model_dir}: not a model folder (no config.json) nor a PEFT adapter folder")
     from ngdiff.data.tokenize import check_prompt_template
 
     try:
@@ -223,9 +225,13 @@ def split_description(args: argparse.Namespace, custom) -> str:
 
 def load_model(args: argparse.Namespace, model_dir: Path, ctx):
     """The whole model on every rank, or sharded by `--backend` (its frozen-model path)."""
+    from ngdiff.lora import AdapterSource, is_adapter_folder
     from ngdiff.modeling import model_factory
 
-    build = model_factory(str(model_dir), args.trust_remote_code)
+    if is_adapter_folder(model_dir):  # a LoRA run's export.lora=adapter: merged onto its base when loaded
+        build = AdapterSource(str(model_dir), args.trust_remote_code)
+    else:
+        build = model_factory(str(model_dir), args.trust_remote_code)
     if not args.backend:
         return build().to(ctx.device).eval()
     from launcher.config import OptimConfig, ParallelConfig

@@ -60,17 +60,30 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def read_shape(cfg, model_config: str):
-    """The model's shape from `--model-config` or from model.path's config.json (local folder or hub)."""
-    from ngdiff.memory_plan import LLAMA2_CONFIGS, llama_config, model_shape
+    """The model's shape from `--model-config` or from model.path's config.json (local folder or hub); with
+    LoRA, its adapter parameters counted on the same meta-device model."""
+    from ngdiff.memory_plan import model_shape
+
+    lora = cfg.model.lora
+    targets, r = (tuple(lora.target_modules), lora.r) if lora.enabled else ((), 0)
+    shape = model_shape(read_hf_config(cfg, model_config), targets, r)
+    if r and not shape.lora_params:
+        raise ConfigError(f"model.lora.target_modules={list(targets)} names no Linear layer of the model")
+    return shape, model_config or cfg.model.path
+
+
+def read_hf_config(cfg, model_config: str):
+    """The Hugging Face config of `--model-config` (a file or a preset) or of model.path."""
+    from ngdiff.memory_plan import LLAMA2_CONFIGS, llama_config
     from ngdiff.model_source import ModelSourceError, check_model_source, loading_from
 
     if model_config in LLAMA2_CONFIGS:
-        return model_shape(llama_config(model_config)), model_config
+        return llama_config(model_config)
     from transformers import AutoConfig
 
     if model_config:
         try:
-            return model_shape(AutoConfig.from_pretrained(model_config)), model_config
+            return AutoConfig.from_pretrained(model_config)
         except (OSError, ValueError) as err:
             presets = ", ".join(LLAMA2_CONFIGS)
             raise ConfigError(
@@ -83,8 +96,7 @@ def read_shape(cfg, model_config: str):
     except ModelSourceError as err:
         raise ConfigError(str(err)) from None
     with loading_from("model.path", cfg.model.path):
-        hf_config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-    return model_shape(hf_config), cfg.model.path
+        return AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def render(result, source: str) -> str:

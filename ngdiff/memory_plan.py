@@ -22,7 +22,10 @@ Per component (single/ddp | fsdp | zero3):
 - optimizer state: AdamW 8PS, SGD with momentum 4PS, plain SGD 0; plus the step's temporaries (AdamW's
   foreach sqrt buffer, 4PS) where they exceed the stash and activations the backward held.
 - AutoLR copy: 4PS when `autolr.enabled` (one fp32 parameter shard).
-- reference model (NPO, KL): 4P | 4PS | cPS.
+- reference model (NPO, KL): 4P | 4PS | cPS; none with LoRA (the base with adapters disabled).
+- LoRA (`model.lora.enabled`): only the R adapter parameters train, so gradients, stash, optimizer state
+  and AutoLR copy above hold R (RS sharded) instead of P; the adapters add 4R (4RS) to the parameters, the
+  frozen head makes no gradient, and FSDP's in-flight unsharded gradients are at most 4R.
 - activations: A = T x (L x per-layer + 12V + 16h): the saved tensors of every layer, the fp32
   log-softmax kept for the backward with its gradient and the logits' gradient, a small per-token rest
   (+4V with a reference model's logits). single, ddp and fsdp drop their gradients in `zero_grad`, so
@@ -73,6 +76,7 @@ class ModelShape:
     intermediate: int
     kv_width: int
     vocab: int
+    lora_params: int = 0  # adapter parameters when LoRA is on (then only they train); 0: full training
 
     @property
     def linear_params(self) -> int:
@@ -91,6 +95,7 @@ class PlanSettings:
     momentum: float = 0.0
     autolr: bool = False
     reference: bool = False
+    reference_copy: bool = True  # False: a LoRA run's reference is the base with adapters disabled, no copy
     forget_batch: int = 8  # global
     retain_batch: int = 8
     micro_batch: int = 0  # per rank; 0: the whole per-rank batch
@@ -135,8 +140,10 @@ class MemoryPlan:
 
 
 # ------------------------------------------------------------------------------------ model shape
-def model_shape(hf_config: Any) -> ModelShape:
-    """Count parameters exactly by building the model on the meta device (no memory, no weights)."""
+def model_shape(hf_config: Any, lora_targets: tuple[str, ...] = (), lora_r: int = 0) -> ModelShape:
+    """Count parameters exactly by building the model on the meta device (no memory, no weights). With
+    `lora_r`, also the LoRA parameters r x (in + out) of every Linear whose name ends in one of `lora_targets`
+    (peft's matching of plain module names)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -159,6 +166,13 @@ def model_shape(hf_config: Any) -> ModelShape:
         intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
         kv_width=kv_heads * head_dim,
         vocab=text.vocab_size,
+        lora_params=sum(
+            lora_r * (m.in_features + m.out_features)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rpartition(".")[2] in lora_targets
+        )
+        if lora_r
+        else 0,
     )
 
 
@@ -197,6 +211,10 @@ def component_bytes(shape: ModelShape, s: PlanSettings) -> tuple[dict[str, int],
     p = shape.params
     sharded = s.backend in SHARDED
     local = math.ceil(p / s.world_size) if sharded else p
+    # what trains: everything, or with LoRA only the adapters (their gradients, stash, optimizer, AutoLR copy)
+    t = shape.lora_params or p
+    t_local = math.ceil(t / s.world_size) if sharded else t
+    lora = bool(shape.lora_params)
     c = 2 if s.precision == "bf16" else 4
     gathered = c * (2 * shape.block_params + shape.outside_params) if sharded else 0
     if s.backend == "zero3":  # DeepSpeed keeps parameters it will reuse soon gathered, up to max_live of them
@@ -216,30 +234,32 @@ def component_bytes(shape: ModelShape, s: PlanSettings) -> tuple[dict[str, int],
         put("parameters", 4 * local, on_host=offload)  # fp32 master partition, held by the optimizer
     else:
         put("parameters", 4 * p + (2 * shape.linear_params if s.precision == "bf16" else 0))
+    if lora:  # the adapters on top of the frozen base (fsdp/zero3: sharded with it)
+        put("parameters", 4 * t_local, on_host=offload and s.backend == "fsdp")
     put("parameters", gathered)
     # gradients
-    put("gradients", 4 * local, on_host=offload)
+    put("gradients", 4 * t_local, on_host=offload)
     if s.backend == "fsdp":
-        put("gradients", 4 * (shape.block_params + shape.outside_params))
+        put("gradients", 4 * min(t, shape.block_params + shape.outside_params))
     elif s.backend == "zero3":
-        put("gradients", 2 * c * min(s.reduce_bucket, p))  # the reduce bucket and its flat reduce-scatter copy
+        put("gradients", 2 * c * min(s.reduce_bucket, t))  # the reduce bucket and its flat reduce-scatter copy
     elif s.backend == "ddp":
-        put("gradients", 4 * p)
+        put("gradients", 4 * t)
     # the NGDiff retain-gradient stash: one gradient shard
-    put("stash", (2 if s.stash_dtype == "bf16" else 4) * local, on_host=s.stash_offload or offload)
+    put("stash", (2 if s.stash_dtype == "bf16" else 4) * t_local, on_host=s.stash_offload or offload)
     # optimizer state (+ the step's temporaries where they exceed what the backward held)
     slots = 2 if s.optimizer == "adamw" else (1 if s.momentum > 0 else 0)
-    put("optimizer_state", 4 * slots * local, on_host=offload)
+    put("optimizer_state", 4 * slots * t_local, on_host=offload)
     # single, ddp and fsdp drop the gradients in zero_grad: the backward allocates them while it frees
     # the activations, so only the activations (and, without sharding, the head's gradient, made before
     # any activation is freed) above the gradients add to the peak. ZeRO-3 keeps its gradient buffers.
-    released = 0 if s.backend == "zero3" or offload else 4 * local
-    head = 4 * shape.vocab * shape.hidden if not sharded else 0
-    step_temporaries = 0 if offload else 4 * local * (1 if s.optimizer == "adamw" else 0)
+    released = 0 if s.backend == "zero3" or offload else 4 * t_local
+    head = 4 * shape.vocab * shape.hidden if not sharded and not lora else 0  # LoRA: the head is frozen
+    step_temporaries = 0 if offload else 4 * t_local * (1 if s.optimizer == "adamw" else 0)
     backward_extra = device["stash"] + max(0, activation_bytes(shape, s) + head - released)
     put("optimizer_state", max(0, step_temporaries - backward_extra))
-    put("autolr_copy", 4 * local if s.autolr else 0, on_host=offload)
-    if s.reference:
+    put("autolr_copy", 4 * t_local if s.autolr else 0, on_host=offload)
+    if s.reference and s.reference_copy:
         put("reference_model", (c if s.backend == "zero3" else 4) * local, on_host=offload and s.backend == "fsdp")
     put("activations", max(0, activation_bytes(shape, s) + head - released))
     return device, {k: v for k, v in host.items() if v}
@@ -368,6 +388,7 @@ def settings_from_config(cfg: Any, world_size: int) -> PlanSettings:
         momentum=cfg.optim.momentum,
         autolr=cfg.autolr.enabled,
         reference=forget.needs_reference or (retain is not None and retain.needs_reference),
+        reference_copy=not cfg.model.lora.enabled or bool(cfg.model.reference_path),
         forget_batch=cfg.train.forget_batch_size,
         retain_batch=cfg.train.retain_batch_size,
         micro_batch=cfg.train.micro_batch_size,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ngdiff.data import TaskStream, encode_task
+from ngdiff.lora import AdaptersDisabled, WithAdapters
 from ngdiff.metrics_log import JsonlSink, MetricsSink
 from ngdiff.model_source import loading_from
 from ngdiff.modeling import load_tokenizer, model_factory
@@ -93,9 +94,17 @@ def run_training(
 
     backend = build_backend(cfg.parallel.backend, ctx, cfg.parallel, cfg.optim, cfg.train.precision)
     backend.set_batch_layout(forget_stream.micro, forget_stream.accumulation_steps)
-    backend.prepare(model_factory(cfg.model.path, cfg.model.trust_remote_code), cfg.model.gradient_checkpointing)
+    build = model_factory(cfg.model.path, cfg.model.trust_remote_code)
+    if cfg.model.lora.enabled:
+        build = WithAdapters(build, cfg.model.lora, cfg.train.seed)
+    backend.prepare(build, cfg.model.gradient_checkpointing)
     reference = None
-    if forget_objective.needs_reference or (retain_objective is not None and retain_objective.needs_reference):
+    needs_reference = forget_objective.needs_reference or (
+        retain_objective is not None and retain_objective.needs_reference
+    )
+    if needs_reference and cfg.model.lora.enabled and not cfg.model.reference_path:
+        reference = AdaptersDisabled(backend.module)  # the base model itself: no second copy
+    elif needs_reference:
         reference_path = cfg.model.reference_path or cfg.model.path
         key = "model.reference_path" if cfg.model.reference_path else "model.path"
         reference = backend.prepare_frozen(model_factory(reference_path, cfg.model.trust_remote_code, key=key))

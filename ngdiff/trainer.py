@@ -330,7 +330,7 @@ class Trainer:
         return tqdm(total=self.max_steps, initial=self.step_index, desc="unlearning", unit="step", dynamic_ncols=True)
 
     def export(self, directory: Path) -> None:
-        self.backend.export_pretrained(directory, self.tokenizer, self.cfg.export.dtype)
+        self.backend.export_pretrained(directory, self.tokenizer, self.cfg.export.dtype, self.cfg.export.lora)
         self.backend.barrier()
 
     # ------------------------------------------------------------------ resumable state

@@ -51,6 +51,22 @@ def defer_deepspeed_import() -> None:
     accelerate_other.is_deepspeed_available = lambda: "deepspeed" in sys.modules
 
 
+def frozen_names(module: nn.Module) -> set[str]:
+    """Parameters that do not train (a LoRA run's base model): checkpoints leave them out, since the run
+    rebuilds them from model.path."""
+    return {name for name, p in module.named_parameters() if not p.requires_grad}
+
+
+def check_loaded_keys(directory: Path, module: nn.Module, missing: Iterable[str], unexpected: Iterable[str]) -> None:
+    """A checkpoint may lack only frozen parameters; anything else means it belongs to another model."""
+    missing, unexpected = set(missing) - frozen_names(module), list(unexpected)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{directory}: checkpoint does not match the model (missing {sorted(missing)[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+
+
 class Backend(ABC):
     """Wraps a model and its optimizer for one engine."""
 
@@ -168,14 +184,26 @@ class Backend(ABC):
     @abstractmethod
     def load_checkpoint(self, directory: Path) -> None: ...
 
-    def export_pretrained(self, directory: Path, tokenizer: Any = None, dtype: str = "fp32") -> None:
+    def export_pretrained(
+        self, directory: Path, tokenizer: Any = None, dtype: str = "fp32", lora: str = "merged"
+    ) -> None:
         """Consolidated Hugging Face model (sharded safetensors + index) in `directory`, in `dtype`, written
-        by rank 0 tensor by tensor as `full_tensors` gathers them; every rank must call it."""
-        from parallel.export import write_pretrained
+        by rank 0 tensor by tensor as `full_tensors` gathers them; every rank must call it.
 
-        write_pretrained(
-            directory, self.module, self.full_tensors(), is_main=self.ctx.is_main, dtype=dtype, tokenizer=tokenizer
-        )
+        A model with LoRA adapters is written merged into a plain model (`lora="merged"`), or as a PEFT
+        adapter folder (`lora="adapter"`, fp32, with the tokenizer)."""
+        from parallel.export import lora_scalings, merged_tensors, write_adapter, write_pretrained
+
+        module, tensors = self.module, self.full_tensors()
+        scalings = lora_scalings(module)
+        if scalings and lora == "adapter":
+            write_adapter(directory, module, tensors, is_main=self.ctx.is_main)
+            if tokenizer is not None and self.ctx.is_main:
+                tokenizer.save_pretrained(directory)
+            return
+        if scalings:
+            module, tensors = module.get_base_model(), merged_tensors(tensors, scalings)
+        write_pretrained(directory, module, tensors, is_main=self.ctx.is_main, dtype=dtype, tokenizer=tokenizer)
 
     @abstractmethod
     def full_tensors(self) -> Iterator[tuple[str, torch.Tensor | None]]:

@@ -133,3 +133,71 @@ def write_pretrained(
         generation.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+# --- LoRA (peft) models: the merged plain model, or the adapter alone -------------------------------------
+PEFT_PREFIX = "base_model.model."
+ADAPTER = "default"  # peft's name of the one adapter a model gets from get_peft_model
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def lora_scalings(module: nn.Module) -> dict[str, float]:
+    """Plain-model module name -> LoRA scaling (alpha / r) of each adapted layer; empty without adapters."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return {}
+    return {
+        name.removeprefix(PEFT_PREFIX): float(layer.scaling[ADAPTER])
+        for name, layer in module.named_modules()
+        if isinstance(layer, LoraLayer) and ADAPTER in layer.scaling
+    }
+
+
+def merged_tensors(
+    tensors: Iterable[tuple[str, torch.Tensor | None]], scalings: dict[str, float]
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """The plain model's tensors from a peft model's stream: W + scaling * B @ A under the base layer's name
+    (what peft's `merge_and_unload` computes for a Linear), other tensors renamed. A layer's base weight is
+    held until its lora_B arrives (module order: base_layer, lora_A, lora_B), so at most one layer waits."""
+    base: dict[str, torch.Tensor | None] = {}
+    lora_a: dict[str, torch.Tensor | None] = {}
+    for peft_name, tensor in tensors:
+        name = peft_name.removeprefix(PEFT_PREFIX)
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith(f".lora_A.{ADAPTER}"):
+            lora_a[owner.removesuffix(f".lora_A.{ADAPTER}")] = tensor
+        elif owner.endswith(f".lora_B.{ADAPTER}"):
+            layer = owner.removesuffix(f".lora_B.{ADAPTER}")
+            weight, a = base.pop(layer), lora_a.pop(layer)
+            merged = None
+            if tensor is not None:
+                delta = (tensor.double() @ a.double()) * scalings[layer]
+                merged = (weight.double() + delta).to(weight.dtype)
+            yield f"{layer}.weight", merged
+        elif owner.endswith(".base_layer") and leaf == "weight" and owner.removesuffix(".base_layer") in scalings:
+            base[owner.removesuffix(".base_layer")] = tensor
+        else:
+            yield name.replace(".base_layer.", "."), tensor
+    if base or lora_a:
+        raise ValueError(f"LoRA layers without both adapter matrices: {sorted({*base, *lora_a})[:3]}")
+
+
+def write_adapter(
+    directory: Path, module: nn.Module, tensors: Iterable[tuple[str, torch.Tensor | None]], *, is_main: bool
+) -> None:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, the layout `PeftModel
+    .save_pretrained` writes and `PeftModel.from_pretrained` reads): only the adapter tensors are kept."""
+    from safetensors.torch import save_file
+
+    marker = f".{ADAPTER}."
+    adapter = {
+        name.replace(marker, "."): tensor.detach().cpu().contiguous()
+        for name, tensor in tensors
+        if tensor is not None and ".lora_" in name
+    }
+    if not is_main:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter, str(directory / ADAPTER_FILE), metadata={"format": "pt"})
+    module.peft_config[ADAPTER].save_pretrained(str(directory))

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from parallel.base import Backend
+from parallel.base import Backend, check_loaded_keys
 from parallel.export import exported_names, gather_rows_to_main
 from parallel.loading import (
     init_non_persistent_buffers,
@@ -142,15 +142,25 @@ class FSDPBackend(Backend):
         self.optimizer.step()
 
     # torch.distributed.checkpoint: each rank writes and reads its own shards (any world size can load)
+    # frozen parameters (a LoRA run's base model) are rebuilt from model.path and left out
+    STATE_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
     def save_checkpoint(self, directory: Path):
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.STATE_OPTIONS)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
 
     def load_checkpoint(self, directory: Path):
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.STATE_OPTIONS)
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=str(directory))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        loaded = set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=self.STATE_OPTIONS,
+        )
+        check_loaded_keys(directory, self.model, loaded.missing_keys, loaded.unexpected_keys)
 
     def full_tensors(self):
         self._reshard()  # parameters still gathered after a forward would be the bf16 compute copies

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from parallel.base import Backend
+from parallel.base import Backend, check_loaded_keys, frozen_names
 from parallel.export import exported_names
 from parallel.optim import build_optimizer, grads_of, set_lr
 
@@ -56,12 +56,14 @@ class SingleBackend(Backend):
         self.optimizer.step()
 
     def save_checkpoint(self, directory: Path):
-        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-        torch.save(state, directory / "model_optimizer.pt")
+        # frozen parameters (a LoRA run's base model) are rebuilt from model.path: only what trains is saved
+        frozen = frozen_names(self.module)
+        model_state = {k: v for k, v in self.module.state_dict().items() if k not in frozen}
+        torch.save({"model": model_state, "optimizer": self.optimizer.state_dict()}, directory / "model_optimizer.pt")
 
     def load_checkpoint(self, directory: Path):
         state = torch.load(directory / "model_optimizer.pt", map_location=self.ctx.device, weights_only=True)
-        self.module.load_state_dict(state["model"])
+        check_loaded_keys(directory, self.module, *self.module.load_state_dict(state["model"], strict=False))
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_tensors(self):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ngdiff.errors import UserError
-from parallel.base import Backend
+from parallel.base import Backend, frozen_names
 from parallel.export import exported_names, gather_rows_to_main
 from parallel.optim import build_optimizer, set_lr
 
@@ -262,12 +262,19 @@ class Zero3Backend(Backend):
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
 
+    # frozen parameters (a LoRA run's base model) are rebuilt from model.path and left out
     def save_checkpoint(self, directory: Path):
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+        self.engine.save_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=True
+        )
 
     def load_checkpoint(self, directory: Path):
         path, _ = self.engine.load_checkpoint(
-            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(directory),
+            tag=CHECKPOINT_TAG,
+            load_module_strict=not frozen_names(self.module),
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")

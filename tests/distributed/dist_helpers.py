@@ -165,3 +165,31 @@ def precision_cases(world_size: int) -> list[dict]:
                 }
             )
     return cases
+
+
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
+
+
+def lora_matrix() -> dict[str, list[str]]:
+    """LoRA cases: every combiner (SGD), AdamW + AutoLR, and NPO / KL whose reference is the base with
+    adapters disabled, with NGDiff + AutoLR. The SGD lr is larger: adapters start at B = 0 and move slowly."""
+    base = matrix_cases()
+    cases = {f"lora_{c}_sgd": [*base[f"{c}_sgd"], *LORA, "optim.lr=0.5"] for c in COMBINERS}
+    # eps 1e-3: Adam divides tiny adapter gradients (lora_A's first ones are ~B = 0) by their own size, turning
+    # last-bit differences into lr-sized moves; a larger eps keeps the step linear in such gradients
+    cases["lora_ngdiff_adamw_autolr"] = [*base["ngdiff_adamw_autolr"], *LORA, "optim.lr=0.01", "optim.eps=1e-3"]
+    autolr_sgd = [*base["ngdiff_sgd"], *LORA, "optim.lr=0.5", "autolr.enabled=true"]
+    cases["lora_npo_ngdiff_sgd_autolr"] = [*autolr_sgd, "method.forget_objective=npo"]
+    cases["lora_kl_ngdiff_sgd_autolr"] = [*autolr_sgd, "method.retain_objective=kl"]
+    return cases
+
+
+def lora_backend_cases(backend: str) -> list[dict]:
+    cases = [
+        {"name": f"{backend}_{name}", "overrides": [f"parallel.backend={backend}", *o]}
+        for name, o in lora_matrix().items()
+    ]
+    if backend != "single":  # killed after step 3 (checkpoint at step 2), resumed with train.resume=auto
+        resumable = [f"parallel.backend={backend}", *lora_matrix()["lora_ngdiff_adamw_autolr"], "train.save_every=2"]
+        cases.append({"name": f"{backend}_lora_resume", "overrides": resumable, "crash_after": 3})
+    return cases
