@@ -39,6 +39,9 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help=f"the small smoke-test grid ({CONFIG_DIR / 'quick.yaml'})")
     parser.add_argument("--output-dir", default="", help="the study folder (default: outputs/study/<name>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="runs at a time, each a one-thread subprocess (default: 1, in process)"
+    )
     slurm = parser.add_argument_group("Slurm (one array job, a task per run)")
     slurm.add_argument("--slurm", action="store_true", help="submit instead of running here")
     slurm.add_argument("--partition", default="")
@@ -50,7 +53,7 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     slurm.add_argument("--dry-run", action="store_true", help="print the scripts; submit nothing")
 
 
-@subcommand("study", "run a grid of methods x lrs x seeds on one world; results, summary and plots", add_study_arguments)
+@subcommand("study", "a grid of methods x lrs x seeds on one world: results, summary, plots", add_study_arguments)
 def run_study(args: argparse.Namespace) -> int:
     items = list(args.items)
     if items and items[0] in ACTIONS:
@@ -87,6 +90,8 @@ def start_study(config: Path, args: argparse.Namespace) -> int:
     from ngdiff.study.runner import claim_study_dir, plan_study, prepare_world, run_local
     from ngdiff.study.spec import load_study
 
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     spec = load_study(config)
     study_dir = Path(args.output_dir or f"outputs/study/{spec.name}")
     plan = plan_study(spec, study_dir)  # every run's config validated here, before anything is built
@@ -100,10 +105,13 @@ def start_study(config: Path, args: argparse.Namespace) -> int:
     print(f"study {spec.name}: {len(plan.runs)} runs ({len(plan.runs) - len(pending)} already finished) in {study_dir}")
     world = prepare_world(plan, progress=not args.no_progress)
     world_seconds = time.time() - started
-    run_local(plan, world, progress=not args.no_progress)
-    code = report_command(study_dir)
+    failed = run_local(plan, world, progress=not args.no_progress, workers=args.workers)
+    report_command(study_dir)
     print(f"world {world_seconds:.0f} s, study {time.time() - started:.0f} s in all")
-    return code
+    if failed:
+        print(f"{len(failed)} runs failed (logs in {study_dir / 'logs'}): {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def report_command(study_dir: Path) -> int:

@@ -231,9 +231,11 @@ def summary_markdown(
     best = best_cells(cells, rule)
     f, u = rule.forget_metric, rule.utility_metric
     lines = ["# Study summary", ""]
-    floor = f"{rule.utility_fraction:g} x the target's ({rule.utility_fraction * target_utility:.4g})" if (
-        target_utility is not None
-    ) else "(target utility unknown: no floor)"
+    floor = (
+        f"{rule.utility_fraction:g} x the target's ({rule.utility_fraction * target_utility:.4g})"
+        if (target_utility is not None)
+        else "(target utility unknown: no floor)"
+    )
     lines += [
         f"Rule: per run, the evaluation point with the {'highest' if rule.forget_mode == 'max' else 'lowest'} "
         f"`{f}` among those with `{u}` >= {floor}; step 0 (the target, no unlearning) always qualifies. "

@@ -133,9 +133,7 @@ class StudySpec:
 
     def runs(self) -> list[RunSpec]:
         """The grid in a fixed order (method, lr, seed): the index of a run is its Slurm array task."""
-        return [
-            RunSpec(m.name, lr, seed, m.overrides) for m in self.methods for lr in self.lrs for seed in m.seeds
-        ]
+        return [RunSpec(m.name, lr, seed, m.overrides) for m in self.methods for lr in self.lrs for seed in m.seeds]
 
     def run_overrides(self, run: RunSpec) -> list[str]:
         """Every run gets the same budget and evaluation; the method's overrides come after the common ones."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -178,10 +180,51 @@ def tokenizer_corpus(sets: dict[str, list[dict[str, Any]]]) -> list[str]:
     return texts
 
 
+WORLD_MODELS = {"target": "target_train", "retain_model": "reference_train"}  # model folder -> training set
+BUILT = ".built"
+
+
+def try_claim(folder: Path) -> str:
+    """'built', 'busy' (another live process holds `folder`.lock) or 'mine' (this process now holds it).
+    Lets two `ngdiff study world` processes build the world's two models at once."""
+    if (folder / BUILT).is_file():
+        return "built"
+    lock = folder.with_name(folder.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            holder = int(lock.read_text() or 0)
+            os.kill(holder, 0)
+            return "busy"
+        except (ValueError, ProcessLookupError, FileNotFoundError):  # its builder died: take over
+            lock.unlink(missing_ok=True)
+            return try_claim(folder)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return "mine"
+
+
+def build_each(folders: dict[str, Path], build, poll: float = 5.0) -> None:
+    """`build(name)` for every folder not built yet and not being built elsewhere; wait for the others."""
+    pending = dict(folders)
+    while pending:
+        for name, folder in list(pending.items()):
+            state = try_claim(folder)
+            if state == "mine":
+                try:
+                    build(name)
+                    (folder / BUILT).write_text("")
+                finally:
+                    folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
+            if state != "busy":
+                del pending[name]
+        if pending:
+            time.sleep(poll)
+
+
 def build_cpu_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = True) -> dict[str, Any]:
     """Fine-tune the target and the retain model, evaluate both; return the record world.json keeps."""
-    import time
-
     from ngdiff.data import encode_task
     from ngdiff.finetune import FinetuneConfig, finetune
     from ngdiff.modeling import TinyLlamaSpec, build_tiny_model, load_tokenizer
@@ -196,20 +239,28 @@ def build_cpu_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = T
             write_jsonl(eval_dir / name, rows)
 
     shape = world.model
-    spec = TinyLlamaSpec(shape.vocab_size, shape.hidden_size, shape.num_layers, shape.num_heads, shape.intermediate_size)
-    base = build_tiny_model(folder / "base", tokenizer_corpus(sets), spec, seed=world.finetune.seed)
+    spec = TinyLlamaSpec(
+        shape.vocab_size, shape.hidden_size, shape.num_layers, shape.num_heads, shape.intermediate_size
+    )
+    base = folder / "base"
+    build_each({"base": base}, lambda _: build_tiny_model(base, tokenizer_corpus(sets), spec, seed=world.finetune.seed))
     tokenizer = load_tokenizer(str(base))
     ft = world.finetune
     ft_cfg = FinetuneConfig(
         epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr, warmup_steps=ft.warmup_steps, seed=ft.seed
     )
-    for name, train in (("target", "target_train"), ("retain_model", "reference_train")):
+
+    def fine_tune(name: str) -> None:
+        train = WORLD_MODELS[name]
         log.warning("world: fine-tuning the %s (%d pairs, %d epochs)", name, len(sets[train]), ft.epochs)
         examples = encode_task(data_cfg, tokenizer, str(data_dir / f"{train}.jsonl"), f"world {train}")
         finetune(base, tokenizer, examples, folder / name, ft_cfg, progress=progress)
 
-    reference_metrics = evaluate_model(folder / "retain_model", world, eval_dir, folder / "reference_eval", None)
-    target_metrics = evaluate_model(folder / "target", world, eval_dir, folder / "target_eval", folder / "reference_eval")
+    build_each({name: folder / name for name in WORLD_MODELS}, fine_tune)
+
+    reference = folder / "reference_eval"
+    reference_metrics = evaluate_model(folder / "retain_model", world, eval_dir, reference, None)
+    target_metrics = evaluate_model(folder / "target", world, eval_dir, folder / "target_eval", reference)
     overrides = [
         f"model.path={folder / 'target'}",
         f"data.forget={data_dir / 'forget.jsonl'}",
@@ -302,7 +353,12 @@ def prepare_cluster_world(world: WorldSpec, folder: Path, data_cfg) -> dict[str,
     reference = world.reference
     if not reference:
         reference_metrics = evaluate_model(
-            world.retain_model, world, world.data_dir or None, folder / "reference_eval", None, world.split,
+            world.retain_model,
+            world,
+            world.data_dir or None,
+            folder / "reference_eval",
+            None,
+            world.split,
             world.max_items,
         )
         reference = str(folder / "reference_eval")
@@ -310,5 +366,9 @@ def prepare_cluster_world(world: WorldSpec, folder: Path, data_cfg) -> dict[str,
     target_metrics = evaluate_model(
         world.target, world, world.data_dir or None, folder / "target_eval", reference, world.split, world.max_items
     )
-    return {"overrides": overrides, "target_metrics": target_metrics, "reference_metrics": reference_metrics,
-            "info": {}}
+    return {
+        "overrides": overrides,
+        "target_metrics": target_metrics,
+        "reference_metrics": reference_metrics,
+        "info": {},
+    }
