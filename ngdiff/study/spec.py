@@ -68,6 +68,7 @@ class WorldSpec:
     forget_split: str = "forget01"  # bundled <split>.jsonl and <split>_perturbed.jsonl: the forget authors
     retain_authors: int = 10  # the first N TOFU authors (covered by the bundled retain_perturbed.jsonl)
     knowledge: tuple[str, ...] = ("real_authors", "world_facts")  # fine-tuned, never in the retain set
+    knowledge_items: int = 0  # fine-tune on N evenly spaced items of each knowledge set (0: all of them)
     model: ModelShape = field(default_factory=ModelShape)
     finetune: FinetuneShape = field(default_factory=FinetuneShape)
     eval_items: EvalItems = field(default_factory=EvalItems)

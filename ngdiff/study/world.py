@@ -144,7 +144,11 @@ def cpu_world_data(world: WorldSpec) -> dict[str, list[dict[str, Any]]]:
     retain = full[: world.retain_authors * QUESTIONS_PER_AUTHOR]
     if forget_questions & {r["question"] for r in retain}:
         raise StudyError(f"world: {world.forget_split} overlaps the first {world.retain_authors} authors")
-    knowledge = [r for name in world.knowledge for r in read_jsonl(TOFU_DIR / f"{KNOWLEDGE_FILES[name]}.jsonl")]
+    knowledge = [
+        r
+        for name in world.knowledge
+        for r in evenly_spaced(read_jsonl(TOFU_DIR / f"{KNOWLEDGE_FILES[name]}.jsonl"), world.knowledge_items)
+    ]
     retain_perturbed = read_jsonl(TOFU_DIR / "retain_perturbed.jsonl")[: len(retain)]
     items = world.eval_items
     evaluation = {
