@@ -127,13 +127,26 @@ def _restart(cfg: ExperimentConfig) -> None:
         write_output_dir(cfg, overwrite=False)
 
 
+def priority(spec: StudySpec, run: RunSpec) -> tuple[int, int, int, int]:
+    """Local order: every method's first seed before any second seed, the lr.png methods first, so an
+    interrupted study has the widest comparison (the Slurm array keeps the grid's order)."""
+    method = next(m for m in spec.methods if m.name == run.method)
+    names = [m.name for m in spec.methods]
+    return (
+        method.seeds.index(run.seed),
+        0 if run.method in spec.lr_plot_methods else 1,
+        names.index(run.method),
+        spec.lrs.index(run.lr),
+    )
+
+
 def run_local(plan: Plan, world: World, progress: bool = True, workers: int = 1) -> list[str]:
     """Every pending run, with a progress bar over runs: one after another in this process, or
     `workers` at a time as `ngdiff study run-one` subprocesses of one thread each (on a few cores, two
     one-thread runs of a tiny model get more done than one two-thread run). Returns the failed runs."""
     from tqdm.auto import tqdm
 
-    pending = plan.pending()
+    pending = sorted(plan.pending(), key=lambda run: priority(plan.spec, run))
     done = len(plan.runs) - len(pending)
     bar = tqdm(total=len(plan.runs), initial=done, desc="study", unit="run", disable=not progress, dynamic_ncols=True)
     failed: list[str] = []

@@ -119,3 +119,15 @@ def test_quick_study_end_to_end_then_resumes_without_redoing_anything(tmp_path, 
     assert (out / "world" / "world.json").stat().st_mtime == world_mtime
     assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == rows
     assert main(["study", "report", str(out)]) == 0
+
+
+def test_local_order_runs_every_first_seed_before_extra_seeds_and_the_lr_plot_methods_first(tmp_path):
+    from ngdiff.study.runner import priority
+
+    spec = load_study(CONFIG_DIR / "default.yaml")
+    order = sorted(spec.runs(), key=lambda run: priority(spec, run))
+    first_seed = [r for r in spec.runs() if r.seed == 0]
+    assert order[: len(first_seed)] == sorted(first_seed, key=lambda run: priority(spec, run))
+    head = {r.method for r in order[: 4 * len(spec.lrs)]}
+    assert head == set(spec.lr_plot_methods)
+    assert sorted(order, key=lambda r: r.run_id) == sorted(spec.runs(), key=lambda r: r.run_id)  # nothing lost
