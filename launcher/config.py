@@ -41,6 +41,7 @@ class DataConfig:
     question_key: str = "question"
     answer_key: str = "answer"
     text_key: str = "text"
+    prompt_template: str = ""  # "", chat, llama2, phi or a string with {question} (ngdiff/data/tokenize.py)
     idk: str = ""  # refusal sentences for the idk forget objective; default: the bundled TOFU file
 
 
@@ -51,6 +52,8 @@ class MethodConfig:
     retain_objective: str = "nll"
     gdiff_coefficient: float = 0.5
     npo_beta: float = 0.1
+    simnpo_beta: float = 2.5  # official SimNPO code's default; open-unlearning's TOFU config uses 4.5
+    simnpo_gamma: float = 0.0  # SimNPO's reward margin (open-unlearning calls it delta)
 
 
 @dataclass
@@ -62,6 +65,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 0.0  # 0 disables clipping of the combined direction
+    schedule: Literal["constant", "linear"] = "constant"  # multiplier on the lr each step (ngdiff/schedule.py)
+    warmup_steps: int = 0  # linear warmup from 0 over these steps (HF's formula)
+    warmup_epochs: float = 0.0  # or over this many epochs of the forget set (open-unlearning's warmup_epochs)
 
 
 @dataclass
@@ -70,7 +76,10 @@ class AutoLRConfig:
     every: int = 4
     probe_points: tuple[float, ...] = (-1.0, 0.0, 1.0)
     probe_loss: Literal["retain", "combined"] = "retain"
-    momentum: float = 0.9  # lr <- momentum * lr + (1 - momentum) * scale * clip(lr * B / A)
+    probe_batch: Literal["fresh", "step"] = "step"  # step: the step's own batches; l(0) from its forward
+    momentum: float = 0.0  # lr <- momentum * lr + (1 - momentum) * scale * clip(lr * B / A)
+    max_change: float = 2.0  # the clip: lr * B / A is kept within [lr / max_change, lr * max_change]
+    on_reject: Literal["keep", "halve"] = "halve"  # what a rejected fit does to the lr
     min_r2: float = 0.99  # only checked when more than three points are probed
     horizon_decay: Literal["none", "linear", "cosine"] = "none"
 
@@ -102,11 +111,11 @@ class ParallelConfig:
 class EvalConfig:
     every: int = 0
     benchmark: Literal["none", "tofu", "muse"] = "none"
-    max_items: int = 0  # 0: all items of each split
+    max_items: int = 300  # first N items of each set (TOFU's ds_size: the published logs); 0: all
     batch_size: int = 16
-    max_new_tokens: int = 64
+    max_new_tokens: int = 200  # TOFU's generation length
     best_metric: str = ""  # e.g. "forget_rougeL_recall:min" keeps the best checkpoint by it
-    split: str = "forget01"  # TOFU forget split whose *_perturbed file is evaluated
+    split: str = ""  # TOFU forget split evaluated; empty: the one data.forget names (forget10.jsonl), else forget01
     data_dir: str = ""  # folder with the benchmark files; empty: the copies bundled in ngdiff/resources
     reference: str = ""  # TOFU: retain-only model's evaluation output (forget quality); MUSE: its AUC or output
 
@@ -267,6 +276,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 def validate(config: ExperimentConfig) -> None:
     """Checks that need no model or data: names, signs, ranges, files that must exist."""
     from ngdiff.combiners import COMBINERS
+    from ngdiff.data.tokenize import check_prompt_template
     from ngdiff.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
     from parallel import BACKENDS
 
@@ -292,6 +302,7 @@ def validate(config: ExperimentConfig) -> None:
         "train.log_every": config.train.log_every,
         "eval.batch_size": config.eval.batch_size,
         "method.npo_beta": config.method.npo_beta,
+        "method.simnpo_beta": config.method.simnpo_beta,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -300,6 +311,8 @@ def validate(config: ExperimentConfig) -> None:
         "optim.weight_decay": config.optim.weight_decay,
         "optim.momentum": config.optim.momentum,
         "optim.max_grad_norm": config.optim.max_grad_norm,
+        "optim.warmup_steps": config.optim.warmup_steps,
+        "optim.warmup_epochs": config.optim.warmup_epochs,
         "train.max_steps": config.train.max_steps,
         "train.epochs": config.train.epochs,
         "train.micro_batch_size": config.train.micro_batch_size,
@@ -310,12 +323,16 @@ def validate(config: ExperimentConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must not be negative, got {value}")
+    if config.optim.warmup_steps > 0 and config.optim.warmup_epochs > 0:
+        raise ConfigError("set optim.warmup_steps or optim.warmup_epochs, not both")
     if config.train.max_steps == 0 and config.train.epochs == 0:
         raise ConfigError("set train.max_steps or train.epochs to a positive value")
     if not 0.0 <= config.method.gdiff_coefficient <= 1.0:
         raise ConfigError(f"method.gdiff_coefficient must lie in [0, 1], got {config.method.gdiff_coefficient}")
     if not 0.0 <= config.autolr.momentum < 1.0:
         raise ConfigError(f"autolr.momentum must lie in [0, 1), got {config.autolr.momentum}")
+    if not config.autolr.max_change > 1.0:
+        raise ConfigError(f"autolr.max_change must be greater than 1, got {config.autolr.max_change}")
     points = config.autolr.probe_points
     if len(points) < 3 or len(set(points)) != len(points) or 0.0 not in points:
         raise ConfigError(f"autolr.probe_points needs at least three distinct points including 0, got {points}")
@@ -333,12 +350,30 @@ def validate(config: ExperimentConfig) -> None:
         if not value:
             raise ConfigError(f"data.{key} is required (a JSON/JSONL file or a hub dataset name)")
         check_data_source(f"data.{key}", value)
+    try:
+        check_prompt_template(config.data.prompt_template)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if config.data.idk:
         check_data_source("data.idk", config.data.idk)
+    resolve_eval_split(config)
     if config.parallel.deepspeed_config and not Path(config.parallel.deepspeed_config).is_file():
         raise ConfigError(f"parallel.deepspeed_config: file not found: {config.parallel.deepspeed_config}")
     if not config.output_dir:
         raise ConfigError("output_dir must not be empty")
+
+
+def resolve_eval_split(config: ExperimentConfig) -> None:
+    """The TOFU split evaluated follows the trained one: training on forget10 never scores forget01."""
+    from ngdiff.eval.tofu import tofu_split_of
+
+    trained = tofu_split_of(config.data.forget)
+    if config.eval.split and trained and config.eval.split != trained:
+        raise ConfigError(
+            f"eval.split={config.eval.split} contradicts data.forget={config.data.forget}, which trains on {trained}; "
+            f"drop eval.split (it follows data.forget) or set eval.split={trained}"
+        )
+    config.eval.split = config.eval.split or trained or "forget01"
 
 
 def check_data_source(key: str, value: str) -> None:

@@ -33,9 +33,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="forget01", help="TOFU forget split: forget01, forget05 or forget10")
     parser.add_argument("--output", help="folder for items.json, aggregate.json, summary.md (default: MODEL/eval_*)")
     parser.add_argument("--data-dir", help="folder with the benchmark files (default: the bundled copies)")
-    parser.add_argument("--max-items", type=int, default=0, help="first N items of each set (0: all)")
+    parser.add_argument(
+        "--max-items", type=int, default=300, help="first N items of each set (default: TOFU's ds_size 300; 0: all)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation / scoring batch")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="TOFU generation length (MUSE fixes its own)")
+    parser.add_argument(
+        "--prompt-template",
+        default="",
+        help="TOFU prompt format the model was trained with: chat, llama2, phi, a string with {question}, "
+        "or empty (chat template if the tokenizer has one, else Question/Answer); as data.prompt_template",
+    )
     parser.add_argument("--backend", default="", help="shard the model with a parallel backend (fsdp, zero3)")
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--unlearned", help="forget-quality: the unlearned model's evaluation output")
@@ -52,6 +60,12 @@ def run_eval(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model_dir}: not a model folder (no config.json)")
+    from ngdiff.data.tokenize import check_prompt_template
+
+    try:
+        check_prompt_template(args.prompt_template)
+    except ValueError as err:
+        raise UserError(str(err).replace("data.prompt_template", "--prompt-template")) from None
     for name in ("max_items", "batch_size", "max_new_tokens"):
         value = getattr(args, name)
         if value < 0 or (value == 0 and name != "max_items"):
@@ -122,6 +136,7 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
                 args.split,
                 max_new_tokens=args.max_new_tokens,
                 reference_ratios=reference_ratios,
+                prompt_template=args.prompt_template,
                 **common,
             )
         else:
@@ -136,6 +151,7 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
                 "reference": args.reference or "",
                 "max_items": args.max_items,
                 "max_new_tokens": args.max_new_tokens if args.benchmark == "tofu" else "128 / 32",
+                "prompt_template": args.prompt_template,
                 "ranks": ctx.world_size,
                 "seconds": round(seconds, 2),
             }

@@ -100,9 +100,12 @@ def normalized_gradient_difference(s: TaskStats, opts: CombinerOptions) -> Weigh
 
 @register("lossnorm")
 def loss_normalization(s: TaskStats, opts: CombinerOptions) -> Weights:
+    """Each task weighted by 1/|L|: by the loss's *magnitude*, so the signs of the update stay those of
+    the method. NPO, SimNPO and IdK return a negative forget quantity (see ngdiff/objectives.py), and
+    dividing by the signed value would flip w_F and relearn the forget set."""
     return Weights(
-        1.0 / guarded(s.loss_retain, "retain loss"),
-        -1.0 / guarded(s.loss_forget, "forget loss"),
+        1.0 / guarded(abs(s.loss_retain), "retain loss"),
+        -1.0 / guarded(abs(s.loss_forget), "forget loss"),
     )
 
 

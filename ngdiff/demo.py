@@ -39,6 +39,11 @@ UNLEARN_OVERRIDES = [
     "optim.lr=5e-4",
     "autolr.enabled=true",
     "autolr.every=4",
+    # the AutoLR the README's measured result used (before docs/autolr.md's study): AdamW with the
+    # study's defaults grows the lr and loses retention, see docs/autolr.md
+    "autolr.probe_batch=fresh",
+    "autolr.momentum=0.9",
+    "autolr.on_reject=keep",
     "train.forget_batch_size=8",
     "train.retain_batch_size=8",
     "train.max_steps=40",

@@ -106,47 +106,69 @@ class NPO(Objective):
 
 
 class SimNPO(Objective):
-    """SimNPO (Fan et al., 2024): NPO without a reference, on the length-normalised log-likelihood."""
+    """SimNPO (Fan et al., 2024): NPO without a reference, on the length-normalised NLL with a margin.
+
+    Loss per sequence, as the official code (OPTML-Group/Unlearn-Simple, TOFU/dataloader.py, loss_type
+    `simnpo`) and open-unlearning (src/trainer/unlearn/simnpo.py, where the margin is called `delta`):
+    -(2/beta) log sigmoid(beta * (NLL(y|x)/|y| - gamma)). Returned negated, like NPO. beta defaults to the
+    official 2.5 (open-unlearning's TOFU config uses 4.5); with NPO's 0.1 the weights are nearly flat and
+    SimNPO degenerates into length-normalised gradient ascent.
+    """
 
     unit = "sequences"
 
-    def __init__(self, beta: float = 0.1, gamma: float = 0.0):
+    def __init__(self, beta: float = 2.5, gamma: float = 0.0):
         self.beta = beta
         self.gamma = gamma
 
     def loss_sum(self, model, batch, reference=None):
         log_p, length = sequence_log_likelihood(model, batch)
-        mean_log_p = log_p / length.clamp_min(1)
-        return (2.0 / self.beta) * F.logsigmoid(-self.beta * mean_log_p - self.gamma).sum()
+        mean_nll = -log_p / length.clamp_min(1)
+        return (2.0 / self.beta) * F.logsigmoid(self.beta * (mean_nll - self.gamma)).sum()
 
 
 class KLToReference(Objective):
-    """Token-level KL(p_ref || p_theta) on the labelled positions: keep the retain distribution."""
+    """KL(p_ref || p_theta) of the next-token distributions at every attended position, averaged over them.
+
+    TOFU (dataloader.py, loss_type `KL`) and open-unlearning (src/trainer/utils.py, compute_kl_divergence)
+    flatten the logits of *every* position, prompt tokens included, and divide by batch x width
+    (`batchmean` on the flattened rows). We take the same positions, prompt included, but only attended
+    ones: padded positions hold no data, and counting them would make the loss depend on how the batch
+    is padded, i.e. on the micro-batch and rank split, which this trainer keeps exact.
+    """
 
     needs_reference = True
+
+    def count(self, batch):
+        return int(batch["attention_mask"].sum())
 
     def loss_sum(self, model, batch, reference=None):
         if reference is None:
             raise ValueError("the KL retain objective needs the frozen reference model")
-        logits = logits_of(model, batch)[:, :-1].float()
+        logprobs = torch.log_softmax(logits_of(model, batch).float(), dim=-1)
         with torch.no_grad():
-            ref_logprobs = torch.log_softmax(logits_of(reference, batch)[:, :-1].float(), dim=-1)
-        mask = batch["labels"][:, 1:] != IGNORE
-        logprobs = torch.log_softmax(logits, dim=-1)
+            ref_logprobs = torch.log_softmax(logits_of(reference, batch).float(), dim=-1)
         kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
-        return (kl * mask).sum()
+        return (kl * batch["attention_mask"]).sum()
 
 
 FORGET_OBJECTIVES = {"nll": NLL, "npo": NPO, "simnpo": SimNPO, "idk": IdkNLL}
 RETAIN_OBJECTIVES = {"nll": NLL, "kl": KLToReference, "none": None}
 
 
-def build_objectives(forget: str, retain: str, npo_beta: float = 0.1) -> tuple[Objective, Objective | None]:
+def build_objectives(
+    forget: str, retain: str, npo_beta: float = 0.1, simnpo_beta: float = 2.5, simnpo_gamma: float = 0.0
+) -> tuple[Objective, Objective | None]:
     if forget not in FORGET_OBJECTIVES:
         raise ValueError(f"unknown forget objective {forget!r}; choose one of: {', '.join(FORGET_OBJECTIVES)}")
     if retain not in RETAIN_OBJECTIVES:
         raise ValueError(f"unknown retain objective {retain!r}; choose one of: {', '.join(RETAIN_OBJECTIVES)}")
     forget_cls = FORGET_OBJECTIVES[forget]
-    forget_obj = forget_cls(beta=npo_beta) if forget_cls in (NPO, SimNPO) else forget_cls()
+    if forget_cls is NPO:
+        forget_obj = NPO(beta=npo_beta)
+    elif forget_cls is SimNPO:
+        forget_obj = SimNPO(beta=simnpo_beta, gamma=simnpo_gamma)
+    else:
+        forget_obj = forget_cls()
     retain_cls = RETAIN_OBJECTIVES[retain]
     return forget_obj, (retain_cls() if retain_cls is not None else None)

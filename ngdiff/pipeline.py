@@ -35,7 +35,8 @@ class RunOutcome:
 
 
 def build_streams(cfg, tokenizer, ctx: DistContext, refusals: bool) -> tuple[TaskStream, TaskStream]:
-    forget = encode_task(cfg.data, tokenizer, cfg.data.forget, "data.forget", cfg.data.idk if refusals else None)
+    refusals_from = cfg.data.idk if refusals else None
+    forget = encode_task(cfg.data, tokenizer, cfg.data.forget, "data.forget", refusals_from, seed=cfg.train.seed)
     retain = encode_task(cfg.data, tokenizer, cfg.data.retain, "data.retain")
     common = dict(
         rank=ctx.rank, world_size=ctx.world_size, micro_batch=cfg.train.micro_batch_size, pad_id=tokenizer.pad_token_id
@@ -68,7 +69,11 @@ def run_training(
     output_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     forget_objective, retain_objective = build_objectives(
-        cfg.method.forget_objective, cfg.method.retain_objective, cfg.method.npo_beta
+        cfg.method.forget_objective,
+        cfg.method.retain_objective,
+        cfg.method.npo_beta,
+        cfg.method.simnpo_beta,
+        cfg.method.simnpo_gamma,
     )
     refusals = getattr(forget_objective, "uses_refusals", False)
     forget_stream, retain_stream = build_streams(cfg, tokenizer, ctx, refusals)

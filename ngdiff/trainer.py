@@ -23,6 +23,7 @@ from ngdiff.combiners import CombinerOptions, TaskStats, Weights, get_combiner
 from ngdiff.data.loader import MicroBatch, TaskStream
 from ngdiff.metrics_log import MetricsSink
 from ngdiff.objectives import Objective
+from ngdiff.schedule import lr_factor, warmup_steps_of
 
 log = logging.getLogger("ngdiff.trainer")
 
@@ -104,8 +105,11 @@ class Trainer:
         self.tokenizer = tokenizer
         self.combine = get_combiner(cfg.method.combiner)
         self.combiner_options = CombinerOptions(cfg.method.gdiff_coefficient, cfg.train.seed)
-        self.autolr = AutoLR(cfg.autolr, backend, max_steps)
-        self.lr = cfg.optim.lr
+        self.autolr = AutoLR(cfg.autolr, backend, max_steps, cfg.optim.name)
+        self.lr = cfg.optim.lr  # the base lr; AutoLR, when on, maintains it
+        self.warmup_steps = warmup_steps_of(
+            cfg.optim.warmup_steps, cfg.optim.warmup_epochs, forget_stream.batches_per_epoch
+        )
         self.step_index = 0
         self.stop_requested = False  # set by a signal handler; all ranks agree through the step's all-reduce
         self.output_dir = Path(cfg.output_dir)
@@ -115,10 +119,12 @@ class Trainer:
         backend = self.backend
         device = backend.ctx.device
         backend.zero_grad()
-        retain_sum, retain_count = self.accumulate(self.retain_objective, self.retain_stream.next())
+        retain_batches = self.retain_stream.next()
+        retain_sum, retain_count = self.accumulate(self.retain_objective, retain_batches)
         retain_grads = [g.detach().clone() for g in backend.local_grads()]  # one gradient shard aside
         backend.zero_grad()
-        forget_sum, forget_count = self.accumulate(self.forget_objective, self.forget_stream.next())
+        forget_batches = self.forget_stream.next()
+        forget_sum, forget_count = self.accumulate(self.forget_objective, forget_batches)
         forget_grads = backend.local_grads()  # live: the combination is written here, in place
 
         partial = gram_partial_sums(
@@ -145,11 +151,18 @@ class Trainer:
         del retain_grads
 
         record = None
-        if self.autolr.due(self.step_index):
-            record = self.autolr_step(weights)
+        factor = self.lr_factor()
+        if self.autolr.due(self.step_index) and factor > 0:
+            step_sums = totals[[3, 5, 4, 6]]  # [sum_R, units_R, sum_F, units_F] at theta_before
+            record = self.autolr_step(weights, retain_batches, forget_batches, step_sums, factor)
         else:
-            backend.step(self.lr)
-        return StepResult(stats, weights, self.lr, record, stop > 0)
+            backend.step(self.lr * factor)
+        return StepResult(stats, weights, self.lr * factor, record, stop > 0)
+
+    def lr_factor(self) -> float:
+        """optim.schedule's multiplier at this step: the step moves at lr x factor. With AutoLR on, the
+        factor multiplies the lr AutoLR maintains (AutoLR fits on the scheduled step and keeps the base)."""
+        return lr_factor(self.cfg.optim.schedule, self.step_index, self.warmup_steps, self.max_steps)
 
     def accumulate(self, objective: Objective | None, micro_batches: list[MicroBatch]) -> tuple[torch.Tensor, int]:
         """Backward of the objective's sum over this rank's micro-batches; returns (sum, units)."""
@@ -169,11 +182,27 @@ class Trainer:
             total += loss_sum.detach().double()
         return total, count
 
-    def autolr_step(self, weights: Weights) -> AutoLRRecord:
-        """Step, probe the loss along the step on fresh data, refit lr (see ngdiff/autolr.py)."""
-        retain_batches = self.retain_stream.next()
+    def autolr_step(
+        self,
+        weights: Weights,
+        retain_batches: list[MicroBatch],
+        forget_batches: list[MicroBatch],
+        step_sums: torch.Tensor,
+        factor: float = 1.0,
+    ) -> AutoLRRecord:
+        """Step, probe the loss along the step, refit lr (see ngdiff/autolr.py).
+
+        `autolr.probe_batch=fresh` probes newly drawn batches; `step` probes the step's own batches
+        and takes r = 0 from the step's forward (`step_sums`, all-reduced), saving one forward.
+        The step moves at lr x factor (optim.schedule); AutoLR fits that step and keeps the base lr.
+        """
         combined = self.cfg.autolr.probe_loss == "combined"
-        forget_batches = self.forget_stream.next() if combined else []
+        at_zero = step_sums if self.cfg.autolr.probe_batch == "step" else None
+        if at_zero is None:
+            retain_batches = self.retain_stream.next()
+            forget_batches = self.forget_stream.next() if combined else []
+        elif not combined:
+            forget_batches = []
 
         device = self.backend.ctx.device
 
@@ -199,8 +228,8 @@ class Trainer:
                 value = weights.retain * value + weights.forget * float(row[2] / row[3].clamp_min(1))
             return value
 
-        record = self.autolr.step(self.lr, self.step_index, probe_sums, probe_loss)
-        self.lr = record.lr_after
+        record = self.autolr.step(self.lr * factor, self.step_index, probe_sums, probe_loss, at_zero)
+        self.lr = record.lr_after / factor
         return record
 
     def to_device(self, batch: MicroBatch) -> MicroBatch:
@@ -288,6 +317,7 @@ class Trainer:
             "lr": self.lr,
             "forget_stream": self.forget_stream.state_dict(),
             "retain_stream": self.retain_stream.state_dict(),
+            "autolr": self.autolr.state_dict(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -295,3 +325,5 @@ class Trainer:
         self.lr = float(state["lr"])
         self.forget_stream.load_state_dict(state["forget_stream"])
         self.retain_stream.load_state_dict(state["retain_stream"])
+        if "autolr" in state:  # checkpoints written before the acceptance rate was logged lack it
+            self.autolr.load_state_dict(state["autolr"])

@@ -99,7 +99,8 @@ def test_autolr_step_finds_the_analytic_optimum_of_a_quadratic():
 def test_autolr_keeps_the_lr_when_the_fit_is_rejected():
     model = Quadratic(torch.ones(3), torch.zeros(3), -torch.ones(3))  # concave: negative curvature
     lr = 0.1
-    record = autolr_step(make_backend(model, OptimConfig(name="sgd", lr=lr)), lr, AutoLRConfig(enabled=True))
+    cfg = AutoLRConfig(enabled=True, on_reject="keep")
+    record = autolr_step(make_backend(model, OptimConfig(name="sgd", lr=lr)), lr, cfg)
     assert not record.accepted and record.lr_after == lr
     torch.testing.assert_close(model.theta.detach(), torch.ones(3) - lr * -torch.ones(3))  # the plain step
 
@@ -127,3 +128,117 @@ def test_adamw_state_after_autolr_equals_a_plain_step():
         torch.testing.assert_close(state_auto[key], state_plain[key], rtol=0, atol=0)
     u = plain_model.theta.detach() - before
     torch.testing.assert_close(auto_model.theta.detach(), before + record.lr_after / 0.05 * u, rtol=1e-5, atol=1e-6)
+
+
+def test_next_lr_wider_clip_and_the_reject_rules():
+    far = QuadraticFit(A=1.0, B=10.0, r2=1.0, accepted=True)  # optimum 10 x lr
+    assert next_lr(0.1, far, momentum=0.0, max_change=4.0) == pytest.approx(0.4)  # clipped to 4 lr
+    near = QuadraticFit(A=1.0, B=0.01, r2=1.0, accepted=True)  # optimum lr / 100
+    assert next_lr(0.1, near, momentum=0.5, max_change=4.0) == pytest.approx(0.5 * 0.1 + 0.5 * 0.025)
+    rejected = QuadraticFit(A=1.0, B=-1.0, r2=1.0, accepted=False)
+    assert next_lr(0.1, rejected, on_reject="keep") == 0.1
+    assert next_lr(0.1, rejected, momentum=0.9, scale=0.5, on_reject="halve") == 0.05  # no averaging, no scale
+    with pytest.raises(ValueError, match="on_reject"):
+        next_lr(0.1, rejected, on_reject="double")
+
+
+def test_a_rejected_fit_halves_the_lr_and_rescales_the_step():
+    model = Quadratic(torch.ones(3), torch.zeros(3), -torch.ones(3))  # concave: the fit is rejected
+    lr = 0.1
+    cfg = AutoLRConfig(enabled=True, on_reject="halve")
+    record = autolr_step(make_backend(model, OptimConfig(name="sgd", lr=lr)), lr, cfg)
+    assert not record.accepted and record.lr_after == 0.05
+    # grad = H (theta - t) = -1 per coordinate; the step taken is the one at lr / 2
+    torch.testing.assert_close(model.theta.detach(), torch.ones(3) + 0.05 * torch.ones(3))
+    assert record.acceptance_rate == 0.0
+
+
+def test_a_known_loss_at_zero_is_not_probed_and_gives_the_same_fit():
+    torch.manual_seed(2)
+    start, target = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    curvature = torch.rand(4, dtype=torch.float64) + 0.5
+    cfg = AutoLRConfig(enabled=True, momentum=0.0)
+    records, calls = [], []
+    for known in (False, True):
+        model = Quadratic(start, target, curvature).double()
+        backend = make_backend(model, OptimConfig(name="sgd", lr=0.1))
+        backend.zero_grad()
+        model.loss().backward()
+        at_zero = torch.tensor([float(model.loss().detach()) + (0.25 if known else 0.0), 1.0], dtype=torch.float64)
+        count = []
+
+        def probe_sums(model=model, count=count):
+            count.append(1)
+            return torch.tensor([float(model.loss()), 1.0], dtype=torch.float64)
+
+        record = AutoLR(cfg, backend, 10).step(
+            0.1, 0, probe_sums, lambda row: float(row[0] / row[1]), at_zero if known else None
+        )
+        records.append(record)
+        calls.append(len(count))
+    assert calls == [3, 2]  # r = 0 comes from `at_zero`: one forward fewer
+    fresh, known = records
+    assert known.probe_losses[1] == pytest.approx(fresh.probe_losses[1] + 0.25)  # the given value is the one used
+    assert known.probe_losses[0] == fresh.probe_losses[0] and known.probe_losses[2] == fresh.probe_losses[2]
+
+
+def test_acceptance_rate_is_the_running_fraction_of_accepted_fits():
+    model = Quadratic(torch.ones(2), torch.zeros(2), torch.ones(2)).double()
+    backend = make_backend(model, OptimConfig(name="sgd", lr=0.1))
+    autolr = AutoLR(AutoLRConfig(enabled=True), backend, 10)
+    convex, rising = (1.0, 0.5, 0.5), (0.5, 1.0, 1.5)  # losses at r = -1, 0, 1: accepted; B < 0, rejected
+    rates = []
+    for step, losses in enumerate((convex, rising, rising, convex)):
+        backend.zero_grad()
+        model.loss().backward()
+        before, u = model.theta.detach().clone(), -0.1 * model.theta.grad.clone()  # the SGD step at lr 0.1
+
+        def probe_sums(before=before, u=u, losses=losses):
+            r = round(float((model.theta.detach() - before)[0] / u[0]))  # where along the step we are
+            return torch.tensor([losses[r + 1], 1.0], dtype=torch.float64)
+
+        record = autolr.step(0.1, step, probe_sums, lambda row: float(row[0]))
+        rates.append(record.as_metrics()["autolr/acceptance_rate"])
+    assert rates == [1.0, 0.5, pytest.approx(1 / 3), 0.5]
+    assert autolr.state_dict() == {"fits": 4, "accepted": 2}
+
+
+@pytest.mark.parametrize("probe_loss", ["retain", "combined"])
+def test_probing_the_steps_batch_reuses_its_loss_at_zero_and_saves_a_forward(
+    tiny_model_dir, tofu_split, tmp_path, probe_loss
+):
+    from ngdiff.pipeline import run_training
+    from parallel.base import DistContext as Ctx
+    from tests.test_trainer_single import config
+
+    forwards, rows = {}, {}
+    for batch in ("fresh", "step"):
+        cfg = config(
+            tiny_model_dir,
+            tofu_split,
+            tmp_path / batch,
+            "train.max_steps=1",
+            "optim.name=sgd",
+            "optim.lr=0.01",
+            "autolr.enabled=true",
+            f"autolr.probe_loss={probe_loss}",
+            f"autolr.probe_batch={batch}",
+        )
+        count = []
+
+        def hook(trainer, count=count):
+            trainer.backend.model.register_forward_hook(lambda *_: count.append(1))
+
+        rows[batch] = run_training(cfg, Ctx(), on_trainer=hook).results[0].metrics()
+        forwards[batch] = len(count)
+    tasks = 2 if probe_loss == "combined" else 1  # forwards per probe point
+    assert forwards == {"fresh": 2 + 3 * tasks, "step": 2 + 2 * tasks}
+    step = rows["step"]
+    at_zero = step["loss_retain"]
+    if probe_loss == "combined":
+        at_zero = step["w_retain"] * step["loss_retain"] + step["w_forget"] * step["loss_forget"]
+    assert step["autolr/probe_loss_+0"] == pytest.approx(at_zero, rel=1e-12)
+    assert rows["fresh"]["autolr/probe_loss_+0"] != pytest.approx(at_zero, rel=1e-6)  # another batch
+    # along the step's own SGD direction the combined objective falls to first order: B > 0
+    if probe_loss == "combined":
+        assert step["autolr/B"] > 0

@@ -144,3 +144,36 @@ def test_batch_size_errors_name_the_key():
         TaskStream(make_examples(10), 8, rank=0, world_size=2, micro_batch=3, seed=0, pad_id=0, name="forget")
     with pytest.raises(DataError, match=r"the retain set holds 3 examples, fewer than train.retain_batch_size=4"):
         TaskStream(make_examples(3), 4, rank=0, world_size=1, micro_batch=0, seed=0, pad_id=0, name="retain")
+
+
+def test_idk_refusals_are_drawn_per_access_and_the_same_on_every_rank(tokenizer, tmp_path):
+    """TOFU's TextDatasetQA draws a refusal per __getitem__; ours depends on (seed, epoch, index) only."""
+    rows = [{"question": f"Who wrote book {i}?", "answer": "Somebody specific."} for i in range(8)]
+    path = write_jsonl(tmp_path / "f.jsonl", rows)
+    refusals = tmp_path / "idk.jsonl"
+    refusals.write_text("".join(f"I cannot say, sorry {k}.\n" for k in range(20)))
+
+    def epochs_of(rank: int, world: int, seed: int, resume_at: int | None = None) -> list[list[list[int]]]:
+        drawn = encode_task(DataConfig(), tokenizer, str(path), "data.forget", str(refusals), seed=seed)
+        stream = TaskStream(drawn, 4, rank=rank, world_size=world, micro_batch=0, seed=1, pad_id=0, name="forget")
+        out = []
+        for step in range(6):  # 2 batches per epoch: 3 epochs
+            if step == resume_at:
+                state = stream.state_dict()
+                stream = TaskStream(drawn, 4, rank=rank, world_size=world, micro_batch=0, seed=1, pad_id=0, name="f")
+                stream.load_state_dict(state)
+            (batch,) = stream.next()
+            pairs = zip(batch["input_ids"], batch["attention_mask"], strict=True)
+            rows = [ids[mask.bool()].tolist() for ids, mask in pairs]
+            out.append(sorted(rows))  # unpadded: each rank pads to its own widest row
+        return out
+
+    one = epochs_of(0, 1, seed=5)
+    assert epochs_of(0, 1, seed=5, resume_at=3) == one
+    two_ranks = [sorted(a + b) for a, b in zip(epochs_of(0, 2, 5), epochs_of(1, 2, 5), strict=True)]
+    assert two_ranks == one
+    drawn = encode_task(DataConfig(), tokenizer, str(path), "data.forget", str(refusals), seed=5)
+    per_epoch = [[drawn.refusal(i, epoch) for i in range(8)] for epoch in range(3)]
+    assert per_epoch[0] != per_epoch[1] != per_epoch[2]  # a fresh draw each epoch
+    reseeded = encode_task(DataConfig(), tokenizer, str(path), "data.forget", str(refusals), seed=6)
+    assert [reseeded.refusal(i, 0) for i in range(8)] != per_epoch[0]

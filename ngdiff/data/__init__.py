@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 
 from ngdiff import TOFU_DIR
 from ngdiff.data.loader import TaskStream, collate
@@ -11,6 +12,7 @@ from ngdiff.data.tokenize import Encoded, encode_qa, encode_text, prompt_ids
 
 __all__ = [
     "DataError",
+    "DrawnRefusals",
     "Encoded",
     "TaskStream",
     "collate",
@@ -21,29 +23,68 @@ __all__ = [
 ]
 
 
-def encode_task(data_cfg, tokenizer, source: str, what: str, refusals_from: str | None = None) -> list[Encoded]:
+class DrawnRefusals(Sequence[Encoded]):
+    """The forget questions, each answered by a refusal drawn afresh at every access (IdkNLL).
+
+    TOFU's TextDatasetQA (data_module.py, `loss_type == "idk"`) draws a random `idontknow.jsonl` line in
+    each `__getitem__`; here the draw depends on (seed, epoch, index) only, so every rank and a resumed
+    run draw the same refusal for the same access. `draw` is what `TaskStream` calls; indexing gives
+    epoch 0's draw.
+    """
+
+    def __init__(self, encode: Callable[[str, str], Encoded], questions: list[str], refusals: list[str], seed: int):
+        if not refusals:
+            raise DataError("data.idk: the refusal file holds no sentences")
+        self.encode, self.questions, self.refusals, self.seed = encode, questions, refusals, seed
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self.draw(i, 0) for i in range(len(self))[index]]
+        return self.draw(index, 0)
+
+    def refusal(self, index: int, epoch: int) -> str:
+        return random.Random(f"idk:{self.seed}:{epoch}:{index}").choice(self.refusals)
+
+    def draw(self, index: int, epoch: int) -> Encoded:
+        return self.encode(self.questions[index], self.refusal(index, epoch))
+
+
+def encode_task(
+    data_cfg, tokenizer, source: str, what: str, refusals_from: str | None = None, seed: int = 0
+) -> Sequence[Encoded]:
     """Read and tokenize one task's set; fail early on empty sets and on a `max_length` too short.
 
-    `refusals_from`: replace every answer with a refusal sentence from that file (IdkNLL).
+    `refusals_from`: answer every question with a refusal from that file (IdkNLL), drawn per access
+    from (`seed`, epoch, index): see `DrawnRefusals`.
     """
     if data_cfg.format == "tofu":
         q, a = data_cfg.question_key, data_cfg.answer_key
         rows = load_records(source, (q, a), what)
-        answers = [row[a] for row in rows]
+
+        def encode(question: str, answer: str) -> Encoded:
+            return encode_qa(tokenizer, question, answer, data_cfg.max_length, data_cfg.prompt_template)
+
         if refusals_from is not None:
             refusals = load_lines(refusals_from or TOFU_DIR / "idontknow.jsonl")
-            rng = random.Random(0)
-            answers = [rng.choice(refusals) for _ in rows]
-        encoded = [
-            encode_qa(tokenizer, row[q], ans, data_cfg.max_length) for row, ans in zip(rows, answers, strict=True)
-        ]
+            drawn = DrawnRefusals(encode, [row[q] for row in rows], refusals, seed)
+            # the prompt alone decides whether a record keeps an answer token, so one refusal checks all
+            check_answer_tokens([encode(row[q], refusals[0]) for row in rows], data_cfg, source, what)
+            return drawn
+        encoded = [encode(row[q], row[a]) for row in rows]
     else:
         rows = load_records(source, (data_cfg.text_key,), what)
         encoded = [encode_text(tokenizer, row[data_cfg.text_key], data_cfg.max_length) for row in rows]
+    check_answer_tokens(encoded, data_cfg, source, what)
+    return encoded
+
+
+def check_answer_tokens(encoded: Sequence[Encoded], data_cfg, source: str, what: str) -> None:
     for index, example in enumerate(encoded):
         if example.answer_tokens == 0:
             raise DataError(
                 f"{what}: data.max_length={data_cfg.max_length} leaves record {index} of {source} "
                 "without a single token to train on; raise data.max_length"
             )
-    return encoded

@@ -91,8 +91,10 @@ class TaskStream:
         start = self.position * self.per_rank
         chosen = self._epoch_indices()[start : start + self.per_rank]
         self.position += 1
+        draw = getattr(self.examples, "draw", None)  # examples drawn per access (DrawnRefusals)
+        pick = (lambda i: draw(i, self.epoch)) if draw is not None else self.examples.__getitem__
         return [
-            collate([self.examples[i] for i in chosen[k : k + self.micro]], self.pad_id)
+            collate([pick(i) for i in chosen[k : k + self.micro]], self.pad_id)
             for k in range(0, len(chosen), self.micro)
         ]
 

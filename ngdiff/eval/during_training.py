@@ -105,6 +105,7 @@ def evaluation_factory(cfg) -> Callable[[Any, Any], Callable[[int], dict[str, An
                     ecfg.split,
                     max_new_tokens=ecfg.max_new_tokens,
                     reference_ratios=reference_ratios,
+                    prompt_template=cfg.data.prompt_template,
                     **common,
                 )
             else:

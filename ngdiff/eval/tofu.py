@@ -2,7 +2,8 @@
 
 Per question (as TOFU's `get_all_evals`): greedy generation scored by ROUGE recall against the gold
 answer, the gold answer's loss, the paraphrased answer's loss and each perturbed answer's loss. Prompts
-use the training format (`ngdiff.data.tokenize.prompt_ids`), so what is evaluated is what was trained.
+use the training format (`ngdiff.data.tokenize`, with the run's `data.prompt_template`), so what is
+evaluated is what was trained.
 TOFU's four evaluation sets: the forget split's `*_perturbed` file, `retain_perturbed`, `real_authors`
 and `world_facts` (the latter two compare the gold answer itself with the perturbed ones).
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ngdiff import TOFU_DIR
-from ngdiff.data.tokenize import answer_ids, prompt_ids
+from ngdiff.data.records import looks_like_local_path
+from ngdiff.data.tokenize import prompt_ids, qa_ids
 from ngdiff.errors import UserError
 from ngdiff.eval.generation import generate_greedy_ids
 from ngdiff.eval.likelihood import answer_losses
@@ -44,6 +46,16 @@ class TofuSet:
 
 
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
+DS_SIZE = 300  # TOFU's eval_everything.yaml `ds_size`: the published logs score the first 300 items of each set
+MAX_NEW_TOKENS = 200  # TOFU's eval generation length (`generation.max_length: 200`)
+
+
+def tofu_split_of(source: str) -> str | None:
+    """The TOFU forget split a training source names: file stem `forget10` or hub `locuslab/TOFU:forget10`."""
+    name = Path(source).stem if looks_like_local_path(source) else [*source.split(":"), ""][1]
+    return name if name in FORGET_SPLITS else None
+
+
 UTILITY_SETS = (
     TofuSet("retain", "retain_perturbed.jsonl", "paraphrased_answer", False),
     TofuSet("real_authors", "real_authors_perturbed.jsonl", "answer", True),
@@ -63,8 +75,8 @@ def load_rows(tofu_set: TofuSet, data_dir: str | Path | None = None, max_items: 
     path = folder / tofu_set.file
     if not path.is_file():
         raise UserError(
-            f"TOFU file {tofu_set.file} not found in {folder}; bundled splits: forget01 and the utility sets "
-            "(pass --data-dir / eval.data_dir for a folder holding the other TOFU files)"
+            f"TOFU file {tofu_set.file} not found in {folder} "
+            "(leave --data-dir / eval.data_dir empty for the bundled forget01/05/10 and utility sets)"
         )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows[:max_items] if max_items > 0 else rows
@@ -76,11 +88,12 @@ def evaluate_rows(
     rows: Sequence[dict[str, Any]],
     base_key: str = "paraphrased_answer",
     *,
-    max_new_tokens: int = 200,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
     ed: EvalDist = ONE_PROCESS,
     autocast: Callable | None = None,
     generate: bool = True,
+    prompt_template: str = "",
 ) -> list[dict[str, Any]]:
     """Per-question TOFU records for `rows` (question, answer [, base_key, perturbed_answer]).
 
@@ -89,7 +102,7 @@ def evaluate_rows(
     """
     local, indices = local_slice(list(rows), ed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = [prompt_ids(tokenizer, r["question"]) for r in local]
+    prompts = [prompt_ids(tokenizer, r["question"], prompt_template) for r in local]
     records: list[dict[str, Any]] = [{"question": r["question"], "answer": r["answer"]} for r in local]
 
     if generate:
@@ -99,20 +112,21 @@ def evaluate_rows(
             scores = rouge_scores(rec["generated_text"], rec["answer"], stemmer=True)
             rec["rouge1_recall"], rec["rougeL_recall"] = scores["rouge1_recall"], scores["rougeL_recall"]
 
-    def losses(answers: list[str], prompt_list: list[list[int]]):
-        targets = [answer_ids(tokenizer, a) for a in answers]
-        return answer_losses(model, prompt_list, targets, pad_id, batch_size, autocast)
+    def losses(answers: list[str], questions: list[str]):
+        pairs = [qa_ids(tokenizer, q, a, prompt_template) for q, a in zip(questions, answers, strict=True)]
+        return answer_losses(model, [p for p, _ in pairs], [t for _, t in pairs], pad_id, batch_size, autocast)
 
-    for rec, loss in zip(records, losses([r["answer"] for r in local], prompts), strict=True):
+    questions = [r["question"] for r in local]
+    for rec, loss in zip(records, losses([r["answer"] for r in local], questions), strict=True):
         rec.update(gt_loss=loss.loss, num_token_gt=loss.tokens, avg_gt_loss=loss.mean)
 
     has_perturbed = bool(local) and all("perturbed_answer" in r for r in local)
     if has_perturbed:
-        for rec, loss in zip(records, losses([r.get(base_key, r["answer"]) for r in local], prompts), strict=True):
+        for rec, loss in zip(records, losses([r.get(base_key, r["answer"]) for r in local], questions), strict=True):
             rec.update(paraphrased_loss=loss.loss, num_token_paraphrased=loss.tokens, avg_paraphrased_loss=loss.mean)
         flat_answers = [a for r in local for a in r["perturbed_answer"]]
-        flat_prompts = [p for r, p in zip(local, prompts, strict=True) for _ in r["perturbed_answer"]]
-        flat = iter(losses(flat_answers, flat_prompts))
+        flat_questions = [r["question"] for r in local for _ in r["perturbed_answer"]]
+        flat = iter(losses(flat_answers, flat_questions))
         for rec, row in zip(records, local, strict=True):
             mine = [next(flat) for _ in row["perturbed_answer"]]
             rec["perturb_loss"] = [x.loss for x in mine]
@@ -171,12 +185,13 @@ def evaluate_tofu(
     split: str = "forget01",
     *,
     data_dir: str | Path | None = None,
-    max_items: int = 0,
-    max_new_tokens: int = 200,
+    max_items: int = DS_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
     ed: EvalDist = ONE_PROCESS,
     autocast: Callable | None = None,
     reference_ratios: Sequence[float] | None = None,
+    prompt_template: str = "",
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
     """(per-item records by set, aggregate metrics) for the forget split and the three utility sets."""
     items: dict[str, list[dict[str, Any]]] = {}
@@ -191,6 +206,7 @@ def evaluate_tofu(
             batch_size=batch_size,
             ed=ed,
             autocast=autocast,
+            prompt_template=prompt_template,
         )
     return items, aggregate(items, reference_ratios)
 

@@ -52,7 +52,10 @@ def test_outputs_and_forget_quality_subcommand(one_process, tmp_path, capsys):
         (["eval", "--benchmark", "tofu", "--model", "/nonexistent"], "not a model folder"),
         (["eval", "--model", "x"], "--benchmark"),
         (["eval", "--benchmark", "tofu", "--model", "{model}", "--split", "forget77"], "unknown TOFU split"),
-        (["eval", "--benchmark", "tofu", "--model", "{model}", "--split", "forget10"], "not found"),
+        (
+            ["eval", "--benchmark", "tofu", "--model", "{model}", "--split", "forget10", "--data-dir", "{model}"],
+            "not found",
+        ),
         (["eval", "forget-quality", "--unlearned", "/nonexistent"], "needs --unlearned A and --reference B"),
         (["eval", "--benchmark", "muse", "--model", "{model}", "--reference", "/nonexistent"], "neither a number"),
     ],

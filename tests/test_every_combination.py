@@ -1,0 +1,113 @@
+"""Every forget objective with every combiner unlearns: a few SGD steps raise the forget-set NLL.
+
+The README promises that every combination works; this is the end-to-end check of the sign convention
+(ngdiff/objectives.py) through each combiner's weights (ngdiff/combiners.py) and the trainer.
+
+Each step sees the whole forget set (batch 16 = the set), so what is measured is what is optimised:
+every combiner's direction d has <d, g_F> < 0 to first order (MGDA's min-norm point included:
+<d*, -g_F> >= |d*|^2), and NLL, NPO and SimNPO's gradients all point along the answers' NLL gradient,
+so the forget NLL rises. IdK is different in principle: it does not push the true answers' NLL up, it
+pulls the refusals' NLL down (the true answers only lose once the refusal displaces them), and on a
+small model learning any text of the same frame first lowers the true answers' NLL too (measured:
+idk + gdiff/imtlg/lossnorm/mgda/pcgrad/rlw lower it at lr 0.05). For IdK the test checks what it
+optimises: the refusal NLL of the pairs it trained on falls.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from launcher.config import DataConfig, load_config
+from ngdiff.combiners import COMBINERS, CombinerOptions, TaskStats, get_combiner
+from ngdiff.data import collate, encode_task
+from ngdiff.finetune import FinetuneConfig, finetune
+from ngdiff.modeling import load_tokenizer
+from ngdiff.objectives import FORGET_OBJECTIVES, NLL
+from ngdiff.pipeline import run_training
+from parallel.base import DistContext
+
+
+@pytest.fixture(scope="module")
+def learned_model_dir(tiny_model_dir, tofu_split, tmp_path_factory):
+    """The tiny model fine-tuned on forget + retain: unlearning needs something learned to remove.
+
+    The untrained tiny model sits at NLL ~ ln(vocab) on every answer, where *any* training (the IdK
+    refusals included, which share the frame, EOS and frequent tokens with the true answers) lowers it.
+    And SimNPO's per-sequence weight sigmoid(-beta (NLL/|y| - gamma)) is ~1e-5 at NLL/|y| = 4.5 with
+    beta 2.5: SimNPO, by design, stops pushing on answers it already finds unlikely, so the forget set
+    must be learned well for it to move in a few steps.
+    """
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    examples = [
+        e for key in ("forget", "retain") for e in encode_task(DataConfig(), tokenizer, str(tofu_split[key]), key)
+    ]
+    return finetune(
+        tiny_model_dir,
+        tokenizer,
+        examples,
+        tmp_path_factory.mktemp("learned"),
+        FinetuneConfig(epochs=30, batch_size=8, lr=3e-3, warmup_steps=5),
+        progress=False,
+    )
+
+
+def forget_nll(model, examples, pad_id: int) -> float:
+    batch = collate(examples, pad_id)
+    with torch.no_grad():
+        return float(NLL().loss_sum(model, batch) / NLL().count(batch))
+
+
+@pytest.mark.slow  # 32 short runs: about a minute on an idle machine
+@pytest.mark.parametrize("combiner", sorted(COMBINERS))
+@pytest.mark.parametrize("objective", sorted(FORGET_OBJECTIVES))
+def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp_path, objective, combiner):
+    cfg = load_config(
+        None,
+        [
+            f"model.path={learned_model_dir}",
+            f"data.forget={tofu_split['forget']}",
+            f"data.retain={tofu_split['retain']}",
+            f"method.combiner={combiner}",
+            f"method.forget_objective={objective}",
+            "optim.name=sgd",
+            "optim.lr=0.05",
+            "train.max_steps=3",
+            "train.forget_batch_size=16",
+            "train.retain_batch_size=8",
+            "logging.progress=false",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
+    tokenizer = load_tokenizer(str(learned_model_dir))
+    if objective == "idk":  # the (question, refusal) pairs of the three steps (one epoch each)
+        drawn = encode_task(cfg.data, tokenizer, cfg.data.forget, "forget", cfg.data.idk, seed=cfg.train.seed)
+        examples = [drawn.draw(i, epoch) for epoch in range(3) for i in range(len(drawn))]
+    else:
+        examples = encode_task(cfg.data, tokenizer, cfg.data.forget, "forget")
+    before = forget_nll(AutoModelForCausalLM.from_pretrained(learned_model_dir), examples, tokenizer.pad_token_id)
+    outcome = run_training(cfg, DistContext())
+    after = forget_nll(outcome.trainer.backend.model, examples, tokenizer.pad_token_id)
+    if objective == "idk":
+        assert after < before, f"idk + {combiner}: refusal NLL {before:.4f} -> {after:.4f}"
+    else:
+        assert after > before, f"{objective} + {combiner}: forget NLL {before:.4f} -> {after:.4f}"
+
+
+@pytest.mark.parametrize("loss_forget", [0.7, -0.7])
+def test_lossnorm_divides_by_the_magnitude_of_the_forget_quantity(loss_forget):
+    """NPO/SimNPO/IdK report a negative forget quantity: w_F must stay negative (push it up)."""
+    s = TaskStats(a=1.0, b=1.0, c=0.0, loss_retain=1.5, loss_forget=loss_forget)
+    w = get_combiner("lossnorm")(s, CombinerOptions())
+    assert w.forget == pytest.approx(-1 / 0.7)
+    assert w.retain == pytest.approx(1 / 1.5)
+
+
+@pytest.mark.parametrize("combiner", sorted(COMBINERS))
+@pytest.mark.parametrize("loss_forget", [0.7, -13.9])
+def test_every_combiner_pushes_the_forget_quantity_up_whatever_its_sign(combiner, loss_forget):
+    """w_F <= 0 whether the forget quantity is an NLL (> 0) or NPO/SimNPO/IdK's negated loss (< 0)."""
+    s = TaskStats(a=2.0, b=3.0, c=0.5, loss_retain=1.5, loss_forget=loss_forget, step=3)
+    w = get_combiner(combiner)(s, CombinerOptions(seed=1))
+    assert w.forget < 0 and w.retain >= 0
