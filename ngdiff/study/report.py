@@ -36,7 +36,7 @@ def _run_ids(study: dict[str, Any]) -> list[str]:
     return [
         RunSpec(m["name"], lr, seed, tuple(m["overrides"])).run_id
         for m in study["methods"]
-        for lr in study["lrs"]
+        for lr in m["lrs"]
         for seed in m["seeds"]
     ]
 

@@ -136,7 +136,7 @@ def priority(spec: StudySpec, run: RunSpec) -> tuple[int, int, int, int]:
         method.seeds.index(run.seed),
         0 if run.method in spec.lr_plot_methods else 1,
         names.index(run.method),
-        spec.lrs.index(run.lr),
+        method.lrs.index(run.lr),
     )
 
 

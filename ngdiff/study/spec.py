@@ -101,6 +101,7 @@ class MethodSpec:
     name: str
     overrides: tuple[str, ...]
     seeds: tuple[int, ...]
+    lrs: tuple[float, ...]  # the study's grid unless the method names its own (another optimizer family)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class StudySpec:
 
     def runs(self) -> list[RunSpec]:
         """The grid in a fixed order (method, lr, seed): the index of a run is its Slurm array task."""
-        return [RunSpec(m.name, lr, seed, m.overrides) for m in self.methods for lr in self.lrs for seed in m.seeds]
+        return [RunSpec(m.name, lr, seed, m.overrides) for m in self.methods for lr in m.lrs for seed in m.seeds]
 
     def run_overrides(self, run: RunSpec) -> list[str]:
         """Every run gets the same budget and evaluation; the method's overrides come after the common ones."""
@@ -217,22 +218,31 @@ def _overrides(raw: Any, key: str, source: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
-def _methods(raw: Any, seeds: tuple[int, ...], source: str) -> tuple[MethodSpec, ...]:
+def _methods(raw: Any, seeds: tuple[int, ...], lrs: tuple[float, ...], source: str) -> tuple[MethodSpec, ...]:
     if not isinstance(raw, dict) or not raw:
-        raise StudyError(f"{source}: methods must be a mapping of name -> overrides (or {{overrides, seeds}})")
+        raise StudyError(f"{source}: methods must be a mapping of name -> overrides (or {{overrides, seeds, lrs}})")
     methods = []
     for name, body in raw.items():
         key = f"methods.{name}"
-        method_seeds = seeds
+        method_seeds, method_lrs = seeds, lrs
         if isinstance(body, dict):
-            unknown = set(body) - {"overrides", "seeds"}
+            unknown = set(body) - {"overrides", "seeds", "lrs"}
             if unknown:
-                raise StudyError(f"{source}: unknown key {key}.{sorted(unknown)[0]} (known: overrides, seeds)")
+                raise StudyError(f"{source}: unknown key {key}.{sorted(unknown)[0]} (known: overrides, seeds, lrs)")
             if "seeds" in body:
                 method_seeds = _numbers(body["seeds"], f"{key}.seeds", source, int)
+            if "lrs" in body:
+                method_lrs = _positive_lrs(body["lrs"], f"{key}.lrs", source)
             body = body.get("overrides")
-        methods.append(MethodSpec(str(name), _overrides(body, key, source), method_seeds))
+        methods.append(MethodSpec(str(name), _overrides(body, key, source), method_seeds, method_lrs))
     return tuple(methods)
+
+
+def _positive_lrs(raw: Any, key: str, source: str) -> tuple[float, ...]:
+    lrs = _numbers(raw, key, source, float)
+    if any(not lr > 0 for lr in lrs):
+        raise StudyError(f"{source}: {key} must be positive, got {list(lrs)}")
+    return lrs
 
 
 def parse_study(raw: dict[str, Any], source: str = "study config") -> StudySpec:
@@ -248,9 +258,7 @@ def parse_study(raw: dict[str, Any], source: str = "study config") -> StudySpec:
     if world.kind not in ("cpu", "cluster"):
         raise StudyError(f"{source}: world.kind must be cpu or cluster, got {world.kind!r}")
     seeds = _numbers(raw.get("seeds", [0]), "seeds", source, int)
-    lrs = _numbers(raw.get("lrs"), "lrs", source, float)
-    if any(not lr > 0 for lr in lrs):
-        raise StudyError(f"{source}: lrs must be positive, got {list(lrs)}")
+    lrs = _positive_lrs(raw.get("lrs"), "lrs", source)
     budget = _scalar(raw.get("budget_epochs", 1.0), float, "budget_epochs", source)
     eval_every = _scalar(raw.get("eval_every", 0), int, "eval_every", source)
     if not (budget > 0 and math.isfinite(budget)):
@@ -262,7 +270,7 @@ def parse_study(raw: dict[str, Any], source: str = "study config") -> StudySpec:
         raise StudyError(f"{source}: summary.forget_mode must be min or max, got {summary.forget_mode!r}")
     if not 0 <= summary.utility_fraction <= 1:
         raise StudyError(f"{source}: summary.utility_fraction must lie in [0, 1], got {summary.utility_fraction}")
-    methods = _methods(raw.get("methods"), seeds, source)
+    methods = _methods(raw.get("methods"), seeds, lrs, source)
     plots = raw.get("plots") or {}
     if not isinstance(plots, dict) or set(plots) - {"lr_methods"}:
         raise StudyError(f"{source}: plots may only hold lr_methods (the methods of lr.png)")

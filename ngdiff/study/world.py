@@ -108,6 +108,8 @@ def load_or_build(spec: StudySpec, study_dir: Path, data_cfg, progress: bool = T
     """The cached world if its recipe matches, else build it now."""
     folder = world_folder(spec, study_dir)
     recipe = {k: v for k, v in asdict(spec.world).items() if k != "cache_dir"}  # a world may move
+    if data_cfg.prompt_template:  # the CPU world is fine-tuned, and every world evaluated, with it
+        recipe["prompt_template"] = data_cfg.prompt_template
     marker = folder / WORLD_FILE
     if marker.is_file():
         saved = json.loads(marker.read_text())
@@ -263,8 +265,11 @@ def build_cpu_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = T
     build_each({name: folder / name for name in WORLD_MODELS}, fine_tune)
 
     reference = folder / "reference_eval"
-    reference_metrics = evaluate_model(folder / "retain_model", world, eval_dir, reference, None)
-    target_metrics = evaluate_model(folder / "target", world, eval_dir, folder / "target_eval", reference)
+    template = data_cfg.prompt_template
+    reference_metrics = evaluate_model(folder / "retain_model", world, eval_dir, reference, None, None, 0, template)
+    target_metrics = evaluate_model(
+        folder / "target", world, eval_dir, folder / "target_eval", reference, None, 0, template
+    )
     overrides = [
         f"model.path={folder / 'target'}",
         f"data.forget={data_dir / 'forget.jsonl'}",
@@ -307,6 +312,7 @@ def evaluate_model(
     reference: Path | str | None,
     split: str | None = None,
     max_items: int = 0,
+    prompt_template: str = "",
 ) -> dict[str, float]:
     """TOFU evaluation of one model on one process (written to `out`), against `reference`'s truth ratios."""
     import torch
@@ -330,6 +336,7 @@ def evaluate_model(
             max_items=max_items,
             max_new_tokens=world.max_new_tokens,
             reference_ratios=ratios,
+            prompt_template=prompt_template,
         )
     meta = {"model": str(model_dir), "split": split, "max_new_tokens": world.max_new_tokens}
     write_outputs(out, "tofu", items, metrics, meta)
@@ -338,7 +345,7 @@ def evaluate_model(
 
 def prepare_cluster_world(world: WorldSpec, folder: Path, data_cfg) -> dict[str, Any]:
     """The user's models: evaluate the retain model once (unless a log was given) and the target (step 0)."""
-    del data_cfg  # the user's models were fine-tuned with their own formatting
+    template = data_cfg.prompt_template  # the user's models' formatting (common: data.prompt_template=...)
     overrides = [
         f"model.path={world.target}",
         f"data.forget={world.forget}",
@@ -364,11 +371,19 @@ def prepare_cluster_world(world: WorldSpec, folder: Path, data_cfg) -> dict[str,
             None,
             world.split,
             world.max_items,
+            template,
         )
         reference = str(folder / "reference_eval")
     overrides.append(f"eval.reference={reference}")
     target_metrics = evaluate_model(
-        world.target, world, world.data_dir or None, folder / "target_eval", reference, world.split, world.max_items
+        world.target,
+        world,
+        world.data_dir or None,
+        folder / "target_eval",
+        reference,
+        world.split,
+        world.max_items,
+        template,
     )
     return {
         "overrides": overrides,
