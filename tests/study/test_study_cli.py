@@ -133,3 +133,17 @@ def test_local_order_runs_every_first_seed_before_extra_seeds_and_the_lr_plot_me
     head = {r.method for r in order[: 4 * len(spec.lr_plot_methods)]}
     assert head == set(spec.lr_plot_methods)
     assert sorted(order, key=lambda r: r.run_id) == sorted(spec.runs(), key=lambda r: r.run_id)  # nothing lost
+
+
+def test_a_method_may_have_its_own_lr_grid_and_seeds():
+    raw = quick_raw()
+    raw["lrs"] = [1e-4, 1e-3]
+    raw["methods"] = {"adam": ["method.combiner=gdiff"], "sgd": {"overrides": ["optim.name=sgd"], "lrs": [0.1, 1.0]}}
+    raw["methods"]["sgd"]["seeds"] = [3, 4]
+    runs = parse_study(raw).runs()
+    assert [(r.method, r.lr, r.seed) for r in runs] == [
+        ("adam", 1e-4, 0), ("adam", 1e-3, 0), ("sgd", 0.1, 3), ("sgd", 0.1, 4), ("sgd", 1.0, 3), ("sgd", 1.0, 4)
+    ]  # fmt: skip
+    raw["methods"]["sgd"]["lrs"] = [0.1, -1]
+    with pytest.raises(StudyError, match=r"methods\.sgd\.lrs must be positive"):
+        parse_study(raw)
