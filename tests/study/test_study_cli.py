@@ -147,3 +147,32 @@ def test_a_method_may_have_its_own_lr_grid_and_seeds():
     raw["methods"]["sgd"]["lrs"] = [0.1, -1]
     with pytest.raises(StudyError, match=r"methods\.sgd\.lrs must be positive"):
         parse_study(raw)
+
+
+CLUSTER_WORLD = {
+    "kind": "cluster",
+    "benchmark": "tofu",
+    "target": "locuslab/tofu_ft_llama2-7b",
+    "split": "forget10",
+    "forget": "locuslab/TOFU:forget10",
+    "retain": "locuslab/TOFU:retain90",
+    "reference": "tests/fixtures/tofu_reference_eval_logs/llama2-7b_retain90_wd0.01_eval_log_forget.json",
+}
+
+
+def test_a_cluster_world_validates_every_run_without_touching_a_model(tmp_path):
+    raw = {
+        "world": dict(CLUSTER_WORLD),
+        "common": ["data.prompt_template=llama2", "parallel.backend=fsdp"],
+        "lrs": [1e-5, 1e-4],
+        "eval_every": 5,
+        "methods": {"gdiff": ["method.combiner=gdiff"], "ngdiff": ["method.combiner=ngdiff"]},
+    }
+    assert len(plan_study(parse_study(raw), tmp_path / "c").runs) == 4
+    del raw["world"]["reference"]
+    with pytest.raises(StudyError, match=r"world\.retain_model or world\.reference"):
+        plan_study(parse_study(raw), tmp_path / "c")
+    raw["world"]["reference"] = CLUSTER_WORLD["reference"]
+    raw["common"] = ["data.prompt_template=nonsense"]
+    with pytest.raises(StudyError, match="prompt_template"):
+        plan_study(parse_study(raw), tmp_path / "c")
