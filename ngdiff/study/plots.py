@@ -28,9 +28,14 @@ def _pyplot():
 
 
 def _colors(names: Sequence[str]) -> dict[str, object]:
+    """Distinct colours: tab10, then Dark2 for methods 11-18 (lines past 10 are also dashed)."""
     plt = _pyplot()
-    cmap = plt.get_cmap("tab20")
-    return {name: cmap(i % 20) for i, name in enumerate(names)}
+    first, second = plt.get_cmap("tab10"), plt.get_cmap("Dark2")
+    return {name: first(i) if i < 10 else second((i - 10) % 8) for i, name in enumerate(names)}
+
+
+def _style(index: int) -> str:
+    return "-o" if index < 10 else "--o"
 
 
 def mean_trajectory(runs: Sequence[Sequence[Row]], x: str, y: str) -> list[tuple[int, float, float]]:
@@ -62,13 +67,13 @@ def pareto_plot(
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     runs = by_run(rows)
     colors = _colors(list(best_lr))
-    for method, lr in best_lr.items():
+    for index, (method, lr) in enumerate(best_lr.items()):
         mine = [pts for (m, r, _), pts in runs.items() if m == method and r == lr]
         traj = mean_trajectory(mine, utility_metric, forget_metric)
         if not traj:
             continue
         xs, ys = [t[1] for t in traj], [t[2] for t in traj]
-        ax.plot(xs, ys, "-o", ms=2.5, lw=1.2, color=colors[method], label=f"{method} (lr {lr:g})")
+        ax.plot(xs, ys, _style(index), ms=2.5, lw=1.2, color=colors[method], label=f"{method} (lr {lr:g})")
         ax.plot(xs[-1], ys[-1], "s", ms=5, color=colors[method])
     if target.get(utility_metric) is not None and target.get(forget_metric) is not None:
         ax.plot(target[utility_metric], max(target[forget_metric], TINY), "k*", ms=11, label="target (step 0)")
@@ -83,6 +88,55 @@ def pareto_plot(
     ax.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def pareto_grid_plot(
+    rows: Sequence[Row],
+    methods: Sequence[str],
+    path: Path,
+    target: Row,
+    reference_utility: float | None,
+    utility_floor: float | None,
+    forget_metric: str = "forget_quality",
+    utility_metric: str = "model_utility",
+) -> Path:
+    """One small panel per method with every lr's trajectory (seeds averaged per step): what the
+    one-trajectory-per-method picture leaves out."""
+    plt = _pyplot()
+    runs = by_run(rows)
+    methods = [m for m in methods if any(k[0] == m for k in runs)]
+    cols = 4
+    nrows = max(1, math.ceil(len(methods) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), sharex=True, sharey=True, squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for ax, method in zip(axes.flat, methods, strict=False):
+        lrs = sorted({k[1] for k in runs if k[0] == method})
+        for i, lr in enumerate(lrs):
+            traj = mean_trajectory([p for k, p in runs.items() if k[0] == method and k[1] == lr], utility_metric,
+                                   forget_metric)  # fmt: skip
+            if traj:
+                color = cmap(i / max(len(lrs) - 1, 1))
+                ax.plot([t[1] for t in traj], [t[2] for t in traj], "-o", ms=2, lw=1, color=color, label=f"{lr:g}")
+        if target.get(utility_metric) is not None and target.get(forget_metric) is not None:
+            ax.plot(target[utility_metric], max(target[forget_metric], TINY), "k*", ms=7)
+        if reference_utility is not None and forget_metric == "forget_quality":
+            ax.plot(reference_utility, 1.0, "g*", ms=7)
+        if utility_floor is not None:
+            ax.axvline(utility_floor, color="grey", lw=0.8, ls="--")
+        if forget_metric == "forget_quality":
+            ax.set_yscale("log")
+        ax.set_title(method, fontsize=9)
+        ax.legend(fontsize=5, title="lr", title_fontsize=5, loc="lower left")
+        ax.grid(True, alpha=0.3, which="both")
+    for ax in axes.flat[len(methods) :]:
+        ax.axis("off")
+    fig.supxlabel(utility_metric.replace("_", " "), fontsize=9)
+    fig.supylabel(forget_metric.replace("_", " "), fontsize=9)
+    fig.suptitle("Every lr (black star: target, green: retain model, dashed: utility floor)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
 
@@ -105,7 +159,7 @@ def lr_plot(
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     colors = _colors(list(methods))
-    for method in methods:
+    for index, method in enumerate(methods):
         for ax, metric in zip(axes, (forget_metric, utility_metric), strict=True):
             points = end_points(rows, method, metric)
             if not points:
@@ -113,7 +167,7 @@ def lr_plot(
             lrs = [lr for lr, _ in points]
             means = [max(s.mean, TINY) if metric == "forget_quality" else s.mean for _, s in points]
             stds = [s.std for _, s in points]
-            ax.errorbar(lrs, means, yerr=stds, fmt="-o", ms=4, capsize=3, color=colors[method], label=method)
+            ax.errorbar(lrs, means, yerr=stds, fmt=_style(index), ms=4, capsize=3, color=colors[method], label=method)
     for ax, metric in zip(axes, (forget_metric, utility_metric), strict=True):
         ax.set_xscale("log")
         if metric == "forget_quality":

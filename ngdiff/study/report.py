@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ngdiff.metrics_log import read_jsonl
-from ngdiff.study.plots import autolr_plot, lr_plot, pareto_plot
+from ngdiff.study.plots import autolr_plot, lr_plot, pareto_grid_plot, pareto_plot
 from ngdiff.study.results import best_cells, collect, lr_cells, summary_markdown, write_results
 from ngdiff.study.runner import DONE, STUDY_FILE
 from ngdiff.study.spec import StudyError, SummaryRule
@@ -96,6 +96,19 @@ def make_report(study_dir: str | Path) -> Report:
                 study_dir / "pareto.png",
                 target,
                 reference.get(rule.utility_metric),
+                rule.forget_metric,
+                rule.utility_metric,
+            )
+        )
+        target_utility = target.get(rule.utility_metric)
+        files.append(
+            pareto_grid_plot(
+                rows,
+                methods,
+                study_dir / "pareto_all.png",
+                target,
+                reference.get(rule.utility_metric),
+                rule.utility_fraction * target_utility if target_utility is not None else None,
                 rule.forget_metric,
                 rule.utility_metric,
             )

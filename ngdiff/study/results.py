@@ -186,13 +186,20 @@ def lr_cells(rows: Iterable[Row], rule: SummaryRule, target_utility: float | Non
 
 
 def best_cells(cells: Sequence[LrCell], rule: SummaryRule) -> dict[str, LrCell]:
-    """Per method, the lr whose mean best-point forget metric is best (ties: higher utility)."""
+    """Per method, the lr whose mean best-point forget metric is best; ties (e.g. every lr's best point is
+    the target itself) go to the higher best-point utility, then to the better end-point forget metric."""
     sign = 1.0 if rule.forget_mode == "max" else -1.0
+
+    def key(cell: LrCell) -> tuple[float, float, float]:
+        return (
+            sign * _nan_low(cell.best_forget.mean),
+            _nan_low(cell.best_utility.mean),
+            sign * _nan_low(cell.end_forget.mean),
+        )
+
     out: dict[str, LrCell] = {}
     for cell in cells:
-        current = out.get(cell.method)
-        key = (sign * _nan_low(cell.best_forget.mean), _nan_low(cell.best_utility.mean))
-        if current is None or key > (sign * _nan_low(current.best_forget.mean), _nan_low(current.best_utility.mean)):
+        if cell.method not in out or key(cell) > key(out[cell.method]):
             out[cell.method] = cell
     return out
 
