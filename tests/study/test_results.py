@@ -90,3 +90,13 @@ def test_summary_names_the_rule_every_method_and_the_unfinished_runs():
     assert "| a | 0.001 | 1 | 0.2 | 0.99 | 5 |" in text
     assert "| b | 0.001 | 1 | 0.01 | 1 | 0 |" in text  # b's only move broke utility: its best point is the target
     assert "| c | not run |" in text and "c__x" in text
+
+
+def test_when_no_lr_beats_the_target_the_better_end_point_breaks_the_tie():
+    rows = [
+        point(0, 1e-9, 1.0, lr=1e-4), point(5, 1e-9, 0.99, lr=1e-4),  # nothing happens
+        point(0, 1e-9, 1.0, lr=1e-3), point(5, 0.1, 0.30, lr=1e-3),  # forgets, but below the floor
+    ]  # fmt: skip
+    cells = lr_cells(rows, RULE, 1.0)
+    assert [c.best_forget.mean for c in cells] == [1e-9, 1e-9]
+    assert best_cells(cells, RULE)["m"].lr == 1e-3
