@@ -68,7 +68,7 @@ def _register_optional() -> None:
     """Import the modules that add subcommands (kept optional so a broken extra never hides train)."""
     import importlib
 
-    for module in ("launcher.eval_cli", "launcher.plan_cli", "launcher.plot_cli", "launcher.slurm"):
+    for module in ("launcher.eval_cli", "launcher.plan_cli", "launcher.plot_cli", "launcher.slurm", "launcher.study_cli"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -1,0 +1,204 @@
+"""Running the grid: validate every run's config first, build the world, then one run after another
+(finished runs are skipped, so an interrupted study resumes), each in its own folder under `runs/`.
+
+A run is finished when its folder holds `done.json` (written after the run's final evaluation); an
+unfinished folder is started again from scratch (runs are short; a Slurm requeue does the same).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.config import ExperimentConfig, load_config
+from ngdiff.study.spec import RunSpec, StudyError, StudySpec, spec_to_dict
+from ngdiff.study.world import World, check_world, load_or_build, placeholder_overrides
+
+log = logging.getLogger("ngdiff.study")
+
+DONE = "done.json"
+STUDY_FILE = "study.json"
+QUIET = ("logging.progress=false", "logging.wandb=false")
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: StudySpec
+    study_dir: Path
+    runs: list[RunSpec]
+
+    def run_dir(self, run: RunSpec) -> Path:
+        return self.study_dir / "runs" / run.run_id
+
+    def pending(self) -> list[RunSpec]:
+        return [r for r in self.runs if not (self.run_dir(r) / DONE).is_file()]
+
+
+def run_config(spec: StudySpec, run: RunSpec, base: list[str], output_dir: Path) -> ExperimentConfig:
+    """The run's full config: world keys, the study's common keys and budget, the method, lr and seed."""
+    return load_config(None, [*base, *spec.run_overrides(run), *QUIET, f"output_dir={output_dir}"])
+
+
+def plan_study(spec: StudySpec, study_dir: Path) -> Plan:
+    """Check the world section and every run's config (with placeholder paths) before anything heavy."""
+    check_world(spec.world)
+    runs = spec.runs()
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise StudyError(f"{spec.source}: two runs share a folder name; method names must differ after cleaning")
+    placeholders = placeholder_overrides(spec)
+    for run in runs:
+        try:
+            run_config(spec, run, placeholders, study_dir / "runs" / run.run_id)
+        except StudyError:
+            raise
+        except Exception as err:  # ConfigError and friends: name the method
+            raise StudyError(f"{spec.source}: method {run.method!r} (lr {run.lr:g}): {err}") from err
+    return Plan(spec, study_dir, runs)
+
+
+def claim_study_dir(plan: Plan) -> None:
+    """Write study.json; refuse a folder that holds a different study (same world and grid, or nothing)."""
+    study_dir = plan.study_dir
+    study_dir.mkdir(parents=True, exist_ok=True)
+    path = study_dir / STUDY_FILE
+    record = spec_to_dict(plan.spec)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        for key in ("world", "budget_epochs", "eval_every", "common"):
+            if saved.get(key) != record.get(key):
+                raise StudyError(
+                    f"{study_dir} holds a study with a different {key}; choose another --output-dir "
+                    "(runs of a different world, budget or cadence cannot be compared)"
+                )
+    path.write_text(json.dumps(record, indent=1))
+
+
+def prepare_world(plan: Plan, progress: bool = True) -> World:
+    placeholders = placeholder_overrides(plan.spec)
+    data_cfg = load_config(None, [*placeholders, *plan.spec.common]).data  # the formatting every run trains on
+    return load_or_build(plan.spec, plan.study_dir, data_cfg, progress)
+
+
+def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
+    """One unlearning run with periodic evaluation; writes `done.json` when it completed."""
+    from launcher.outputs import write_output_dir
+    from ngdiff.eval.during_training import evaluation_factory
+    from ngdiff.pipeline import run_training
+    from parallel.base import DistContext
+
+    out = plan.run_dir(run)
+    cfg = run_config(plan.spec, run, list(world.overrides), out)
+    if out.exists():
+        _restart(cfg)
+    else:
+        write_output_dir(cfg, overwrite=False)
+    started = time.time()
+    outcome = run_training(cfg, DistContext(), evaluate_factory=evaluation_factory(cfg))
+    record = {
+        "method": run.method,
+        "lr": run.lr,
+        "seed": run.seed,
+        "budget_epochs": plan.spec.budget_epochs,
+        "steps": outcome.trainer.step_index,
+        "final_lr": outcome.trainer.lr,
+        "seconds": round(time.time() - started, 2),
+    }
+    if outcome.final_dir is not None:
+        shutil.rmtree(outcome.final_dir)  # the trajectory is the result; 80 copies of the weights are not
+        (out / DONE).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _restart(cfg: ExperimentConfig) -> None:
+    """An unfinished run folder is replaced (the run starts again)."""
+    from launcher.outputs import write_output_dir
+
+    out = Path(cfg.output_dir)
+    if (out / "config.yaml").is_file():
+        write_output_dir(cfg, overwrite=True)
+    else:
+        shutil.rmtree(out)
+        write_output_dir(cfg, overwrite=False)
+
+
+def priority(spec: StudySpec, run: RunSpec) -> tuple[int, int, int, int]:
+    """Local order: every method's first seed before any second seed, the lr.png methods first, so an
+    interrupted study has the widest comparison (the Slurm array keeps the grid's order)."""
+    method = next(m for m in spec.methods if m.name == run.method)
+    names = [m.name for m in spec.methods]
+    return (
+        method.seeds.index(run.seed),
+        0 if run.method in spec.lr_plot_methods else 1,
+        names.index(run.method),
+        method.lrs.index(run.lr),
+    )
+
+
+def run_local(plan: Plan, world: World, progress: bool = True, workers: int = 1) -> list[str]:
+    """Every pending run, with a progress bar over runs: one after another in this process, or
+    `workers` at a time as `ngdiff study run-one` subprocesses of one thread each (on a few cores, two
+    one-thread runs of a tiny model get more done than one two-thread run). Returns the failed runs."""
+    from tqdm.auto import tqdm
+
+    pending = sorted(plan.pending(), key=lambda run: priority(plan.spec, run))
+    done = len(plan.runs) - len(pending)
+    bar = tqdm(total=len(plan.runs), initial=done, desc="study", unit="run", disable=not progress, dynamic_ncols=True)
+    failed: list[str] = []
+    if workers <= 1:
+        for run in pending:
+            bar.set_postfix_str(run.run_id)
+            run_one(plan, world, run)
+            bar.update(1)
+    else:
+        failed = _run_subprocesses(plan, pending, workers, bar)
+    bar.close()
+    return failed
+
+
+def _run_subprocesses(plan: Plan, pending: list[RunSpec], workers: int, bar) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p
+    )
+    logs = plan.study_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    queue = [(plan.runs.index(run), run) for run in pending]
+    running: list[tuple[subprocess.Popen, RunSpec, Any]] = []
+    failed: list[str] = []
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                index, run = queue.pop(0)
+                log_file = (logs / f"{run.run_id}.log").open("w")
+                command = [sys.executable, "-m", "launcher", "study", "run-one", str(plan.study_dir), str(index)]
+                running.append(
+                    (subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env), run, log_file)
+                )
+            time.sleep(0.5)
+            for item in list(running):
+                process, run, log_file = item
+                if process.poll() is None:
+                    continue
+                log_file.close()
+                running.remove(item)
+                if process.returncode != 0 or not (plan.run_dir(run) / DONE).is_file():
+                    failed.append(run.run_id)
+                    log.error("run %s failed (exit %s); see %s", run.run_id, process.returncode, logs)
+                bar.update(1)
+                bar.set_postfix_str(run.run_id)
+    finally:
+        for process, _run, log_file in running:  # interrupted: stop what this study started
+            process.terminate()
+            process.wait()
+            log_file.close()
+    return failed

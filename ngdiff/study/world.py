@@ -1,0 +1,393 @@
+"""The study's world: the model every run unlearns from, the data sets, and the reference (retain-only)
+model's evaluation that forget quality is measured against. Built once, cached, reused by every run.
+
+CPU world (TOFU's protocol at toy scale): a tiny Llama fine-tuned on the forget authors, the first
+`retain_authors` TOFU authors and the real-authors / world-facts QA (knowledge the unlearning never
+sees in its retain set, so model utility measures collateral damage); a retain model trained the same
+way (same initialisation, epochs, lr) on everything but the forget authors. Evaluation files are
+evenly spaced subsets of the bundled `*_perturbed.jsonl` files, the same for every run.
+
+Cluster world: the user's target model and retain model (evaluated once here) or its published
+evaluation log, and the user's forget / retain data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ngdiff import TOFU_DIR
+from ngdiff.study.spec import StudyError, StudySpec, WorldSpec
+
+log = logging.getLogger("ngdiff.study")
+
+QUESTIONS_PER_AUTHOR = 20
+WORLD_FILE = "world.json"
+# evaluation file of each TOFU set, as ngdiff.eval.tofu reads them from eval.data_dir
+KNOWLEDGE_FILES = {"real_authors": "real_authors", "world_facts": "world_facts"}
+
+
+@dataclass(frozen=True)
+class World:
+    folder: Path
+    overrides: tuple[str, ...]  # model, data and evaluation keys of every run
+    target_metrics: dict[str, float]  # the target's evaluation: step 0 of every trajectory
+    reference_metrics: dict[str, float]  # the retain model's evaluation (empty when only a log was given)
+    info: dict[str, Any]  # sizes and paths, for the docs
+
+    @property
+    def target_utility(self) -> float | None:
+        return self.target_metrics.get("model_utility")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def evenly_spaced(rows: list[Any], n: int) -> list[Any]:
+    """`n` rows spread over the whole list (all of them when n <= 0 or n >= len)."""
+    if n <= 0 or n >= len(rows):
+        return list(rows)
+    return [rows[(i * len(rows)) // n] for i in range(n)]
+
+
+def world_folder(spec: StudySpec, study_dir: Path) -> Path:
+    return Path(spec.world.cache_dir) if spec.world.cache_dir else study_dir / "world"
+
+
+def placeholder_overrides(spec: StudySpec) -> list[str]:
+    """Paths that exist before the world is built, so every run's config can be validated first."""
+    if spec.world.kind == "cluster":
+        w = spec.world
+        return [f"model.path={w.target}", f"data.forget={w.forget}", f"data.retain={w.retain}"]
+    return [
+        f"model.path={TOFU_DIR}",
+        f"data.forget={TOFU_DIR / f'{spec.world.forget_split}.jsonl'}",
+        f"data.retain={TOFU_DIR / 'full.jsonl'}",
+    ]
+
+
+def check_world(world: WorldSpec) -> None:
+    """Cheap checks of the world section (files, names) before anything is built."""
+    if world.max_new_tokens < 1:
+        raise StudyError(f"world.max_new_tokens must be positive, got {world.max_new_tokens}")
+    if world.kind == "cluster":
+        if world.benchmark not in ("tofu", "muse"):
+            raise StudyError(f"world.benchmark must be tofu or muse, got {world.benchmark!r}")
+        for key in ("target", "forget", "retain"):
+            if not getattr(world, key):
+                raise StudyError(f"a cluster world needs world.{key}")
+        if world.benchmark == "tofu" and not (world.retain_model or world.reference):
+            raise StudyError("a TOFU cluster world needs world.retain_model or world.reference (forget quality)")
+        return
+    for name in (f"{world.forget_split}.jsonl", f"{world.forget_split}_perturbed.jsonl"):
+        if not (TOFU_DIR / name).is_file():
+            raise StudyError(f"world.forget_split={world.forget_split}: the bundled TOFU file {name} is missing")
+    if not 1 <= world.retain_authors <= 20:
+        raise StudyError(
+            f"world.retain_authors must lie in 1..20 (retain_perturbed.jsonl covers the first 20), "
+            f"got {world.retain_authors}"
+        )
+    for name in world.knowledge:
+        if name not in KNOWLEDGE_FILES:
+            raise StudyError(f"world.knowledge names {name!r}; choose from {', '.join(KNOWLEDGE_FILES)}")
+
+
+def load_or_build(spec: StudySpec, study_dir: Path, data_cfg, progress: bool = True) -> World:
+    """The cached world if its recipe matches, else build it now."""
+    folder = world_folder(spec, study_dir)
+    recipe = {k: v for k, v in asdict(spec.world).items() if k != "cache_dir"}  # a world may move
+    if data_cfg.prompt_template:  # the CPU world is fine-tuned, and every world evaluated, with it
+        recipe["prompt_template"] = data_cfg.prompt_template
+    marker = folder / WORLD_FILE
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if saved.get("recipe") != json.loads(json.dumps(recipe)):
+            raise StudyError(
+                f"{folder} holds a world built from a different recipe; point world.cache_dir elsewhere or delete it"
+            )
+        return _world_from_record(folder, saved)
+    folder.mkdir(parents=True, exist_ok=True)
+    if spec.world.kind == "cpu":
+        record = build_cpu_world(spec.world, folder, data_cfg, progress)
+    else:
+        record = prepare_cluster_world(spec.world, folder, data_cfg)
+    record["recipe"] = recipe
+    marker.write_text(json.dumps(record, indent=1))
+    return _world_from_record(folder, record)
+
+
+def _world_from_record(folder: Path, record: dict[str, Any]) -> World:
+    return World(
+        folder,
+        tuple(record["overrides"]),
+        record["target_metrics"],
+        record.get("reference_metrics", {}),
+        record.get("info", {}),
+    )
+
+
+def cpu_world_data(world: WorldSpec) -> dict[str, list[dict[str, Any]]]:
+    """The CPU world's row sets: training sets of both models, the unlearning sets, the evaluation sets."""
+    full = read_jsonl(TOFU_DIR / "full.jsonl")
+    forget = read_jsonl(TOFU_DIR / f"{world.forget_split}.jsonl")
+    forget_questions = {r["question"] for r in forget}
+    retain = full[: world.retain_authors * QUESTIONS_PER_AUTHOR]
+    if forget_questions & {r["question"] for r in retain}:
+        raise StudyError(f"world: {world.forget_split} overlaps the first {world.retain_authors} authors")
+    knowledge = [
+        r
+        for name in world.knowledge
+        for r in evenly_spaced(read_jsonl(TOFU_DIR / f"{KNOWLEDGE_FILES[name]}.jsonl"), world.knowledge_items)
+    ]
+    retain_perturbed = read_jsonl(TOFU_DIR / "retain_perturbed.jsonl")[: len(retain)]
+    items = world.eval_items
+    evaluation = {
+        f"{world.forget_split}_perturbed.jsonl": evenly_spaced(
+            read_jsonl(TOFU_DIR / f"{world.forget_split}_perturbed.jsonl"), items.forget
+        ),
+        "retain_perturbed.jsonl": evenly_spaced(retain_perturbed, items.retain),
+        "real_authors_perturbed.jsonl": evenly_spaced(
+            read_jsonl(TOFU_DIR / "real_authors_perturbed.jsonl"), items.real_authors
+        ),
+        "world_facts_perturbed.jsonl": evenly_spaced(
+            read_jsonl(TOFU_DIR / "world_facts_perturbed.jsonl"), items.world_facts
+        ),
+    }
+    qa = ("question", "answer")
+    return {
+        "forget": [{k: r[k] for k in qa} for r in forget],
+        "retain": [{k: r[k] for k in qa} for r in retain],
+        "target_train": [{k: r[k] for k in qa} for r in [*retain, *forget, *knowledge]],
+        "reference_train": [{k: r[k] for k in qa} for r in [*retain, *knowledge]],
+        **evaluation,
+    }
+
+
+def tokenizer_corpus(sets: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Every text the models will read or be scored on (so no answer falls apart into bytes)."""
+    texts = []
+    for rows in sets.values():
+        for r in rows:
+            texts.append(f"{r['question']} {r['answer']}")
+            texts += [r[k] for k in ("paraphrased_answer",) if k in r]
+            texts += list(r.get("perturbed_answer", []))
+    return texts
+
+
+WORLD_MODELS = {"target": "target_train", "retain_model": "reference_train"}  # model folder -> training set
+BUILT = ".built"
+
+
+def try_claim(folder: Path) -> str:
+    """'built', 'busy' (another live process holds `folder`.lock) or 'mine' (this process now holds it).
+    Lets two `ngdiff study world` processes build the world's two models at once."""
+    if (folder / BUILT).is_file():
+        return "built"
+    lock = folder.with_name(folder.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            holder = int(lock.read_text() or 0)
+            os.kill(holder, 0)
+            return "busy"
+        except (ValueError, ProcessLookupError, FileNotFoundError):  # its builder died: take over
+            lock.unlink(missing_ok=True)
+            return try_claim(folder)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return "mine"
+
+
+def build_each(folders: dict[str, Path], build, poll: float = 5.0) -> None:
+    """`build(name)` for every folder not built yet and not being built elsewhere; wait for the others."""
+    pending = dict(folders)
+    while pending:
+        for name, folder in list(pending.items()):
+            state = try_claim(folder)
+            if state == "mine":
+                try:
+                    build(name)
+                    (folder / BUILT).write_text("")
+                finally:
+                    folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
+            if state != "busy":
+                del pending[name]
+        if pending:
+            time.sleep(poll)
+
+
+def build_cpu_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune the target and the retain model, evaluate both; return the record world.json keeps."""
+    from ngdiff.data import encode_task
+    from ngdiff.finetune import FinetuneConfig, finetune
+    from ngdiff.modeling import TinyLlamaSpec, build_tiny_model, load_tokenizer
+
+    started = time.time()
+    sets = cpu_world_data(world)
+    data_dir, eval_dir = folder / "data", folder / "eval_data"
+    for name in ("forget", "retain", "target_train", "reference_train"):
+        write_jsonl(data_dir / f"{name}.jsonl", sets[name])
+    for name, rows in sets.items():
+        if name.endswith(".jsonl"):
+            write_jsonl(eval_dir / name, rows)
+
+    shape = world.model
+    spec = TinyLlamaSpec(
+        shape.vocab_size, shape.hidden_size, shape.num_layers, shape.num_heads, shape.intermediate_size
+    )
+    base = folder / "base"
+    build_each({"base": base}, lambda _: build_tiny_model(base, tokenizer_corpus(sets), spec, seed=world.finetune.seed))
+    tokenizer = load_tokenizer(str(base))
+    ft = world.finetune
+    ft_cfg = FinetuneConfig(
+        epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr, warmup_steps=ft.warmup_steps, seed=ft.seed
+    )
+
+    def fine_tune(name: str) -> None:
+        train = WORLD_MODELS[name]
+        log.warning("world: fine-tuning the %s (%d pairs, %d epochs)", name, len(sets[train]), ft.epochs)
+        examples = encode_task(data_cfg, tokenizer, str(data_dir / f"{train}.jsonl"), f"world {train}")
+        finetune(base, tokenizer, examples, folder / name, ft_cfg, progress=progress)
+
+    build_each({name: folder / name for name in WORLD_MODELS}, fine_tune)
+
+    reference = folder / "reference_eval"
+    template = data_cfg.prompt_template
+    reference_metrics = evaluate_model(folder / "retain_model", world, eval_dir, reference, None, None, 0, template)
+    target_metrics = evaluate_model(
+        folder / "target", world, eval_dir, folder / "target_eval", reference, None, 0, template
+    )
+    overrides = [
+        f"model.path={folder / 'target'}",
+        f"data.forget={data_dir / 'forget.jsonl'}",
+        f"data.retain={data_dir / 'retain.jsonl'}",
+        "eval.benchmark=tofu",
+        f"eval.split={world.forget_split}",
+        f"eval.data_dir={eval_dir}",
+        f"eval.reference={folder / 'reference_eval'}",
+        "eval.max_items=0",
+        f"eval.max_new_tokens={world.max_new_tokens}",
+    ]
+    info = {
+        "forget_pairs": len(sets["forget"]),
+        "retain_pairs": len(sets["retain"]),
+        "target_train_pairs": len(sets["target_train"]),
+        "reference_train_pairs": len(sets["reference_train"]),
+        "eval_items": {k: len(v) for k, v in sets.items() if k.endswith(".jsonl")},
+        "parameters": _parameter_count(folder / "target"),
+        "build_seconds": round(time.time() - started, 1),
+    }
+    return {
+        "overrides": overrides,
+        "target_metrics": target_metrics,
+        "reference_metrics": reference_metrics,
+        "info": info,
+    }
+
+
+def _parameter_count(model_dir: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+
+
+def evaluate_model(
+    model_dir: Path | str,
+    world: WorldSpec,
+    data_dir: Path | str | None,
+    out: Path,
+    reference: Path | str | None,
+    split: str | None = None,
+    max_items: int = 0,
+    prompt_template: str = "",
+) -> dict[str, float]:
+    """TOFU evaluation of one model on one process (written to `out`), against `reference`'s truth ratios."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ngdiff.eval.report import write_outputs
+    from ngdiff.eval.tofu import evaluate_tofu
+    from ngdiff.eval.tofu_metrics import load_forget_truth_ratios
+    from ngdiff.modeling import load_tokenizer
+
+    split = split or world.forget_split
+    ratios = load_forget_truth_ratios(reference) if reference else None
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        items, metrics = evaluate_tofu(
+            model,
+            tokenizer,
+            split,
+            data_dir=data_dir,
+            max_items=max_items,
+            max_new_tokens=world.max_new_tokens,
+            reference_ratios=ratios,
+            prompt_template=prompt_template,
+        )
+    meta = {"model": str(model_dir), "split": split, "max_new_tokens": world.max_new_tokens}
+    write_outputs(out, "tofu", items, metrics, meta)
+    return metrics
+
+
+def prepare_cluster_world(world: WorldSpec, folder: Path, data_cfg) -> dict[str, Any]:
+    """The user's models: evaluate the retain model once (unless a log was given) and the target (step 0)."""
+    template = data_cfg.prompt_template  # the user's models' formatting (common: data.prompt_template=...)
+    overrides = [
+        f"model.path={world.target}",
+        f"data.forget={world.forget}",
+        f"data.retain={world.retain}",
+        f"eval.benchmark={world.benchmark}",
+        f"eval.max_items={world.max_items}",
+        f"eval.max_new_tokens={world.max_new_tokens}",
+        *([f"eval.data_dir={world.data_dir}"] if world.data_dir else []),
+    ]
+    reference_metrics: dict[str, float] = {}
+    if world.benchmark == "muse":
+        if world.reference:
+            overrides.append(f"eval.reference={world.reference}")
+        return {"overrides": overrides, "target_metrics": {}, "reference_metrics": {}, "info": {}}
+    overrides.append(f"eval.split={world.split}")
+    reference = world.reference
+    if not reference:
+        reference_metrics = evaluate_model(
+            world.retain_model,
+            world,
+            world.data_dir or None,
+            folder / "reference_eval",
+            None,
+            world.split,
+            world.max_items,
+            template,
+        )
+        reference = str(folder / "reference_eval")
+    overrides.append(f"eval.reference={reference}")
+    target_metrics = evaluate_model(
+        world.target,
+        world,
+        world.data_dir or None,
+        folder / "target_eval",
+        reference,
+        world.split,
+        world.max_items,
+        template,
+    )
+    return {
+        "overrides": overrides,
+        "target_metrics": target_metrics,
+        "reference_metrics": reference_metrics,
+        "info": {},
+    }

@@ -1,0 +1,178 @@
+"""`ngdiff study`: config checks before anything is built, the quick grid end to end, resumption,
+the report command and the Slurm scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from launcher.study_cli import CONFIG_DIR, array_ranges, render_study_script
+from ngdiff.study.runner import plan_study
+from ngdiff.study.spec import StudyError, load_study, parse_study
+
+QUICK = CONFIG_DIR / "quick.yaml"
+
+
+def quick_raw() -> dict:
+    return yaml.safe_load(QUICK.read_text())
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_shipped_configs_validate_every_run(tmp_path):
+    default = plan_study(load_study(CONFIG_DIR / "default.yaml"), tmp_path / "d")
+    methods = {r.method for r in default.runs}
+    assert len(methods) == 14
+    for method in methods:  # every method: at least 4 lrs spanning at least two decades
+        lrs = sorted({r.lr for r in default.runs if r.method == method})
+        assert len(lrs) >= 4 and lrs[-1] / lrs[0] >= 100 * (1 - 1e-9)
+    for method in ("gdiff", "npo", "ngdiff", "ngdiff+autolr"):
+        assert {r.seed for r in default.runs if r.method == method} == {0, 1, 2}
+    quick = plan_study(load_study(QUICK), tmp_path / "q")
+    assert len({r.method for r in quick.runs}) >= 4
+    assert not (tmp_path / "d").exists() and not (tmp_path / "q").exists()  # validation builds nothing
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda raw: raw.update(lrz=[1]), "unknown key lrz (did you mean lrs?)"),
+        (lambda raw: raw["world"].update(retain_author=3), "world.retain_author (did you mean world.retain_authors?)"),
+        (lambda raw: raw.update(lrs=[]), "lrs must be a non-empty list"),
+        (lambda raw: raw.update(lrs=[1e-3, "fast"]), "lrs must be a number, got 'fast'"),
+        (lambda raw: raw.update(eval_every=0), "eval_every"),
+        (lambda raw: raw["methods"].update(bad="method.combiner=ngdiff"), "methods.bad must be a list"),
+        (lambda raw: raw["world"].update(kind="gpu"), "world.kind must be cpu or cluster"),
+        (lambda raw: raw.update(plots={"lr_methods": ["nope"]}), "plots.lr_methods names unknown method 'nope'"),
+    ],
+)
+def test_study_config_errors_name_the_key(tmp_path, change, message):
+    raw = quick_raw()
+    change(raw)
+    with pytest.raises(StudyError) as err:
+        parse_study(raw, "s.yaml")
+    assert message in str(err.value) and "s.yaml" in str(err.value)
+
+
+def test_a_bad_method_override_names_the_method_before_anything_is_built(tmp_path, capsys):
+    raw = quick_raw()
+    raw["methods"]["broken"] = ["method.combiner=ngdif"]
+    out = tmp_path / "out"
+    assert main(["study", str(write(tmp_path, raw)), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "method 'broken'" in err and "did you mean ngdiff?" in err
+    assert not out.exists()
+    raw["methods"]["broken"] = ["optim.nmae=sgd"]
+    with pytest.raises(StudyError, match=r"method 'broken'.*optim\.name"):
+        plan_study(parse_study(raw), out)
+
+
+def test_array_ranges():
+    assert array_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert array_ranges([3]) == "3"
+
+
+def test_slurm_scripts_run_the_world_one_task_per_run_and_the_report(tmp_path):
+    args = argparse.Namespace(
+        python="/opt/py", partition="cpu", time="00:30:00", account="", gpus_per_task=1, cpus_per_task=2
+    )
+    study = tmp_path / "s"
+    script = render_study_script("array", study, args, array="0-2,5", dependency="afterok:12")
+    lines = script.splitlines()
+    for directive in ("--array=0-2,5", "--dependency=afterok:12", "--requeue", "--partition=cpu", "--gpus-per-task=1"):
+        assert f"#SBATCH {directive}" in lines
+    assert f'exec /opt/py -m launcher study run-one {study.resolve()} "$SLURM_ARRAY_TASK_ID"' in lines
+    report = render_study_script("report", study, args)
+    assert f"exec /opt/py -m launcher study report {study.resolve()}" in report and "--gpus-per-task" not in report
+
+
+@pytest.mark.slow  # `ngdiff study --quick`: about 2 minutes on an idle 2-core machine
+def test_quick_study_end_to_end_then_resumes_without_redoing_anything(tmp_path, capsys):
+    out = tmp_path / "quick"
+    assert main(["study", "--quick", "--output-dir", str(out), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    methods = {r["method"] for r in rows}
+    assert len(methods) >= 4
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        assert [r["step"] for r in mine] == [0, 5, 10]  # the target, then every eval_every steps to the budget
+        for r in mine:
+            assert 0.0 <= r["forget_quality"] <= 1.0 and 0.0 <= r["model_utility"] <= 1.0
+            assert {"lr", "seed", "forget_rougeL_recall", "retain_rougeL_recall"} <= set(r)
+        assert mine[-1]["loss_forget"] is not None and mine[-1]["lr_now"] > 0
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {m} |" in summary for m in methods)
+    for name in ("pareto.png", "lr.png", "autolr.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    world_mtime = (out / "world" / "world.json").stat().st_mtime
+    capsys.readouterr()
+    # again: every run is finished, the world is cached; nothing is redone and the report is the same
+    assert main(["study", "--quick", "--output-dir", str(out), "--no-progress"]) == 0
+    assert "4 already finished" in capsys.readouterr().out
+    assert (out / "world" / "world.json").stat().st_mtime == world_mtime
+    assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == rows
+    assert main(["study", "report", str(out)]) == 0
+
+
+def test_local_order_runs_every_first_seed_before_extra_seeds_and_the_lr_plot_methods_first(tmp_path):
+    from ngdiff.study.runner import priority
+
+    spec = load_study(CONFIG_DIR / "default.yaml")
+    order = sorted(spec.runs(), key=lambda run: priority(spec, run))
+    first_seed = [r for r in spec.runs() if r.seed == 0]
+    assert order[: len(first_seed)] == sorted(first_seed, key=lambda run: priority(spec, run))
+    head = {r.method for r in order[: 4 * len(spec.lr_plot_methods)]}
+    assert head == set(spec.lr_plot_methods)
+    assert sorted(order, key=lambda r: r.run_id) == sorted(spec.runs(), key=lambda r: r.run_id)  # nothing lost
+
+
+def test_a_method_may_have_its_own_lr_grid_and_seeds():
+    raw = quick_raw()
+    raw["lrs"] = [1e-4, 1e-3]
+    raw["methods"] = {"adam": ["method.combiner=gdiff"], "sgd": {"overrides": ["optim.name=sgd"], "lrs": [0.1, 1.0]}}
+    raw["methods"]["sgd"]["seeds"] = [3, 4]
+    runs = parse_study(raw).runs()
+    assert [(r.method, r.lr, r.seed) for r in runs] == [
+        ("adam", 1e-4, 0), ("adam", 1e-3, 0), ("sgd", 0.1, 3), ("sgd", 0.1, 4), ("sgd", 1.0, 3), ("sgd", 1.0, 4)
+    ]  # fmt: skip
+    raw["methods"]["sgd"]["lrs"] = [0.1, -1]
+    with pytest.raises(StudyError, match=r"methods\.sgd\.lrs must be positive"):
+        parse_study(raw)
+
+
+CLUSTER_WORLD = {
+    "kind": "cluster",
+    "benchmark": "tofu",
+    "target": "locuslab/tofu_ft_llama2-7b",
+    "split": "forget10",
+    "forget": "locuslab/TOFU:forget10",
+    "retain": "locuslab/TOFU:retain90",
+    "reference": "tests/fixtures/tofu_reference_eval_logs/llama2-7b_retain90_wd0.01_eval_log_forget.json",
+}
+
+
+def test_a_cluster_world_validates_every_run_without_touching_a_model(tmp_path):
+    raw = {
+        "world": dict(CLUSTER_WORLD),
+        "common": ["data.prompt_template=llama2", "parallel.backend=fsdp"],
+        "lrs": [1e-5, 1e-4],
+        "eval_every": 5,
+        "methods": {"gdiff": ["method.combiner=gdiff"], "ngdiff": ["method.combiner=ngdiff"]},
+    }
+    assert len(plan_study(parse_study(raw), tmp_path / "c").runs) == 4
+    del raw["world"]["reference"]
+    with pytest.raises(StudyError, match=r"world\.retain_model or world\.reference"):
+        plan_study(parse_study(raw), tmp_path / "c")
+    raw["world"]["reference"] = CLUSTER_WORLD["reference"]
+    raw["common"] = ["data.prompt_template=nonsense"]
+    with pytest.raises(StudyError, match="prompt_template"):
+        plan_study(parse_study(raw), tmp_path / "c")
