@@ -68,7 +68,8 @@ def _register_optional() -> None:
     """Import the modules that add subcommands (kept optional so a broken extra never hides train)."""
     import importlib
 
-    for module in ("launcher.eval_cli", "launcher.plan_cli", "launcher.plot_cli", "launcher.slurm", "launcher.study_cli"):
+    subcommand_modules = ("eval_cli", "plan_cli", "plot_cli", "slurm", "study_cli")
+    for module in (f"launcher.{name}" for name in subcommand_modules):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
