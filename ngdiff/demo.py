@@ -38,15 +38,11 @@ FORGET_AUTHORS = 2
 RETAIN_EVAL_EVERY = 9  # score every 9th retained pair: 40 of 360, enough to see erosion, quick to generate
 UNLEARN_OVERRIDES = [
     "method.combiner=ngdiff",
-    "optim.name=adamw",
-    "optim.lr=5e-4",
+    # NGDiff's raw direction with SGD, the setting AutoLR's fit is valid in (docs/autolr.md); AutoLR with
+    # its defaults pulls the lr to ~0.05-0.06 from anywhere in 0.02-0.1 (measured on the demo's model)
+    "optim.name=sgd",
+    "optim.lr=0.05",
     "autolr.enabled=true",
-    "autolr.every=4",
-    # the AutoLR the README's measured result used (before docs/autolr.md's study): AdamW with the
-    # study's defaults grows the lr and loses retention, see docs/autolr.md
-    "autolr.probe_batch=fresh",
-    "autolr.momentum=0.9",
-    "autolr.on_reject=keep",
     "train.forget_batch_size=8",
     "train.retain_batch_size=8",
     "train.max_steps=40",
