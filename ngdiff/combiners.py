@@ -4,6 +4,12 @@ The update direction is `d = w_R * g_R + w_F * g_F` and the step `theta <- theta
 negative `w_F` pushes the forget loss up. With `a = |g_R|^2`, `b = |g_F|^2`, `c = <g_R, g_F>`, every
 method of the paper is a formula in (a, b, c, L_R, L_F). No tensor is touched here: the trainer builds
 the Gram matrix from the (sharded) gradients with one all-reduce and applies the weights in place.
+
+Sources, two-task forms: NGDiff, GDiff and GA as the NGDiff paper (Bu et al., 2025) defines them; MGDA
+(Sener & Koltun, 2018) as the closed-form min-norm point of two vectors; PCGrad (Yu et al., 2020) and
+IMTL-G (Liu et al., 2021) as their papers' algorithms written in Gram terms; LossNorm and RLW (Lin et
+al., 2022) as LibMTL's `weighting/` implementations do for two tasks. Each is tested against its
+definition on explicit vectors (tests/test_combiners.py).
 """
 
 from __future__ import annotations

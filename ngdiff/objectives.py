@@ -84,7 +84,9 @@ class IdkNLL(NLL):
 
 
 class NPO(Objective):
-    """Negative preference optimisation (Zhang et al., 2024): -(2/beta) log sigmoid(-beta log(pi/pi_ref)).
+    """Negative preference optimisation (Zhang et al., 2024): -(2/beta) log sigmoid(-beta log(pi/pi_ref)),
+    on the summed answer log-likelihood of each sequence, beta 0.1, as open-unlearning's
+    src/trainer/unlearn/npo.py and compute_dpo_loss (src/trainer/utils.py).
 
     Returned negated (per sequence, summed), so that pushing it up with w_F < 0 minimises NPO.
     """
