@@ -7,9 +7,10 @@ the Gram matrix from the (sharded) gradients with one all-reduce and applies the
 
 Sources, two-task forms: NGDiff, GDiff and GA as the NGDiff paper (Bu et al., 2025) defines them; MGDA
 (Sener & Koltun, 2018) as the closed-form min-norm point of two vectors; PCGrad (Yu et al., 2020) and
-IMTL-G (Liu et al., 2021) as their papers' algorithms written in Gram terms; LossNorm and RLW (Lin et
-al., 2022) as LibMTL's `weighting/` implementations do for two tasks. Each is tested against its
-definition on explicit vectors (tests/test_combiners.py).
+IMTL-G (Liu et al., 2021) as their papers' algorithms written in Gram terms; LossNorm as the NGDiff
+paper's baseline (each loss divided by its value); RLW (Lin et al., 2022) as LibMTL's
+`weighting/RLW.py` (softmax of a standard normal draw). Each is tested against its definition on
+explicit vectors (tests/test_combiners.py).
 """
 
 from __future__ import annotations
