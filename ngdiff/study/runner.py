@@ -39,9 +39,13 @@ class Plan:
         return [r for r in self.runs if not (self.run_dir(r) / DONE).is_file()]
 
 
-def run_config(spec: StudySpec, run: RunSpec, base: list[str], output_dir: Path) -> ExperimentConfig:
-    """The run's full config: world keys, the study's common keys and budget, the method, lr and seed."""
-    return load_config(None, [*base, *spec.run_overrides(run), *QUIET, f"output_dir={output_dir}"])
+def run_config(
+    spec: StudySpec, run: RunSpec, base: list[str], output_dir: Path, check_sources: bool = True
+) -> ExperimentConfig:
+    """The run's full config: world keys, the study's common keys and budget, the method, lr and seed.
+    `check_sources=False` for placeholder paths (a CPU world's model and splits do not exist yet)."""
+    overrides = [*base, *spec.run_overrides(run), *QUIET, f"output_dir={output_dir}"]
+    return load_config(None, overrides, check_sources=check_sources)
 
 
 def plan_study(spec: StudySpec, study_dir: Path) -> Plan:
@@ -52,9 +56,10 @@ def plan_study(spec: StudySpec, study_dir: Path) -> Plan:
     if len(set(ids)) != len(ids):
         raise StudyError(f"{spec.source}: two runs share a folder name; method names must differ after cleaning")
     placeholders = placeholder_overrides(spec)
+    real_paths = spec.world.kind == "cluster"  # a cluster world's target and data exist: check them too
     for run in runs:
         try:
-            run_config(spec, run, placeholders, study_dir / "runs" / run.run_id)
+            run_config(spec, run, placeholders, study_dir / "runs" / run.run_id, check_sources=real_paths)
         except StudyError:
             raise
         except Exception as err:  # ConfigError and friends: name the method
@@ -81,7 +86,8 @@ def claim_study_dir(plan: Plan) -> None:
 
 def prepare_world(plan: Plan, progress: bool = True) -> World:
     placeholders = placeholder_overrides(plan.spec)
-    data_cfg = load_config(None, [*placeholders, *plan.spec.common]).data  # the formatting every run trains on
+    # the formatting every run trains on (the paths are placeholders until the world exists)
+    data_cfg = load_config(None, [*placeholders, *plan.spec.common], check_sources=False).data
     return load_or_build(plan.spec, plan.study_dir, data_cfg, progress)
 
 

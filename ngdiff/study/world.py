@@ -67,7 +67,8 @@ def world_folder(spec: StudySpec, study_dir: Path) -> Path:
 
 
 def placeholder_overrides(spec: StudySpec) -> list[str]:
-    """Paths that exist before the world is built, so every run's config can be validated first."""
+    """The world's paths for validating every run's config before the world is built: a cluster world's
+    real target and data; for a CPU world, bundled stand-ins (validated with `check_sources=False`)."""
     if spec.world.kind == "cluster":
         w = spec.world
         return [f"model.path={w.target}", f"data.forget={w.forget}", f"data.retain={w.retain}"]
