@@ -44,6 +44,8 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: b
         stopped = bool(outcome.results) and outcome.results[-1].stop_requested and not outcome.trainer.finished
         if ctx.is_main and outcome.final_dir is not None:
             log.info("next: %s", next_commands(cfg, outcome.final_dir))
+        if ctx.distributed:  # leave together: a rank tearing down its group while rank 0 still writes
+            torch.distributed.barrier()  # its summary once aborted in gloo ("terminate called ...")
         return after_stop(cfg, ctx) if stopped else 0
     except RuntimeError as err:
         if not (ctx.distributed and is_peer_failure(err)):
