@@ -29,7 +29,7 @@ class _Measured(Exception):
 
 
 def main() -> None:
-    from launcher.config import load_config
+    from ngdiff.config import load_config
     from ngdiff.pipeline import run_training
     from parallel.base import DistContext
 

@@ -112,7 +112,7 @@ METRICS = ("forget_loss", "retain_loss", "forget_rougeL", "retain_rougeL")
 
 
 def run_one(demo: Path, optim: str, lr: float, variant: str, steps: int, out_dir: Path) -> dict:
-    from launcher.config import load_config
+    from ngdiff.config import load_config
     from ngdiff.eval.tofu import qa_metrics
     from ngdiff.pipeline import run_training
     from parallel.base import DistContext

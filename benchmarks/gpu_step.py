@@ -60,7 +60,7 @@ def run_backend(backend_name: str, overrides: list[str], model: dict, args) -> d
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from benchmarks.step_overhead import gdiff_step
-    from launcher.config import load_config
+    from ngdiff.config import load_config
     from ngdiff.memory_plan import model_shape, plan, settings_from_config
     from ngdiff.modeling import load_tokenizer
     from ngdiff.objectives import build_objectives

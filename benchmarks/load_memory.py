@@ -67,7 +67,7 @@ def import_model_code(cfg) -> None:
 def worker(spec_path: str) -> None:
     import torch
 
-    from launcher.config import load_config
+    from ngdiff.config import load_config
     from ngdiff.pipeline import run_training
     from parallel.distributed import init_distributed, shutdown_distributed
 

@@ -38,7 +38,7 @@ COMMON = ["method.forget_objective=npo", "method.combiner=ngdiff", "autolr.enabl
 def worker(args) -> None:
     import torch
 
-    from launcher.config import load_config
+    from ngdiff.config import load_config
     from ngdiff.pipeline import run_training
     from parallel.distributed import init_distributed
 

@@ -82,7 +82,7 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from launcher.config import load_config
+    from ngdiff.config import load_config
     from ngdiff.modeling import load_tokenizer
     from ngdiff.objectives import build_objectives
     from ngdiff.pipeline import build_streams
@@ -183,7 +183,7 @@ def launch(backend: str, ranks: int, overrides: list[str], args, root: Path) -> 
 def predict(overrides: list[str], ranks: int) -> dict:
     from transformers import LlamaConfig
 
-    from launcher.config import load_config
+    from ngdiff.config import load_config
     from ngdiff.memory_plan import model_shape, plan, settings_from_config
 
     cfg = load_config(None, overrides)

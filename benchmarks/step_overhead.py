@@ -132,7 +132,7 @@ def plain_gdiff_step(model, optimizer, retain, forget, c0: float = 0.5) -> None:
 
 
 def worker(args) -> None:
-    from launcher.config import load_config
+    from ngdiff.config import load_config
     from ngdiff.modeling import load_tokenizer, model_factory
     from ngdiff.objectives import build_objectives
     from ngdiff.pipeline import build_streams

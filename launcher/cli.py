@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from launcher.config import ConfigError, load_config
+from ngdiff.config import ConfigError, load_config
 from ngdiff.errors import UserError
 
 log = logging.getLogger("ngdiff")
@@ -58,9 +58,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     "demo", "the embedded end-to-end example on CPU: fine-tune a tiny model, unlearn, report", add_demo_arguments
 )
 def run_demo(args: argparse.Namespace) -> int:
+    from launcher.logs import setup_logging
     from ngdiff.demo import run_demo as demo
 
-    report = demo(args.output_dir, overwrite=args.overwrite, quick=args.quick, verbose=args.verbose)
+    setup_logging(0, args.verbose)
+    report = demo(args.output_dir, overwrite=args.overwrite, quick=args.quick)
     return 0 if report is not None else 1
 
 

@@ -234,7 +234,7 @@ def load_model(args: argparse.Namespace, model_dir: Path, ctx):
         build = model_factory(str(model_dir), args.trust_remote_code)
     if not args.backend:
         return build().to(ctx.device).eval()
-    from launcher.config import OptimConfig, ParallelConfig
+    from ngdiff.config import OptimConfig, ParallelConfig
     from parallel import build_backend
 
     backend = build_backend(args.backend, ctx, ParallelConfig(backend=args.backend), OptimConfig(), "fp32")

@@ -10,7 +10,7 @@ import json
 import re
 
 from launcher.cli import split_config_and_overrides, subcommand
-from launcher.config import ConfigError, load_config
+from ngdiff.config import ConfigError, load_config
 
 UNITS = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
          "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # fmt: skip

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from launcher.config import ExperimentConfig
 from launcher.logs import setup_logging
-from launcher.outputs import check_output_dir, write_output_dir
 from launcher.signals import install_stop_handlers
 from launcher.tracking import build_sinks
+from ngdiff.config import ExperimentConfig
+from ngdiff.outputs import check_output_dir, write_output_dir
 from parallel.distributed import init_distributed, shutdown_distributed
 
 log = logging.getLogger("ngdiff")

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 from launcher.cli import split_config_and_overrides, subcommand
-from launcher.config import ConfigError, ExperimentConfig, load_config
 from launcher.secrets import find_secrets, redact
+from ngdiff.config import ConfigError, ExperimentConfig, load_config
 from ngdiff.errors import UserError
 
 LAUNCHERS = ("torchrun", "deepspeed")
@@ -177,7 +177,7 @@ def _deepspeed_command(opts: SubmitOptions, runtime: str = "") -> str:
 
 def prepare_run(cfg: ExperimentConfig, overwrite: bool) -> None:
     """Check and claim output_dir now (as the job will), so a clash fails before sbatch is called."""
-    from launcher.outputs import check_output_dir, write_output_dir
+    from ngdiff.outputs import check_output_dir, write_output_dir
 
     leaked = find_secrets(cfg.to_dict())
     if leaked:

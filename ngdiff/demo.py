@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
-from launcher.config import load_config
-from launcher.logs import setup_logging
-from launcher.outputs import check_output_dir, write_output_dir
 from ngdiff import TOFU_DIR
+from ngdiff.config import load_config
 from ngdiff.data import encode_task, load_records
 from ngdiff.eval.tofu import qa_metrics
 from ngdiff.finetune import FinetuneConfig, finetune
 from ngdiff.modeling import TinyLlamaSpec, build_tiny_model, load_tokenizer
+from ngdiff.outputs import check_output_dir, write_output_dir
 from ngdiff.pipeline import run_training
 from parallel.base import DistContext
 
@@ -93,10 +92,7 @@ def format_table(before: dict[str, float], after: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(
-    output_dir: str | Path = "outputs/demo", overwrite: bool = False, quick: bool = False, verbose: bool = False
-) -> dict[str, Any]:
-    setup_logging(0, verbose)
+def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, quick: bool = False) -> dict[str, Any]:
     started = time.time()
     out = Path(output_dir)
     # validate the unlearning config before any heavy work; the model path exists only later

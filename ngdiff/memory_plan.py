@@ -367,7 +367,7 @@ def _settings_delta(overrides: dict[str, Any], settings: PlanSettings) -> dict[s
 
 # ------------------------------------------------------------------------------------ from a run config
 def settings_from_config(cfg: Any, world_size: int) -> PlanSettings:
-    """The memory-relevant part of an ExperimentConfig (launcher/config.py)."""
+    """The memory-relevant part of an ExperimentConfig (ngdiff/config.py)."""
     import json
     from pathlib import Path
 

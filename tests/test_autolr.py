@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from launcher.config import AutoLRConfig, OptimConfig
 from ngdiff.autolr import AutoLR, QuadraticFit, fit_quadratic, horizon_scale, next_lr
+from ngdiff.config import AutoLRConfig, OptimConfig
 from parallel.base import DistContext
 from parallel.single import SingleBackend
 

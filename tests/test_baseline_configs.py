@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import load_config
+from ngdiff.config import load_config
 
 BASELINES = Path(__file__).parents[1] / "configs" / "baselines"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from launcher.config import ConfigError, load_config
-from launcher.outputs import check_output_dir, write_output_dir
+from ngdiff.config import ConfigError, load_config
+from ngdiff.outputs import check_output_dir, write_output_dir
 
 
 @pytest.fixture

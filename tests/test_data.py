@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from launcher.config import DataConfig
+from ngdiff.config import DataConfig
 from ngdiff.data import DataError, TaskStream, encode_task, load_records
 from ngdiff.data.tokenize import encode_qa, encode_text
 from ngdiff.modeling import load_tokenizer

@@ -24,8 +24,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from launcher.config import DataConfig, load_config
 from ngdiff.combiners import COMBINERS, CombinerOptions, TaskStats, get_combiner
+from ngdiff.config import DataConfig, load_config
 from ngdiff.data import collate, encode_task
 from ngdiff.finetune import FinetuneConfig, finetune
 from ngdiff.modeling import load_tokenizer

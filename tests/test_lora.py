@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from launcher.config import ConfigError
+from ngdiff.config import ConfigError
 from ngdiff.pipeline import run_training
 from parallel.base import DistContext
 from tests.test_trainer_single import config as single_config

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from launcher.config import load_config
+from ngdiff.config import load_config
 from ngdiff.data import collate, encode_task
 from ngdiff.modeling import load_tokenizer
 from ngdiff.objectives import NPO, KLToReference, SimNPO, build_objectives

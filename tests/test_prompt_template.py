@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from launcher.config import ConfigError, load_config
+from ngdiff.config import ConfigError, load_config
 from ngdiff.data import DataError, collate
 from ngdiff.data.tokenize import encode_qa, prompt_ids
 from ngdiff.eval.tofu import evaluate_rows

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from launcher.config import ConfigError
+from ngdiff.config import ConfigError
 from ngdiff.metrics_log import read_jsonl
 from ngdiff.pipeline import run_training
 from ngdiff.schedule import lr_factor, warmup_steps_of

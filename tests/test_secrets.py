@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import logging
 
-from launcher.config import dump_config, load_config
 from launcher.secrets import MASK, RedactingFilter, find_secrets, install_log_redaction, redact, secret_values
+from ngdiff.config import dump_config, load_config
 
 KEY = "0123456789abcdef0123456789abcdef01234567"
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from launcher.cli import main
-from launcher.config import load_config
+from ngdiff.config import load_config
 from ngdiff.data import TaskStream, encode_task
 from ngdiff.metrics_log import read_jsonl
 from ngdiff.modeling import load_tokenizer

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import load_config
 from launcher.slurm_env import SlurmJob
 from launcher.wandb_sink import WandbSink, choose_mode
+from ngdiff.config import load_config
 from tests.wandb_records import find_run_files, read_finished_run
 
 

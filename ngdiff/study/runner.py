@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ExperimentConfig, load_config
+from ngdiff.config import ExperimentConfig, load_config
 from ngdiff.study.spec import RunSpec, StudyError, StudySpec, spec_to_dict
 from ngdiff.study.world import World, check_world, load_or_build, placeholder_overrides
 
@@ -93,8 +93,8 @@ def prepare_world(plan: Plan, progress: bool = True) -> World:
 
 def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
     """One unlearning run with periodic evaluation; writes `done.json` when it completed."""
-    from launcher.outputs import write_output_dir
     from ngdiff.eval.during_training import evaluation_factory
+    from ngdiff.outputs import write_output_dir
     from ngdiff.pipeline import run_training
     from parallel.base import DistContext
 
@@ -123,7 +123,7 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
 
 def _restart(cfg: ExperimentConfig) -> None:
     """An unfinished run folder is replaced (the run starts again)."""
-    from launcher.outputs import write_output_dir
+    from ngdiff.outputs import write_output_dir
 
     out = Path(cfg.output_dir)
     if (out / "config.yaml").is_file():

@@ -1,6 +1,6 @@
 """The study config: one YAML naming the world, the methods, the lr grid, the seeds, the budget and
 the evaluation cadence. Parsed and checked completely (every run's config through
-`launcher.config.load_config`) before anything is built, so a typo costs a second.
+`ngdiff.config.load_config`) before anything is built, so a typo costs a second.
 
 A method is a name and a list of dotted config overrides, e.g.
 `ngdiff+autolr: [method.combiner=ngdiff, autolr.enabled=true]`, so new config keys need no code.

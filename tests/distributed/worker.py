@@ -28,7 +28,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from launcher.config import load_config  # noqa: E402
+from ngdiff.config import load_config  # noqa: E402
 from ngdiff.modeling import ModelSource  # noqa: E402
 from ngdiff.pipeline import run_training  # noqa: E402
 from parallel.distributed import init_distributed  # noqa: E402

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from launcher.cli import main
-from launcher.config import load_config
+from ngdiff.config import load_config
 from ngdiff.errors import UserError
 from ngdiff.eval.during_training import evaluation_factory
 from ngdiff.metrics_log import read_jsonl

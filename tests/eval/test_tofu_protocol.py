@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config import ConfigError, EvalConfig, load_config
+from ngdiff.config import ConfigError, EvalConfig, load_config
 from ngdiff.eval.tofu import DS_SIZE, MAX_NEW_TOKENS, load_rows, tofu_sets, tofu_split_of
 from tests.conftest import write_jsonl
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from launcher.config import ConfigError, ExperimentConfig, dump_config
+from ngdiff.config import ConfigError, ExperimentConfig, dump_config
 
 CONFIG_NAME = "config.yaml"
 # keys that may change between a run and its resumption without making it a different run
