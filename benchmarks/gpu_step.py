@@ -62,20 +62,11 @@ def run_backend(backend_name: str, overrides: list[str], model: dict, args) -> d
     from benchmarks.step_overhead import gdiff_step
     from ngdiff.config import load_config
     from ngdiff.memory_plan import model_shape, plan, settings_from_config
-    from ngdiff.modeling import load_tokenizer
-    from ngdiff.objectives import build_objectives
-    from ngdiff.pipeline import build_streams
-    from ngdiff.trainer import Trainer
-    from parallel import build_backend
+    from ngdiff.pipeline import build_trainer
     from parallel.distributed import init_distributed, shutdown_distributed
 
     cfg = load_config(None, [*overrides, f"parallel.backend={backend_name}"])
     ctx = init_distributed()
-    tokenizer = load_tokenizer(cfg.model.path)
-    forget_objective, retain_objective = build_objectives("nll", "nll", 0.1)
-    forget_stream, retain_stream = build_streams(cfg, tokenizer, ctx, refusals=False)
-    backend = build_backend(cfg.parallel.backend, ctx, cfg.parallel, cfg.optim, cfg.train.precision)
-    backend.set_batch_layout(forget_stream.micro, forget_stream.accumulation_steps)
     hf_config = LlamaConfig(**model)
 
     def build():
@@ -84,8 +75,7 @@ def run_backend(backend_name: str, overrides: list[str], model: dict, args) -> d
             return AutoModelForCausalLM.from_config(hf_config)
 
     cuda = ctx.device.type == "cuda"
-    backend.prepare(build, cfg.model.gradient_checkpointing)
-    trainer = Trainer(cfg, backend, forget_stream, retain_stream, forget_objective, retain_objective, max_steps=10**6)
+    trainer = build_trainer(cfg, ctx, max_steps=10**6, build_model=build)
 
     def sync() -> None:
         if cuda:

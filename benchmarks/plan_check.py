@@ -83,11 +83,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     from ngdiff.config import load_config
-    from ngdiff.modeling import load_tokenizer
-    from ngdiff.objectives import build_objectives
-    from ngdiff.pipeline import build_streams
-    from ngdiff.trainer import Trainer
-    from parallel import build_backend
+    from ngdiff.pipeline import build_trainer
     from parallel.distributed import init_distributed
 
     cfg = load_config(None, args.overrides)
@@ -96,25 +92,23 @@ def worker(args) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     ctx = init_distributed(timeout_minutes=20)
-    tokenizer = load_tokenizer(cfg.model.path)
-    forget_objective, retain_objective = build_objectives("nll", "nll", 0.1)
-    forget_stream, retain_stream = build_streams(cfg, tokenizer, ctx, refusals=False)
-    backend = build_backend(cfg.parallel.backend, ctx, cfg.parallel, cfg.optim, cfg.train.precision)
-    backend.set_batch_layout(forget_stream.micro, forget_stream.accumulation_steps)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    baseline = rss_kib("VmRSS")
+    measured = {}
 
     def build():
+        """The baseline is taken here: tokenizer, data and engine exist, the model does not yet."""
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        measured["baseline"] = rss_kib("VmRSS")
+        torch.manual_seed(0)
         return AutoModelForCausalLM.from_config(LlamaConfig(**MODEL))
 
-    torch.manual_seed(0)
-    backend.prepare(build, cfg.model.gradient_checkpointing)
-    trainer = Trainer(cfg, backend, forget_stream, retain_stream, forget_objective, retain_objective, max_steps=100)
+    trainer = build_trainer(cfg, ctx, max_steps=100, build_model=build)
+    backend, baseline = trainer.backend, measured["baseline"]
     trainer.unlearning_step()  # warm-up: optimizer state exists from here on
     trace = None
     if args.trace:
         trace = PhaseTrace()
-        trace.wrap(trainer, "accumulate", lambda objective, _: "retain" if objective is retain_objective else "forget")
+        role = {id(task.objective): task.role for task in trainer.tasks}
+        trace.wrap(trainer, "accumulate", lambda objective, _: role[id(objective)])
         trace.wrap(backend, "step", "optimizer step")
     reset_peak()
     start = time.perf_counter()

@@ -59,8 +59,8 @@ def gdiff_step(trainer, combined: bool, c0: float = 0.5) -> None:
     """Plain GDiff with local-mean losses: the baseline whose cost NGDiff is compared with."""
     backend = trainer.backend
     backend.zero_grad()
-    batches = [(trainer.retain_objective, trainer.retain_stream.next(), c0),
-               (trainer.forget_objective, trainer.forget_stream.next(), -(1 - c0))]  # fmt: skip
+    batches = [(task.objective, task.stream.next(), c0 if task.role == "retain" else -(1 - c0))
+               for task in trainer.tasks]  # fmt: skip
     if combined:  # one forward per task, one backward through both graphs
         total = 0.0
         for objective, micro, weight in batches:
@@ -133,25 +133,18 @@ def plain_gdiff_step(model, optimizer, retain, forget, c0: float = 0.5) -> None:
 
 def worker(args) -> None:
     from ngdiff.config import load_config
-    from ngdiff.modeling import load_tokenizer, model_factory
-    from ngdiff.objectives import build_objectives
-    from ngdiff.pipeline import build_streams
-    from ngdiff.trainer import Trainer
-    from parallel import build_backend
+    from ngdiff.pipeline import build_trainer
     from parallel.distributed import init_distributed
 
     torch.set_num_threads(1)
     ctx = init_distributed(timeout_minutes=5)
     cfg = load_config(None, [*args.overrides, "logging.progress=false", "autolr.every=4"])
-    tokenizer = load_tokenizer(cfg.model.path)
-    forget_objective, retain_objective = build_objectives("nll", "nll", 0.1)
-    forget_stream, retain_stream = build_streams(cfg, tokenizer, ctx, refusals=False)
-    backend = build_backend(cfg.parallel.backend, ctx, cfg.parallel, cfg.optim, cfg.train.precision)
-    backend.set_batch_layout(forget_stream.micro, forget_stream.accumulation_steps)
-    backend.prepare(model_factory(cfg.model.path))
+    trainer = build_trainer(cfg, ctx, max_steps=10**6)
+    backend = trainer.backend
     # AutoLR draws probe batches too: 2 x steps covers every variant's draws of a round
-    forget_stream, retain_stream = Replay(forget_stream, 2 * args.steps), Replay(retain_stream, 2 * args.steps)
-    trainer = Trainer(cfg, backend, forget_stream, retain_stream, forget_objective, retain_objective, max_steps=10**6)
+    for task in trainer.tasks:
+        task.stream = Replay(task.stream, 2 * args.steps)
+    retain_stream, forget_stream = (task.stream for task in trainer.tasks)
     variants = VARIANTS + (PLAIN_VARIANTS if cfg.parallel.backend == "single" else ())
     variants = tuple(v for v in variants if not args.variants or v in args.variants.split(","))
 

@@ -64,9 +64,13 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: b
 
 def next_commands(cfg: ExperimentConfig, final_dir) -> str:
     """What a user runs after training: evaluate the model on what it unlearned, draw the run."""
-    local = all(Path(f).is_file() for f in (cfg.data.forget, cfg.data.retain)) and cfg.data.format == "tofu"
-    own = f" --forget {cfg.data.forget} --retain {cfg.data.retain}" if local else " --benchmark tofu|muse"
-    return f"ngdiff eval --model {final_dir}{own}; ngdiff plot {cfg.output_dir}"
+    files = (*cfg.data.forget, *cfg.data.retain)
+    local = all(Path(f).is_file() for f in files) and cfg.data.format == "tofu"
+    if not local:
+        return f"ngdiff eval --model {final_dir} --benchmark tofu|muse; ngdiff plot {cfg.output_dir}"
+    # one evaluation per forget set: each is scored on its own, as it was trained
+    evals = [f"ngdiff eval --model {final_dir} --forget {f} --retain {cfg.data.retain[0]}" for f in cfg.data.forget]
+    return "; ".join([*evals, f"ngdiff plot {cfg.output_dir}"])
 
 
 def is_peer_failure(err: BaseException) -> bool:

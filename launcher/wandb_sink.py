@@ -25,22 +25,10 @@ from urllib.parse import urlparse
 
 from launcher.secrets import redact
 from launcher.slurm_env import SlurmJob
+from ngdiff.metrics_log import is_step_metric
 
 log = logging.getLogger("ngdiff.wandb")
 
-# what `StepResult.metrics()` emits each step; everything else without a prefix is evaluation
-STEP_KEYS = frozenset(
-    {
-        "loss_retain",
-        "loss_forget",
-        "grad_norm_retain",
-        "grad_norm_forget",
-        "cos_retain_forget",
-        "w_retain",
-        "w_forget",
-        "lr",
-    }
-)
 KEPT_PREFIXES = ("train/", "eval/", "autolr/", "tradeoff/")
 RUN_ID_FILE = "wandb_run_id"
 
@@ -94,7 +82,7 @@ def _key(name: str) -> str:
     """Panel section of a top-level metric: train/ for step metrics, kept prefixes, else eval/."""
     if name.startswith(KEPT_PREFIXES):
         return name
-    return f"train/{name}" if name in STEP_KEYS else f"eval/{name}"
+    return f"train/{name}" if is_step_metric(name) else f"eval/{name}"
 
 
 def _is_number(value: Any) -> bool:

@@ -1,63 +1,86 @@
-"""Two-task gradient combiners: pure functions from the 2x2 Gram matrix and the losses to two weights.
+"""k-task gradient combiners: pure functions from the k x k Gram matrix and the losses to k weights.
 
-The update direction is `d = w_R * g_R + w_F * g_F` and the step `theta <- theta - lr * d`, so a
-negative `w_F` pushes the forget loss up. With `a = |g_R|^2`, `b = |g_F|^2`, `c = <g_R, g_F>`, every
-method of the paper is a formula in (a, b, c, L_R, L_F). No tensor is touched here: the trainer builds
-the Gram matrix from the (sharded) gradients with one all-reduce and applies the weights in place.
+Each task i has a gradient g_i (of its mean loss) and a role: retain tasks are descended, forget
+tasks ascended. The update direction is `d = sum_i w_i g_i` and the step `theta <- theta - lr * d`,
+so a forget task gets a negative weight. The multi-task methods are defined on the *task gradients*
+`h_i = s_i g_i` (s = +1 retain, -1 forget: the gradient of what each task minimises); they pick
+`d = sum_i lambda_i h_i`, so `w_i = s_i lambda_i`. With `G_ij = <g_i, g_j>`, the task Gram matrix is
+`H = S G S`, and every method below is a formula in (H, losses). No tensor is touched here: the
+trainer builds G from the (sharded) gradients with one all-reduce and applies the weights in place.
 
-Sources, two-task forms: NGDiff, GDiff and GA as the NGDiff paper (Bu et al., 2025) defines them; MGDA
-(Sener & Koltun, 2018) as the closed-form min-norm point of two vectors; PCGrad (Yu et al., 2020) and
-IMTL-G (Liu et al., 2021) as their papers' algorithms written in Gram terms; LossNorm as the NGDiff
-paper's baseline (each loss divided by its value); RLW (Lin et al., 2022) as LibMTL's
-`weighting/RLW.py` (softmax of a standard normal draw). Each is tested against its definition on
-explicit vectors (tests/test_combiners.py).
+Sources. NGDiff, GDiff and GA as the NGDiff paper (Bu et al., 2025) defines them for two tasks, with
+each role's share split equally over its tasks; LossNorm as that paper's baseline (each loss divided
+by its magnitude); RLW (Lin et al., 2022) as LibMTL's `weighting/RLW.py` (softmax of a standard normal
+draw); MGDA (Sener & Koltun, 2018) as the min-norm point of the convex hull of the h_i (closed form
+for two tasks, an exact active-set solution of the same quadratic programme for more); PCGrad
+(Yu et al., 2020) as LibMTL's `weighting/PCGrad.py` (each task projected in its own random order,
+itself included, bookkeeping the weights); IMTL-G (Liu et al., 2021) as LibMTL's `weighting/IMTL.py`
+(`alpha = h_1 U^T (D U^T)^-1`). Each is tested against its definition on explicit vectors
+(tests/test_combiners.py, tests/test_tasks.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 EPS = 1e-12
+RETAIN, FORGET = "retain", "forget"
+SIGN = {RETAIN: 1.0, FORGET: -1.0}
+MAX_EXACT_MGDA_TASKS = 12  # the active-set solution enumerates 2^k supports
 
 
 @dataclass(frozen=True)
 class TaskStats:
-    """Global (all-rank) quantities of one step."""
+    """Global (all-rank) quantities of one step, tasks in the trainer's order."""
 
-    a: float  # |g_R|^2
-    b: float  # |g_F|^2
-    c: float  # <g_R, g_F>
-    loss_retain: float
-    loss_forget: float
+    gram: tuple[tuple[float, ...], ...]  # G_ij = <g_i, g_j>
+    losses: tuple[float, ...]
+    roles: tuple[str, ...]  # "retain" | "forget" per task
     step: int = 0
 
-    @property
-    def norm_retain(self) -> float:
-        return math.sqrt(max(self.a, 0.0))
+    @classmethod
+    def two(cls, a: float, b: float, c: float, loss_retain: float, loss_forget: float, step: int = 0) -> TaskStats:
+        """The two-task case of the paper: a = |g_R|^2, b = |g_F|^2, c = <g_R, g_F>."""
+        return cls(((a, c), (c, b)), (loss_retain, loss_forget), (RETAIN, FORGET), step)
 
     @property
-    def norm_forget(self) -> float:
-        return math.sqrt(max(self.b, 0.0))
+    def k(self) -> int:
+        return len(self.roles)
 
     @property
-    def cosine(self) -> float:
-        denom = self.norm_retain * self.norm_forget
-        return self.c / denom if denom > 0 else 0.0
+    def signs(self) -> np.ndarray:
+        return np.array([SIGN[role] for role in self.roles])
+
+    def norm(self, i: int) -> float:
+        return math.sqrt(max(self.gram[i][i], 0.0))
+
+    def cosine(self, i: int, j: int) -> float:
+        denom = self.norm(i) * self.norm(j)
+        return self.gram[i][j] / denom if denom > 0 else 0.0
+
+    def task_gram(self) -> np.ndarray:
+        """H = S G S: the Gram matrix of the task gradients h_i = s_i g_i."""
+        s = self.signs
+        return np.asarray(self.gram, dtype=np.float64) * np.outer(s, s)
+
+    def of_role(self, role: str) -> list[int]:
+        return [i for i, r in enumerate(self.roles) if r == role]
 
 
-@dataclass(frozen=True)
-class Weights:
-    retain: float
-    forget: float
+Weights = tuple[float, ...]  # one per task: d = sum_i w_i g_i
 
-    def direction_norm_sq(self, s: TaskStats) -> float:
-        """|w_R g_R + w_F g_F|^2 from the Gram matrix alone (used for clipping, no extra collective)."""
-        return self.retain**2 * s.a + 2 * self.retain * self.forget * s.c + self.forget**2 * s.b
+
+def direction_norm_sq(weights: Sequence[float], stats: TaskStats) -> float:
+    """|sum_i w_i g_i|^2 = w^T G w from the Gram matrix alone (used for clipping: no extra collective)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return float(w @ np.asarray(stats.gram, dtype=np.float64) @ w)
 
 
 @dataclass(frozen=True)
@@ -86,23 +109,32 @@ def guarded(value: float, what: str) -> float:
     return value
 
 
+def signed(s: TaskStats, lambdas: Sequence[float]) -> Weights:
+    """Weights on the raw gradients from weights on the task gradients: w_i = s_i lambda_i."""
+    return tuple(float(sign * lam) for sign, lam in zip(s.signs, lambdas, strict=True))
+
+
+def role_shares(s: TaskStats, retain_share: float, forget_share: float) -> Weights:
+    """Each role's share split equally over its tasks (task weights, not yet signed)."""
+    n_retain, n_forget = len(s.of_role(RETAIN)), len(s.of_role(FORGET))
+    return tuple(retain_share / n_retain if r == RETAIN else forget_share / n_forget for r in s.roles)
+
+
 @register("ga")
 def gradient_ascent(s: TaskStats, opts: CombinerOptions) -> Weights:
-    return Weights(0.0, -1.0)
+    return signed(s, role_shares(s, 0.0, 1.0))
 
 
 @register("gdiff")
 def gradient_difference(s: TaskStats, opts: CombinerOptions) -> Weights:
     c0 = opts.gdiff_coefficient
-    return Weights(c0, -(1.0 - c0))
+    return signed(s, role_shares(s, c0, 1.0 - c0))
 
 
 @register("ngdiff")
 def normalized_gradient_difference(s: TaskStats, opts: CombinerOptions) -> Weights:
-    return Weights(
-        1.0 / math.sqrt(guarded(s.a, "|g_R|^2")),
-        -1.0 / math.sqrt(guarded(s.b, "|g_F|^2")),
-    )
+    """d = sum_i s_i g_i / |g_i|: every task's unit gradient, so no set drowns another."""
+    return signed(s, [1.0 / math.sqrt(guarded(s.gram[i][i], f"|g_{s.roles[i]}{i}|^2")) for i in range(s.k)])
 
 
 @register("lossnorm")
@@ -110,50 +142,119 @@ def loss_normalization(s: TaskStats, opts: CombinerOptions) -> Weights:
     """Each task weighted by 1/|L|: by the loss's *magnitude*, so the signs of the update stay those of
     the method. NPO, SimNPO and IdK return a negative forget quantity (see ngdiff/objectives.py), and
     dividing by the signed value would flip w_F and relearn the forget set."""
-    return Weights(
-        1.0 / guarded(abs(s.loss_retain), "retain loss"),
-        -1.0 / guarded(abs(s.loss_forget), "forget loss"),
-    )
+    return signed(s, [1.0 / guarded(abs(loss), f"{role} loss") for loss, role in zip(s.losses, s.roles, strict=True)])
 
 
 @register("rlw")
 def random_loss_weighting(s: TaskStats, opts: CombinerOptions) -> Weights:
-    """softmax(z), z ~ N(0, I), drawn from (seed, step) alone so every rank draws the same weights."""
+    """softmax(z), z ~ N(0, I_k), drawn from (seed, step) alone so every rank draws the same weights."""
     generator = torch.Generator().manual_seed(opts.seed * 1_000_003 + s.step)
-    weights = torch.softmax(torch.randn(2, generator=generator, dtype=torch.float64), dim=0)
-    return Weights(float(weights[0]), -float(weights[1]))
+    weights = torch.softmax(torch.randn(s.k, generator=generator, dtype=torch.float64), dim=0)
+    return signed(s, weights.tolist())
+
+
+def min_norm_pair(h11: float, h12: float, h22: float) -> float:
+    """alpha minimising |alpha h1 + (1 - alpha) h2|^2 over [0, 1] (Sener & Koltun's closed form)."""
+    alpha = (h22 - h12) / guarded(h11 - 2 * h12 + h22, "|h_1 - h_2|^2")
+    return min(max(alpha, 0.0), 1.0)
+
+
+def min_norm_simplex(H: np.ndarray) -> np.ndarray:
+    """argmin over the simplex of lambda^T H lambda, exactly: the optimum solves the KKT system of its own
+    support (H_SS lambda_S = mu 1, 1^T lambda_S = 1), so the best feasible solution over all supports is
+    the minimiser. 2^k small solves; Frank-Wolfe beyond MAX_EXACT_MGDA_TASKS tasks."""
+    k = len(H)
+    if k > MAX_EXACT_MGDA_TASKS:
+        return frank_wolfe_simplex(H)
+    best, best_value = np.full(k, 1.0 / k), math.inf
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            idx = list(support)
+            kkt = np.zeros((size + 1, size + 1))
+            kkt[:size, :size] = H[np.ix_(idx, idx)]
+            kkt[:size, size] = -1.0
+            kkt[size, :size] = 1.0
+            rhs = np.zeros(size + 1)
+            rhs[size] = 1.0
+            solution = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:size]
+            if np.any(solution < -1e-12) or not np.isclose(solution.sum(), 1.0):
+                continue
+            lam = np.zeros(k)
+            lam[idx] = np.clip(solution, 0.0, None)
+            lam /= lam.sum()
+            value = float(lam @ H @ lam)
+            if value < best_value - 1e-15 * max(1.0, abs(best_value)):
+                best, best_value = lam, value
+    return best
+
+
+def frank_wolfe_simplex(H: np.ndarray, iterations: int = 1000) -> np.ndarray:
+    """Sener & Koltun's Frank-Wolfe (MinNormSolver.find_min_norm_element_FW) with exact line search."""
+    k = len(H)
+    lam = np.full(k, 1.0 / k)
+    for _ in range(iterations):
+        vertex = int(np.argmin(H @ lam))
+        current = lam @ H @ lam
+        alpha = min_norm_pair(H[vertex, vertex], float(H[vertex] @ lam), float(current))
+        step = np.zeros(k)
+        step[vertex] = 1.0
+        new = alpha * step + (1 - alpha) * lam
+        if np.allclose(new, lam, atol=1e-12):
+            break
+        lam = new
+    return lam
 
 
 @register("mgda")
 def min_norm(s: TaskStats, opts: CombinerOptions) -> Weights:
-    """Min-norm point of the segment between g_R and -g_F."""
-    alpha = (s.b + s.c) / guarded(s.a + 2 * s.c + s.b, "|g_R + g_F|^2")
-    alpha = min(max(alpha, 0.0), 1.0)
-    return Weights(alpha, -(1.0 - alpha))
+    """Min-norm point of the convex hull of the task gradients h_i (for two: the segment h_R, -g_F)."""
+    H = s.task_gram()
+    if s.k == 2:
+        alpha = min_norm_pair(H[0, 0], H[0, 1], H[1, 1])
+        return signed(s, [alpha, 1.0 - alpha])
+    if np.trace(H) < EPS:
+        guarded(float(np.trace(H)), "the sum of the task gradients' squared norms")
+    return signed(s, min_norm_simplex(H).tolist())
 
 
 @register("pcgrad")
 def projected_conflicting_gradients(s: TaskStats, opts: CombinerOptions) -> Weights:
-    """PCGrad on the task gradients g_R and -g_F: they conflict when <g_R, -g_F> < 0, i.e. c > 0."""
-    conflict = max(s.c, 0.0)
-    return Weights(
-        1.0 + conflict / guarded(s.a, "|g_R|^2"),
-        -(1.0 + conflict / guarded(s.b, "|g_F|^2")),
-    )
+    """PCGrad on the task gradients, kept as coefficient vectors over h: task i's copy is projected onto
+    the normal plane of each h_j it conflicts with (<., h_j> < 0), j in a random order drawn from
+    (seed, step) so every rank draws the same one; d is the sum of the projected copies."""
+    H = s.task_gram()
+    generator = torch.Generator().manual_seed(opts.seed * 1_000_003 + s.step)
+    lambdas = np.zeros(s.k)
+    for i in range(s.k):
+        coefficients = np.zeros(s.k)
+        coefficients[i] = 1.0
+        for j in torch.randperm(s.k, generator=generator).tolist():
+            dot = float(coefficients @ H[:, j])
+            scale = dot / guarded(H[j, j], f"|h_{j}|^2")
+            if dot < 0:
+                coefficients[j] -= scale
+        lambdas += coefficients
+    return signed(s, lambdas.tolist())
 
 
 @register("imtlg")
 def impartial_gradients(s: TaskStats, opts: CombinerOptions) -> Weights:
-    """IMTL-G for two tasks g1 = g_R, g2 = -g_F: d = (1-t) g1 + t g2 with equal projections on u1, u2.
+    """IMTL-G: d = sum_i alpha_i h_i with sum alpha = 1 and equal projections on every unit u_i.
 
-    t = <g1, u1 - u2> / <g1 - g2, u1 - u2>, which in Gram terms is
-    (sqrt(a) + c/sqrt(b)) / (sqrt(a) + sqrt(b) + c/sqrt(a) + c/sqrt(b)).
+    With D_j = h_1 - h_j and U_j = u_1 - u_j (j >= 2), alpha_{2..k} = h_1 U^T (D U^T)^-1, which in Gram
+    terms is built from H_ij / |h_j| alone.
     """
-    ra = math.sqrt(guarded(s.a, "|g_R|^2"))
-    rb = math.sqrt(guarded(s.b, "|g_F|^2"))
-    numerator = ra + s.c / rb
-    t = numerator / guarded(ra + rb + s.c / ra + s.c / rb, "IMTL-G denominator")
-    return Weights(1.0 - t, -t)
+    H = s.task_gram()
+    norms = np.array([math.sqrt(guarded(H[i, i], f"|h_{i}|^2")) for i in range(s.k)])
+    over = H / norms[None, :]  # over[i, j] = <h_i, u_j>
+    rest = range(1, s.k)
+    h1_u = np.array([over[0, 0] - over[0, j] for j in rest])
+    d_u = np.array([[over[0, 0] - over[0, j] - over[i, 0] + over[i, j] for j in rest] for i in rest])
+    if s.k == 2:
+        alpha = np.array([h1_u[0] / guarded(float(d_u[0, 0]), "IMTL-G denominator")])
+    else:
+        alpha = np.linalg.lstsq(d_u.T, h1_u, rcond=None)[0]  # alpha D U^T = h_1 U^T
+    return signed(s, [1.0 - float(alpha.sum()), *alpha.tolist()])
 
 
 def get_combiner(name: str) -> Combiner:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,8 +50,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     format: Literal["tofu", "text"] = "tofu"
-    forget: str = ""
-    retain: str = ""
+    # one task per file (a YAML list, or comma-separated in an override): see ngdiff/tasks.py
+    forget: tuple[str, ...] = ()
+    retain: tuple[str, ...] = ()
     max_length: int = 256
     question_key: str = "question"
     answer_key: str = "answer"
@@ -68,6 +70,8 @@ class MethodConfig:
     npo_beta: float = 0.1
     simnpo_beta: float = 2.5  # official SimNPO code's default; open-unlearning's TOFU config uses 4.5
     simnpo_gamma: float = 0.0  # SimNPO's reward margin (open-unlearning calls it delta)
+    # a multiplier per task on the combiner's weight: data.forget's files in order, then data.retain's
+    task_weights: tuple[float, ...] = ()
 
 
 @dataclass
@@ -363,6 +367,14 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
     points = config.autolr.probe_points
     if len(points) < 3 or len(set(points)) != len(points) or 0.0 not in points:
         raise ConfigError(f"autolr.probe_points needs at least three distinct points including 0, got {points}")
+    tasks = len(config.data.forget) + len(config.data.retain)
+    if config.method.task_weights and len(config.method.task_weights) != tasks:
+        raise ConfigError(
+            f"method.task_weights has {len(config.method.task_weights)} values for {tasks} tasks "
+            f"(data.forget's {len(config.data.forget)} files, then data.retain's {len(config.data.retain)})"
+        )
+    if any(not (w >= 0 and math.isfinite(w)) for w in config.method.task_weights):
+        raise ConfigError(f"method.task_weights must be finite and non-negative, got {config.method.task_weights}")
     if config.method.retain_objective == "none" and config.method.combiner != "ga":
         raise ConfigError(
             f"method.retain_objective=none leaves no retain gradient for method.combiner={config.method.combiner}; "
@@ -408,10 +420,11 @@ def check_sources_of(config: ExperimentConfig) -> None:
         except ModelSourceError as err:
             raise ConfigError(str(err)) from None
     for key in ("forget", "retain"):
-        value = getattr(config.data, key)
-        if not value:
-            raise ConfigError(f"data.{key} is required (a JSON/JSONL file or a hub dataset name)")
-        check_data_source(f"data.{key}", value)
+        values = getattr(config.data, key)
+        if not values:
+            raise ConfigError(f"data.{key} is required (a JSON/JSONL file or a hub dataset name, or a list of them)")
+        for index, value in enumerate(values):
+            check_data_source(f"data.{key}" if len(values) == 1 else f"data.{key}[{index}]", value)
     if config.data.idk:
         check_data_source("data.idk", config.data.idk)
 
@@ -420,10 +433,14 @@ def resolve_eval_split(config: ExperimentConfig) -> None:
     """The TOFU split evaluated follows the trained one: training on forget10 never scores forget01."""
     from ngdiff.eval.tofu import tofu_split_of
 
-    trained = tofu_split_of(config.data.forget)
+    splits = sorted({split for split in map(tofu_split_of, config.data.forget) if split})
+    if len(splits) > 1 and not config.eval.split:
+        raise ConfigError(f"data.forget trains on several TOFU splits ({', '.join(splits)}); set eval.split to one")
+    trained = splits[0] if len(splits) == 1 else ""
     if config.eval.split and trained and config.eval.split != trained:
+        forget = ",".join(config.data.forget)
         raise ConfigError(
-            f"eval.split={config.eval.split} contradicts data.forget={config.data.forget}, which trains on {trained}; "
+            f"eval.split={config.eval.split} contradicts data.forget={forget}, which trains on {trained}; "
             f"drop eval.split (it follows data.forget) or set eval.split={trained}"
         )
     config.eval.split = config.eval.split or trained or "forget01"

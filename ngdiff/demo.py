@@ -110,7 +110,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     # cannot be checked yet
     cfg = load_config(None, overrides, check_sources=False)
     data_dir = out / "data"
-    cfg.data.forget, cfg.data.retain = str(data_dir / "forget.jsonl"), str(data_dir / "retain.jsonl")
+    cfg.data.forget, cfg.data.retain = (str(data_dir / "forget.jsonl"),), (str(data_dir / "retain.jsonl"),)
     again = f"run `ngdiff demo --output-dir {out} --overwrite` to redo it, or choose another --output-dir"
     check_output_dir(cfg, overwrite, again=again)
     write_output_dir(cfg, overwrite)
@@ -122,8 +122,8 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     forget, retain = rows[split:], rows[:split]
     retain_eval = retain[::RETAIN_EVAL_EVERY]
     data_dir.mkdir(parents=True, exist_ok=True)
-    write_rows(Path(cfg.data.forget), forget)
-    write_rows(Path(cfg.data.retain), retain)
+    write_rows(Path(cfg.data.forget[0]), forget)
+    write_rows(Path(cfg.data.retain[0]), retain)
     write_rows(data_dir / "all.jsonl", rows)
     write_rows(data_dir / "forget_perturbed.jsonl", with_companions(forget))
     write_rows(data_dir / "retain_perturbed.jsonl", with_companions(retain))

@@ -18,7 +18,7 @@ Per component (single/ddp | fsdp | zero3):
 - gradients: 4P (ddp: +4P reducer buckets) | 4PS + 4(B + O) unsharded in flight | 4PS + 2c min(bucket, P)
   (DeepSpeed's reduce bucket, `reduce_bucket_size`, default 5e8 elements, and its flat reduce-scatter copy).
 - stash (NGDiff's retain-gradient copy): one gradient shard, 4PS (2PS with `parallel.stash_dtype=bf16`,
-  in host memory with `parallel.stash_offload`).
+  in host memory with `parallel.stash_offload`); k - 1 of them for k tasks (several forget/retain files).
 - optimizer state: AdamW 8PS, SGD with momentum 4PS, plain SGD 0; plus the step's temporaries (AdamW's
   foreach sqrt buffer, 4PS) where they exceed the stash and activations the backward held.
 - AutoLR copy: 4PS when `autolr.enabled` (one fp32 parameter shard).
@@ -104,6 +104,7 @@ class PlanSettings:
     cpu_offload: bool = False
     stash_dtype: str = "fp32"
     stash_offload: bool = False
+    stashes: int = 1  # k - 1 for k tasks: every task's gradient but the last is stashed
     reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
     max_live: int = DEEPSPEED_MAX_LIVE
 
@@ -245,8 +246,8 @@ def component_bytes(shape: ModelShape, s: PlanSettings) -> tuple[dict[str, int],
         put("gradients", 2 * c * min(s.reduce_bucket, t))  # the reduce bucket and its flat reduce-scatter copy
     elif s.backend == "ddp":
         put("gradients", 4 * t)
-    # the NGDiff retain-gradient stash: one gradient shard
-    put("stash", (2 if s.stash_dtype == "bf16" else 4) * t_local, on_host=s.stash_offload or offload)
+    # the gradient stash: one gradient shard per task but the last (k - 1; the retain gradient for two tasks)
+    put("stash", s.stashes * (2 if s.stash_dtype == "bf16" else 4) * t_local, on_host=s.stash_offload or offload)
     # optimizer state (+ the step's temporaries where they exceed what the backward held)
     slots = 2 if s.optimizer == "adamw" else (1 if s.momentum > 0 else 0)
     put("optimizer_state", 4 * slots * t_local, on_host=offload)
@@ -397,6 +398,7 @@ def settings_from_config(cfg: Any, world_size: int) -> PlanSettings:
         cpu_offload=cfg.parallel.cpu_offload,
         stash_dtype=cfg.parallel.stash_dtype,
         stash_offload=cfg.parallel.stash_offload,
+        stashes=len(cfg.data.forget) + len(cfg.data.retain) - 1 if cfg.data.forget and cfg.data.retain else 1,
         reduce_bucket=bucket,
         max_live=max_live,
     )

@@ -11,6 +11,16 @@ from typing import Any, Protocol
 
 import torch
 
+# what `StepResult.metrics` (ngdiff/trainer.py) emits each step: per-task keys loss_<task>, grad_norm_<task>,
+# w_<task>, cos_<task i>_<task j> (plus loss_forget / loss_retain), the step's lr, time and memory
+STEP_METRICS = ("lr", "step_seconds", "tokens_per_second", "peak_memory_mb")
+TASK_METRIC_PREFIXES = ("loss_", "grad_norm_", "w_", "cos_")
+
+
+def is_step_metric(key: str) -> bool:
+    """Whether the trainer emits `key` each step (W&B files it under train/, the rest under eval/)."""
+    return key in STEP_METRICS or key.startswith(TASK_METRIC_PREFIXES)
+
 
 class MetricsSink(Protocol):
     def log(self, metrics: dict[str, Any], step: int) -> None: ...

@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from ngdiff.data import TaskStream, encode_task
+from ngdiff.combiners import FORGET
 from ngdiff.lora import AdaptersDisabled, WithAdapters
 from ngdiff.metrics_log import JsonlSink, MetricsSink
 from ngdiff.model_source import loading_from
 from ngdiff.modeling import load_tokenizer, model_factory
 from ngdiff.objectives import build_objectives
+from ngdiff.tasks import Task, build_tasks
 from ngdiff.trainer import StepResult, Trainer
 from parallel import build_backend
 from parallel.base import DistContext
@@ -36,22 +37,82 @@ class RunOutcome:
     final_dir: Path | None
 
 
-def build_streams(cfg, tokenizer, ctx: DistContext, refusals: bool) -> tuple[TaskStream, TaskStream]:
-    refusals_from = cfg.data.idk if refusals else None
-    forget = encode_task(cfg.data, tokenizer, cfg.data.forget, "data.forget", refusals_from, seed=cfg.train.seed)
-    retain = encode_task(cfg.data, tokenizer, cfg.data.retain, "data.retain")
-    common = dict(
-        rank=ctx.rank, world_size=ctx.world_size, micro_batch=cfg.train.micro_batch_size, pad_id=tokenizer.pad_token_id
-    )
-    forget_stream = TaskStream(forget, cfg.train.forget_batch_size, seed=cfg.train.seed, name="forget", **common)
-    retain_stream = TaskStream(retain, cfg.train.retain_batch_size, seed=cfg.train.seed + 1, name="retain", **common)
-    return forget_stream, retain_stream
-
-
-def total_steps(cfg, forget_stream: TaskStream) -> int:
+def total_steps(cfg, tasks: Sequence[Task]) -> int:
+    """train.max_steps, else train.epochs over the first forget set."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
-    return max(1, math.ceil(cfg.train.epochs * forget_stream.batches_per_epoch))
+    first_forget = next(task for task in tasks if task.role == FORGET)
+    return max(1, math.ceil(cfg.train.epochs * first_forget.stream.batches_per_epoch))
+
+
+def trainer_order(cfg) -> tuple[float, ...]:
+    """method.task_weights (data.forget's files, then data.retain's) in the trainer's order (retain first)."""
+    weights, n_forget = cfg.method.task_weights, len(cfg.data.forget)
+    return tuple(weights[n_forget:]) + tuple(weights[:n_forget]) if weights else ()
+
+
+def build_trainer(
+    cfg,
+    ctx: DistContext,
+    *,
+    sinks: Sequence[MetricsSink] = (),
+    evaluate_factory: Callable[[Any, Any], Callable[[int], dict[str, Any]]] | None = None,
+    max_steps: int | None = None,
+    build_model: Callable[[], torch.nn.Module] | None = None,
+) -> Trainer:
+    """Tokenizer, tasks, backend with the model (and the frozen reference), trainer: everything a run
+    builds before its loop, data first (cheap failures before the model). `sinks` and
+    `evaluate_factory(backend, tokenizer)` are handed to the trainer; benchmarks may override the
+    config's `max_steps` and build the model from a config (`build_model`) instead of model.path."""
+    torch.manual_seed(cfg.train.seed)
+    with loading_from("model.path", cfg.model.path):
+        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    forget_objective, retain_objective = build_objectives(
+        cfg.method.forget_objective,
+        cfg.method.retain_objective,
+        cfg.method.npo_beta,
+        cfg.method.simnpo_beta,
+        cfg.method.simnpo_gamma,
+    )
+    tasks = build_tasks(cfg, tokenizer, ctx, forget_objective, retain_objective)
+    if ctx.is_main:
+        log.info(
+            "data: %s; loading %s on the %s backend (%d rank%s)",
+            ", ".join(f"{len(task.stream.examples)} {task.name}" for task in tasks),
+            cfg.model.path,
+            cfg.parallel.backend,
+            ctx.world_size,
+            "s" if ctx.world_size > 1 else "",
+        )
+
+    backend = build_backend(cfg.parallel.backend, ctx, cfg.parallel, cfg.optim, cfg.train.precision)
+    layout = tasks[-1].stream  # DeepSpeed checks one batch layout: a forget task's
+    backend.set_batch_layout(layout.micro, layout.accumulation_steps)
+    build = build_model or model_factory(cfg.model.path, cfg.model.trust_remote_code)
+    if cfg.model.lora.enabled:
+        build = WithAdapters(build, cfg.model.lora, cfg.train.seed)
+    backend.prepare(build, cfg.model.gradient_checkpointing)
+    reference = None
+    needs_reference = any(task.objective is not None and task.objective.needs_reference for task in tasks)
+    if needs_reference and cfg.model.lora.enabled and not cfg.model.reference_path:
+        reference = AdaptersDisabled(backend.module)  # the base model itself: no second copy
+    elif needs_reference:
+        reference_path = cfg.model.reference_path or cfg.model.path
+        key = "model.reference_path" if cfg.model.reference_path else "model.path"
+        reference = backend.prepare_frozen(model_factory(reference_path, cfg.model.trust_remote_code, key=key))
+
+    evaluate = evaluate_factory(backend, tokenizer) if evaluate_factory is not None else None
+    return Trainer(
+        cfg,
+        backend,
+        tasks,
+        max_steps=total_steps(cfg, tasks) if max_steps is None else max_steps,
+        reference=reference,
+        sinks=sinks,
+        evaluate=evaluate,
+        tokenizer=tokenizer,
+        task_weights=trainer_order(cfg),
+    )
 
 
 def run_training(
@@ -67,65 +128,11 @@ def run_training(
     `evaluate_factory(backend, tokenizer)` builds the periodic evaluation; `on_trainer` lets the
     launcher attach signal handlers to the trainer before the loop starts.
     """
-    torch.manual_seed(cfg.train.seed)
     output_dir = Path(cfg.output_dir)
-    with loading_from("model.path", cfg.model.path):
-        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    forget_objective, retain_objective = build_objectives(
-        cfg.method.forget_objective,
-        cfg.method.retain_objective,
-        cfg.method.npo_beta,
-        cfg.method.simnpo_beta,
-        cfg.method.simnpo_gamma,
-    )
-    refusals = getattr(forget_objective, "uses_refusals", False)
-    forget_stream, retain_stream = build_streams(cfg, tokenizer, ctx, refusals)
-    max_steps = total_steps(cfg, forget_stream)
-    if ctx.is_main:
-        log.info(
-            "data: %d forget and %d retain examples; loading %s on the %s backend (%d rank%s)",
-            len(forget_stream.examples),
-            len(retain_stream.examples),
-            cfg.model.path,
-            cfg.parallel.backend,
-            ctx.world_size,
-            "s" if ctx.world_size > 1 else "",
-        )
-
-    backend = build_backend(cfg.parallel.backend, ctx, cfg.parallel, cfg.optim, cfg.train.precision)
-    backend.set_batch_layout(forget_stream.micro, forget_stream.accumulation_steps)
-    build = model_factory(cfg.model.path, cfg.model.trust_remote_code)
-    if cfg.model.lora.enabled:
-        build = WithAdapters(build, cfg.model.lora, cfg.train.seed)
-    backend.prepare(build, cfg.model.gradient_checkpointing)
-    reference = None
-    needs_reference = forget_objective.needs_reference or (
-        retain_objective is not None and retain_objective.needs_reference
-    )
-    if needs_reference and cfg.model.lora.enabled and not cfg.model.reference_path:
-        reference = AdaptersDisabled(backend.module)  # the base model itself: no second copy
-    elif needs_reference:
-        reference_path = cfg.model.reference_path or cfg.model.path
-        key = "model.reference_path" if cfg.model.reference_path else "model.path"
-        reference = backend.prepare_frozen(model_factory(reference_path, cfg.model.trust_remote_code, key=key))
-
-    all_sinks: list[MetricsSink] = list(sinks)
-    if ctx.is_main:
-        all_sinks.insert(0, JsonlSink(output_dir / "metrics.jsonl", append=cfg.train.resume == "auto"))
-    evaluate = evaluate_factory(backend, tokenizer) if evaluate_factory is not None else None
-    trainer = Trainer(
-        cfg,
-        backend,
-        forget_stream,
-        retain_stream,
-        forget_objective,
-        retain_objective,
-        max_steps=max_steps,
-        reference=reference,
-        sinks=all_sinks,
-        evaluate=evaluate,
-        tokenizer=tokenizer,
-    )
+    trainer = build_trainer(cfg, ctx, sinks=sinks, evaluate_factory=evaluate_factory)
+    if ctx.is_main:  # opened once everything is built: a run that fails to start leaves no metrics file
+        trainer.sinks.insert(0, JsonlSink(output_dir / "metrics.jsonl", append=cfg.train.resume == "auto"))
+    all_sinks, max_steps = trainer.sinks, trainer.max_steps
     if on_trainer is not None:
         on_trainer(trainer)
     if ctx.is_main:

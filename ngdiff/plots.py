@@ -16,21 +16,26 @@ from pathlib import Path
 from typing import Any
 
 from ngdiff.errors import UserError
-from ngdiff.metrics_log import read_jsonl
+from ngdiff.metrics_log import is_step_metric, read_jsonl
 
 
 @dataclass(frozen=True)
 class Panel:
     title: str
-    keys: tuple[str, ...]
+    keys: tuple[str, ...] = ()
     log_scale: bool = False
+    prefix: str = ""  # also every key starting with it: one line per task (loss_<task>, ...)
+
+    def keys_in(self, rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+        found = sorted({k for row in rows for k in row if self.prefix and k.startswith(self.prefix)})
+        return tuple(dict.fromkeys([*self.keys, *found]))
 
 
 STEP_PANELS = (
-    Panel("loss", ("loss_retain", "loss_forget")),
-    Panel("gradient norm", ("grad_norm_retain", "grad_norm_forget"), log_scale=True),
-    Panel("cos(g_R, g_F)", ("cos_retain_forget",)),
-    Panel("combiner weights", ("w_retain", "w_forget")),
+    Panel("loss", prefix="loss_"),
+    Panel("gradient norm", prefix="grad_norm_", log_scale=True),
+    Panel("gradient cosines", prefix="cos_"),
+    Panel("combiner weights", prefix="w_"),
     Panel("learning rate", ("lr",), log_scale=True),
     Panel("throughput (tokens/s)", ("tokens_per_second",)),
     Panel("peak memory (MiB)", ("peak_memory_mb",)),
@@ -47,7 +52,7 @@ HEADLINE_EVAL = (
     "knowmem_r",
     "privleak",
 )
-NOT_EVALUATION = {"step", "step_seconds", "eval_seconds"}
+NOT_EVALUATION = {"step", "eval_seconds"}
 
 
 def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -62,13 +67,12 @@ def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 
 def evaluation_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
-    step_keys = {k for panel in STEP_PANELS for k in panel.keys} | {"w_retain", "w_forget"}
     others = sorted(
         {
             k
             for row in rows
             for k in row
-            if k not in step_keys and k not in NOT_EVALUATION and not k.startswith("autolr/") and series(rows, k)[0]
+            if not is_step_metric(k) and k not in NOT_EVALUATION and not k.startswith("autolr/") and series(rows, k)[0]
         }
     )
     headline = [k for k in HEADLINE_EVAL if k in others]
@@ -83,7 +87,8 @@ def plot_metrics(rows: Sequence[dict[str, Any]], output: str | Path, title: str 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    panels = [p for p in STEP_PANELS if any(series(rows, k)[0] for k in p.keys)]
+    panels = [Panel(p.title, p.keys_in(rows), p.log_scale) for p in STEP_PANELS]
+    panels = [p for p in panels if any(series(rows, k)[0] for k in p.keys)]
     eval_keys = evaluation_keys(rows)
     if eval_keys:
         panels.append(Panel("evaluation", tuple(eval_keys)))

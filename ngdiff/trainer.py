@@ -1,17 +1,19 @@
 """The unlearning loop. `Trainer.unlearning_step` is the whole method in one function.
 
-Gradients are taken of each task's loss *sum* (over its units: tokens or sequences); the one
-all-reduce of the step carries the Gram partial sums, the loss sums and the unit counts, after which
-every quantity is the mean over the whole global batch. So one process and N processes, with or
-without accumulation, compute the same update, and no count needs its own collective.
+The step loops over k tasks (ngdiff/tasks.py): each task's backward, the k - 1 first gradients
+stashed, the last one live. Gradients are taken of each task's loss *sum* (over its units: tokens or
+sequences); the one all-reduce of the step carries the k(k+1)/2 Gram partial sums, the k loss sums
+and the k unit counts, after which every quantity is the mean over the whole global batch. So one
+process and N processes, with or without accumulation, compute the same update, and no count needs its own collective.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,12 @@ import torch
 
 from ngdiff.autolr import AutoLR, AutoLRRecord
 from ngdiff.checkpoint import checkpoint_root, latest_complete, load_checkpoint, save_checkpoint
-from ngdiff.combiners import CombinerOptions, TaskStats, Weights, get_combiner
-from ngdiff.data.loader import MicroBatch, TaskStream
+from ngdiff.combiners import FORGET, RETAIN, CombinerOptions, TaskStats, Weights, direction_norm_sq, get_combiner
+from ngdiff.data.loader import MicroBatch
 from ngdiff.metrics_log import MetricsSink, peak_memory_mb
 from ngdiff.objectives import Objective
 from ngdiff.schedule import lr_factor, warmup_steps_of
+from ngdiff.tasks import Task
 from parallel.stash import GradientStash
 
 log = logging.getLogger("ngdiff.trainer")
@@ -37,22 +40,35 @@ class StepResult:
     lr: float
     autolr: AutoLRRecord | None
     stop_requested: bool
-    input_tokens: float = 0.0  # both tasks' non-padding input tokens of the step, all ranks
+    names: tuple[str, ...] = ("retain", "forget")  # the tasks, in the order of stats and weights
+    input_tokens: float = 0.0  # every task's non-padding input tokens of the step, all ranks
     seconds: float = 0.0  # the step's wall time (set by the fit loop)
     peak_memory_mb: float = 0.0  # see ngdiff.metrics_log.peak_memory_mb
 
+    def loss_of_role(self, role: str) -> float:
+        """The least-forgotten forget task's loss (min), the worst-kept retain task's loss (max): what the
+        stopping rule watches and `loss_forget` / `loss_retain` report when a role has several tasks."""
+        losses = [self.stats.losses[i] for i in self.stats.of_role(role)]
+        return min(losses) if role == FORGET else max(losses)
+
+    @property
+    def loss_forget(self) -> float:
+        return self.loss_of_role(FORGET)
+
+    @property
+    def loss_retain(self) -> float:
+        return self.loss_of_role(RETAIN)
+
     def metrics(self) -> dict[str, float]:
-        s, w = self.stats, self.weights
-        out = {
-            "loss_retain": s.loss_retain,
-            "loss_forget": s.loss_forget,
-            "grad_norm_retain": s.norm_retain,
-            "grad_norm_forget": s.norm_forget,
-            "cos_retain_forget": s.cosine,
-            "w_retain": w.retain,
-            "w_forget": w.forget,
-            "lr": self.lr,
-        }
+        s, names = self.stats, self.names
+        out = {}
+        for i, name in enumerate(names):
+            out[f"loss_{name}"] = s.losses[i]
+        out.update({f"loss_{role}": self.loss_of_role(role) for role in (RETAIN, FORGET)})
+        out.update({f"grad_norm_{name}": s.norm(i) for i, name in enumerate(names)})
+        out.update({f"cos_{names[i]}_{names[j]}": s.cosine(i, j) for i, j in itertools.combinations(range(s.k), 2)})
+        out.update({f"w_{name}": w for name, w in zip(names, self.weights, strict=True)})
+        out["lr"] = self.lr
         if self.seconds > 0:
             out["step_seconds"] = self.seconds
             out["tokens_per_second"] = self.input_tokens / self.seconds
@@ -62,18 +78,33 @@ class StepResult:
         return out
 
 
-def gram_partial_sums(retain: Sequence[torch.Tensor], forget: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """This rank's contributions to |g_R|^2, <g_R, g_F>, |g_F|^2, summed in float64.
+def gram_partial_sums(grads: Sequence[Iterable[torch.Tensor]]) -> torch.Tensor:
+    """This rank's contributions to G_ij = <g_i, g_j> (i <= j, row-major upper triangle), in float64.
 
-    One fp32 dot per term and tensor, stacked and summed once: three kernels per tensor in all (the
-    per-term conversion and accumulation cost more than the dots on the small tensors of a block)."""
-    if not forget:
-        return [torch.zeros((), dtype=torch.float64) for _ in range(3)]
+    The tasks' tensors are walked together, one parameter at a time (a stash yields its tensors one at
+    a time), with one fp32 dot per pair and tensor, stacked and summed once: k(k+1)/2 kernels per
+    tensor (the per-term conversion and accumulation cost more than the dots on a block's small tensors)."""
+    k = len(grads)
+    pairs = [(i, j) for i in range(k) for j in range(i, k)]
     dots = []
-    for r, f in zip(retain, forget, strict=True):
-        r, f = r.reshape(-1), f.reshape(-1)
-        dots += [torch.dot(r, r), torch.dot(r, f), torch.dot(f, f)]
-    return list(torch.stack(dots).view(-1, 3).double().sum(0))
+    for tensors in zip(*grads, strict=True):
+        flat = [t.reshape(-1) for t in tensors]
+        dots += [torch.dot(flat[i], flat[j]) for i, j in pairs]
+    if not dots:
+        return torch.zeros(len(pairs), dtype=torch.float64)
+    return torch.stack(dots).view(-1, len(pairs)).double().sum(0)
+
+
+def gram_matrix(upper: Sequence[float], counts: Sequence[float]) -> tuple[tuple[float, ...], ...]:
+    """The Gram matrix of the tasks' mean-loss gradients from the all-reduced upper triangle of the
+    loss-sum gradients: G_ij = P_ij / (n_i n_j)."""
+    k = len(counts)
+    gram = [[0.0] * k for _ in range(k)]
+    values = iter(upper)
+    for i in range(k):
+        for j in range(i, k):
+            gram[i][j] = gram[j][i] = next(values) / (counts[i] * counts[j])
+    return tuple(tuple(row) for row in gram)
 
 
 def input_tokens(micro_batches: Sequence[MicroBatch]) -> int:
@@ -83,14 +114,21 @@ def input_tokens(micro_batches: Sequence[MicroBatch]) -> int:
 
 
 def clip_weights(weights: Weights, stats: TaskStats, max_norm: float) -> Weights:
-    """Scale both weights so |d| <= max_norm; |d| comes from the Gram matrix, no extra collective."""
+    """Scale all weights so |d| <= max_norm; |d| comes from the Gram matrix, no extra collective."""
     if max_norm <= 0:
         return weights
-    norm = math.sqrt(max(weights.direction_norm_sq(stats), 0.0))
+    norm = math.sqrt(max(direction_norm_sq(weights, stats), 0.0))
     if norm <= max_norm:
         return weights
     factor = max_norm / norm
-    return Weights(weights.retain * factor, weights.forget * factor)
+    return tuple(w * factor for w in weights)
+
+
+def scaled(weights: Weights, task_weights: Sequence[float]) -> Weights:
+    """`method.task_weights`: a multiplier per task on the combiner's weight (none: all ones)."""
+    if not task_weights:
+        return weights
+    return tuple(w * t for w, t in zip(weights, task_weights, strict=True))
 
 
 class Trainer:
@@ -98,23 +136,28 @@ class Trainer:
         self,
         cfg,
         backend,
-        forget_stream: TaskStream,
-        retain_stream: TaskStream,
-        forget_objective: Objective,
-        retain_objective: Objective | None,
+        tasks: Sequence[Task],
         *,
         max_steps: int,
         reference: torch.nn.Module | None = None,
         sinks: Sequence[MetricsSink] = (),
         evaluate: Callable[[int], dict[str, Any]] | None = None,
         tokenizer: Any = None,
+        task_weights: Sequence[float] = (),
     ):
+        """`tasks` in the order the step computes them (retain first, see ngdiff/tasks.py); the last one's
+        live gradient receives the combination. `task_weights`: one multiplier per task, same order."""
+        roles = {task.role for task in tasks}
+        if roles != {RETAIN, FORGET}:
+            raise ValueError(f"an unlearning run needs at least one retain and one forget task, got roles {roles}")
+        if task_weights and len(task_weights) != len(tasks):
+            raise ValueError(f"{len(task_weights)} task weights for {len(tasks)} tasks")
         self.cfg = cfg
         self.backend = backend
-        self.forget_stream = forget_stream
-        self.retain_stream = retain_stream
-        self.forget_objective = forget_objective
-        self.retain_objective = retain_objective
+        self.tasks = list(tasks)
+        self.names = tuple(task.name for task in self.tasks)
+        self.roles = tuple(task.role for task in self.tasks)
+        self.task_weights = tuple(task_weights)
         self.reference = reference
         self.max_steps = max_steps
         self.sinks = list(sinks)
@@ -124,8 +167,9 @@ class Trainer:
         self.combiner_options = CombinerOptions(cfg.method.gdiff_coefficient, cfg.train.seed)
         self.autolr = AutoLR(cfg.autolr, backend, max_steps, cfg.optim.name)
         self.lr = cfg.optim.lr  # the base lr; AutoLR, when on, maintains it
+        first_forget = next(task for task in self.tasks if task.role == FORGET)
         self.warmup_steps = warmup_steps_of(
-            cfg.optim.warmup_steps, cfg.optim.warmup_epochs, forget_stream.batches_per_epoch
+            cfg.optim.warmup_steps, cfg.optim.warmup_epochs, first_forget.stream.batches_per_epoch
         )
         self.step_index = 0
         self.stop_requested = False  # set by a signal handler; all ranks agree through the step's all-reduce
@@ -134,48 +178,52 @@ class Trainer:
     # ------------------------------------------------------------------ the method
     def unlearning_step(self) -> StepResult:
         backend = self.backend
-        device = backend.ctx.device
+        k = len(self.tasks)
         backend.zero_grad()
-        retain_batches = self.retain_stream.next()
-        retain_sum, retain_count = self.accumulate(self.retain_objective, retain_batches)
-        retain_grads = GradientStash.take(backend, self.cfg.parallel.stash_dtype, self.cfg.parallel.stash_offload)
-        forget_batches = self.forget_stream.next()
-        forget_sum, forget_count = self.accumulate(self.forget_objective, forget_batches)
-        forget_grads = backend.local_grads()  # live: the combination is written here, in place
+        batches, sums, counts, stashes = [], [], [], []
+        for index, task in enumerate(self.tasks):
+            batches.append(task.stream.next())
+            loss_sum, count = self.accumulate(task.objective, batches[-1])
+            sums.append(loss_sum)
+            counts.append(count)
+            if index < k - 1:
+                parallel = self.cfg.parallel
+                stashes.append(GradientStash.take(backend, parallel.stash_dtype, parallel.stash_offload))
+        live = backend.local_grads()  # the last task's: the combination is written here, in place
 
-        partial = gram_partial_sums(
-            backend.inner_product_views(retain_grads), backend.inner_product_views(forget_grads)
-        )
-        tokens = input_tokens(forget_batches)
-        tokens += input_tokens(retain_batches) if self.retain_objective is not None else 0
-        counts = torch.tensor(
-            [retain_count, forget_count, float(self.stop_requested), tokens], dtype=torch.float64, device=device
-        )
-        totals = backend.all_reduce_sum(torch.cat([torch.stack([*partial, retain_sum, forget_sum]), counts]))
-        aa, cc, bb, sum_r, sum_f, n_r, n_f, stop, tokens = totals.tolist()
-        n_r, n_f = max(n_r, 1.0), max(n_f, 1.0)
+        partial = gram_partial_sums([*map(backend.inner_product_views, stashes), backend.inner_product_views(live)])
+        tokens = sum(input_tokens(b) for task, b in zip(self.tasks, batches, strict=True) if task.objective is not None)
+        extra = torch.tensor([*counts, float(self.stop_requested), tokens], dtype=torch.float64)
+        device = backend.ctx.device
+        totals = backend.all_reduce_sum(torch.cat([partial.to(device), torch.stack(sums), extra.to(device)]))
+        values = totals.tolist()
+        n_pairs = k * (k + 1) // 2
+        upper, loss_sums = values[:n_pairs], values[n_pairs : n_pairs + k]
+        units = [max(n, 1.0) for n in values[n_pairs + k : n_pairs + 2 * k]]
+        stop, tokens = values[n_pairs + 2 * k :]
         stats = TaskStats(
-            a=aa / n_r**2,
-            b=bb / n_f**2,
-            c=cc / (n_r * n_f),
-            loss_retain=sum_r / n_r,
-            loss_forget=sum_f / n_f,
-            step=self.step_index,
+            gram_matrix(upper, units),
+            tuple(total / n for total, n in zip(loss_sums, units, strict=True)),
+            self.roles,
+            self.step_index,
         )
-        weights = clip_weights(self.combine(stats, self.combiner_options), stats, self.cfg.optim.max_grad_norm)
-        torch._foreach_mul_(forget_grads, weights.forget / n_f)
-        retain_grads.add_to(forget_grads, weights.retain / n_r)
-        backend.set_local_grads(forget_grads)
-        del retain_grads
+        weights = scaled(self.combine(stats, self.combiner_options), self.task_weights)
+        weights = clip_weights(weights, stats, self.cfg.optim.max_grad_norm)
+        torch._foreach_mul_(live, weights[-1] / units[-1])
+        for stash, weight, n in zip(stashes, weights, units, strict=False):
+            stash.add_to(live, weight / n)
+        backend.set_local_grads(live)
+        del stashes
 
         record = None
         factor = self.lr_factor()
         if self.autolr.due(self.step_index) and factor > 0:
-            step_sums = totals[[3, 5, 4, 6]]  # [sum_R, units_R, sum_F, units_F] at theta_before
-            record = self.autolr_step(weights, retain_batches, forget_batches, step_sums, factor)
+            # [sum_i, units_i] per task at theta_before, from the step's own forward
+            order = [index for i in range(k) for index in (n_pairs + i, n_pairs + k + i)]
+            record = self.autolr_step(weights, batches, totals[order], factor)
         else:
             backend.step(self.lr * factor)
-        return StepResult(stats, weights, self.lr * factor, record, stop > 0, input_tokens=tokens)
+        return StepResult(stats, weights, self.lr * factor, record, stop > 0, self.names, input_tokens=tokens)
 
     def lr_factor(self) -> float:
         """optim.schedule's multiplier at this step: the step moves at lr x factor. With AutoLR on, the
@@ -201,50 +249,44 @@ class Trainer:
         return total, count
 
     def autolr_step(
-        self,
-        weights: Weights,
-        retain_batches: list[MicroBatch],
-        forget_batches: list[MicroBatch],
-        step_sums: torch.Tensor,
-        factor: float = 1.0,
+        self, weights: Weights, batches: list[list[MicroBatch]], step_sums: torch.Tensor, factor: float = 1.0
     ) -> AutoLRRecord:
         """Step, probe the loss along the step, refit lr (see ngdiff/autolr.py).
 
-        `autolr.probe_batch=fresh` probes newly drawn batches; `step` probes the step's own batches
-        and takes r = 0 from the step's forward (`step_sums`, all-reduced), saving one forward.
-        The step moves at lr x factor (optim.schedule); AutoLR fits that step and keeps the base lr.
+        The probed loss is the mean of the retain tasks' losses (`autolr.probe_loss=retain`) or the
+        combination sum_i w_i L_i (`combined`). `autolr.probe_batch=fresh` probes newly drawn batches;
+        `step` probes the step's own batches and takes r = 0 from the step's forward (`step_sums`:
+        [sum_i, units_i] per task, all-reduced), saving one forward. The step moves at lr x factor
+        (optim.schedule); AutoLR fits that step and keeps the base lr.
         """
         combined = self.cfg.autolr.probe_loss == "combined"
         at_zero = step_sums if self.cfg.autolr.probe_batch == "step" else None
+        probed = [combined or task.role == RETAIN for task in self.tasks]
         if at_zero is None:
-            retain_batches = self.retain_stream.next()
-            forget_batches = self.forget_stream.next() if combined else []
-        elif not combined:
-            forget_batches = []
-
+            batches = [task.stream.next() if used else [] for task, used in zip(self.tasks, probed, strict=True)]
         device = self.backend.ctx.device
 
         @torch.no_grad()
         def probe_sums() -> torch.Tensor:
             """[loss sum, units] of each task on this rank, kept on the device (one stack, no syncs)."""
             sums = []
-            for objective, batches in (
-                (self.retain_objective, retain_batches),
-                (self.forget_objective, forget_batches),
-            ):
+            for task, task_batches, used in zip(self.tasks, batches, probed, strict=True):
                 total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-                for batch in batches if objective is not None else ():
+                objective = task.objective
+                for batch in task_batches if used and objective is not None else ():
                     count += objective.count(batch)
                     with self.backend.autocast():
                         total += objective.loss_sum(self.backend.model, self.to_device(batch), self.reference).double()
                 sums += [total, torch.tensor(float(count), dtype=torch.float64, device=device)]
             return torch.stack(sums)
 
+        retain = [i for i, role in enumerate(self.roles) if role == RETAIN]
+
         def probe_loss(row: torch.Tensor) -> float:
-            value = float(row[0] / row[1].clamp_min(1))
+            losses = (row[0::2] / row[1::2].clamp_min(1)).tolist()
             if combined:
-                value = weights.retain * value + weights.forget * float(row[2] / row[3].clamp_min(1))
-            return value
+                return sum(w * loss for w, loss in zip(weights, losses, strict=True))
+            return sum(losses[i] for i in retain) / len(retain)
 
         record = self.autolr.step(self.lr * factor, self.step_index, probe_sums, probe_loss, at_zero)
         self.lr = record.lr_after / factor
@@ -281,14 +323,14 @@ class Trainer:
                 self.emit(metrics)
             if progress is not None:
                 progress.set_postfix(
-                    forget=f"{result.stats.loss_forget:.3f}",
-                    retain=f"{result.stats.loss_retain:.3f}",
+                    forget=f"{result.loss_forget:.3f}",
+                    retain=f"{result.loss_retain:.3f}",
                     lr=f"{result.lr:.2e}",
                     refresh=False,  # update() redraws at the bar's own pace, not once per step in Slurm logs
                 )
                 progress.update(1)
             target = self.cfg.train.stop_forget_loss
-            reached = target > 0 and result.stats.loss_forget >= target
+            reached = target > 0 and result.loss_forget >= target
             last = self.step_index == self.max_steps or reached or result.stop_requested
             periodic = eval_every and self.step_index % eval_every == 0
             # a preempted run checkpoints at once and skips evaluation: the warning time is short
@@ -299,7 +341,7 @@ class Trainer:
             if reached and ctx.is_main:
                 log.info(
                     "forget loss %.3f reached train.stop_forget_loss=%.3f at step %d",
-                    result.stats.loss_forget,
+                    result.loss_forget,
                     target,
                     self.step_index,
                 )
@@ -338,15 +380,14 @@ class Trainer:
         return {
             "step": self.step_index,
             "lr": self.lr,
-            "forget_stream": self.forget_stream.state_dict(),
-            "retain_stream": self.retain_stream.state_dict(),
+            **{f"{task.name}_stream": task.stream.state_dict() for task in self.tasks},
             "autolr": self.autolr.state_dict(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.step_index = int(state["step"])
         self.lr = float(state["lr"])
-        self.forget_stream.load_state_dict(state["forget_stream"])
-        self.retain_stream.load_state_dict(state["retain_stream"])
+        for task in self.tasks:
+            task.stream.load_state_dict(state[f"{task.name}_stream"])
         if "autolr" in state:  # checkpoints written before the acceptance rate was logged lack it
             self.autolr.load_state_dict(state["autolr"])

@@ -88,10 +88,10 @@ def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp
     )
     tokenizer = load_tokenizer(str(learned_model_dir))
     if objective == "idk":  # the (question, refusal) pairs of the three steps (one epoch each)
-        drawn = encode_task(cfg.data, tokenizer, cfg.data.forget, "forget", cfg.data.idk, seed=cfg.train.seed)
+        drawn = encode_task(cfg.data, tokenizer, cfg.data.forget[0], "forget", cfg.data.idk, seed=cfg.train.seed)
         examples = [drawn.draw(i, epoch) for epoch in range(3) for i in range(len(drawn))]
     else:
-        examples = encode_task(cfg.data, tokenizer, cfg.data.forget, "forget")
+        examples = encode_task(cfg.data, tokenizer, cfg.data.forget[0], "forget")
     before = forget_nll(AutoModelForCausalLM.from_pretrained(learned_model_dir), examples, tokenizer.pad_token_id)
     outcome = run_training(cfg, DistContext())
     after = forget_nll(outcome.trainer.backend.model, examples, tokenizer.pad_token_id)
@@ -104,16 +104,16 @@ def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp
 @pytest.mark.parametrize("loss_forget", [0.7, -0.7])
 def test_lossnorm_divides_by_the_magnitude_of_the_forget_quantity(loss_forget):
     """NPO/SimNPO/IdK report a negative forget quantity: w_F must stay negative (push it up)."""
-    s = TaskStats(a=1.0, b=1.0, c=0.0, loss_retain=1.5, loss_forget=loss_forget)
+    s = TaskStats.two(a=1.0, b=1.0, c=0.0, loss_retain=1.5, loss_forget=loss_forget)
     w = get_combiner("lossnorm")(s, CombinerOptions())
-    assert w.forget == pytest.approx(-1 / 0.7)
-    assert w.retain == pytest.approx(1 / 1.5)
+    assert w[1] == pytest.approx(-1 / 0.7)
+    assert w[0] == pytest.approx(1 / 1.5)
 
 
 @pytest.mark.parametrize("combiner", sorted(COMBINERS))
 @pytest.mark.parametrize("loss_forget", [0.7, -13.9])
 def test_every_combiner_pushes_the_forget_quantity_up_whatever_its_sign(combiner, loss_forget):
     """w_F <= 0 whether the forget quantity is an NLL (> 0) or NPO/SimNPO/IdK's negated loss (< 0)."""
-    s = TaskStats(a=2.0, b=3.0, c=0.5, loss_retain=1.5, loss_forget=loss_forget, step=3)
+    s = TaskStats.two(a=2.0, b=3.0, c=0.5, loss_retain=1.5, loss_forget=loss_forget, step=3)
     w = get_combiner(combiner)(s, CombinerOptions(seed=1))
-    assert w.forget < 0 and w.retain >= 0
+    assert w[1] < 0 and w[0] >= 0

@@ -20,7 +20,7 @@ def setup(tiny_model_dir, tofu_split):
         None,
         [f"model.path={tiny_model_dir}", f"data.forget={tofu_split['forget']}", f"data.retain={tofu_split['retain']}"],
     )
-    examples = encode_task(cfg.data, tokenizer, cfg.data.forget, "forget")[:4]
+    examples = encode_task(cfg.data, tokenizer, cfg.data.forget[0], "forget")[:4]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

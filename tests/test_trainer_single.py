@@ -54,8 +54,8 @@ def test_one_ngdiff_sgd_step_is_the_formula(tiny_model_dir, tofu_split, tmp_path
         loss = NLL().loss_sum(model, batch) / NLL().count(batch)
         return torch.autograd.grad(loss, params)
 
-    g_r = mean_nll_grad(first_global_batch(cfg, tokenizer, cfg.data.retain, cfg.train.seed + 1))
-    g_f = mean_nll_grad(first_global_batch(cfg, tokenizer, cfg.data.forget, cfg.train.seed))
+    g_r = mean_nll_grad(first_global_batch(cfg, tokenizer, cfg.data.retain[0], cfg.train.seed + 1))
+    g_f = mean_nll_grad(first_global_batch(cfg, tokenizer, cfg.data.forget[0], cfg.train.seed))
     norm_r = torch.sqrt(sum((g * g).sum() for g in g_r))
     norm_f = torch.sqrt(sum((g * g).sum() for g in g_f))
     expected = [p.detach() - lr * (gr / norm_r - gf / norm_f) for p, gr, gf in zip(params, g_r, g_f, strict=True)]
@@ -127,8 +127,8 @@ def test_autolr_metrics_and_gradient_ascent_without_retain(tiny_model_dir, tofu_
         "optim.lr=0.5",
     )
     ga_rows = [r for r in (run_training(ga, DistContext()).results)]
-    assert all(r.weights.retain == 0 and r.weights.forget == -1 for r in ga_rows)
-    assert ga_rows[-1].stats.loss_forget > ga_rows[0].stats.loss_forget  # ascent raises the forget loss
+    assert all(r.weights == (0.0, -1.0) for r in ga_rows)
+    assert ga_rows[-1].loss_forget > ga_rows[0].loss_forget  # ascent raises the forget loss
 
 
 def test_npo_and_kl_objectives_run_with_a_reference(tiny_model_dir, tofu_split, tmp_path):
@@ -142,7 +142,7 @@ def test_npo_and_kl_objectives_run_with_a_reference(tiny_model_dir, tofu_split, 
         "optim.lr=1e-3",
     )
     results = run_training(cfg, DistContext()).results
-    first = results[0].stats
+    first = results[0]
     assert first.loss_retain == pytest.approx(0.0, abs=1e-6)  # KL to itself at the start
     assert first.loss_forget == pytest.approx(
         2 / 0.1 * torch.nn.functional.logsigmoid(torch.tensor(0.0)).item(), rel=1e-5
@@ -265,8 +265,8 @@ def test_metrics_log_step_time_throughput_and_peak_memory(tiny_model_dir, tofu_s
 
     cfg = config(tiny_model_dir, tofu_split, tmp_path / "run", "train.max_steps=2", "autolr.enabled=false")
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    retain = first_global_batch(cfg, tokenizer, cfg.data.retain, cfg.train.seed + 1)
-    forget = first_global_batch(cfg, tokenizer, cfg.data.forget, cfg.train.seed)
+    retain = first_global_batch(cfg, tokenizer, cfg.data.retain[0], cfg.train.seed + 1)
+    forget = first_global_batch(cfg, tokenizer, cfg.data.forget[0], cfg.train.seed)
     first_step_tokens = int(retain["attention_mask"].sum() + forget["attention_mask"].sum())
     rss_before = peak_memory_mb("cpu")
     run_training(cfg, DistContext())

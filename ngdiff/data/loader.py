@@ -47,7 +47,10 @@ class TaskStream:
         seed: int,
         pad_id: int,
         name: str,
+        label: str = "",
     ):
+        """`name`: the role whose `train.<name>_batch_size` sets `global_batch` (errors name that key);
+        `label`: the task, when a role has several (errors name its set)."""
         if global_batch % world_size:
             raise DataError(f"train.{name}_batch_size={global_batch} does not divide by the world size {world_size}")
         per_rank = global_batch // world_size
@@ -59,7 +62,8 @@ class TaskStream:
             )
         if len(examples) < global_batch:
             raise DataError(
-                f"the {name} set holds {len(examples)} examples, fewer than train.{name}_batch_size={global_batch}"
+                f"the {label or name} set holds {len(examples)} examples, "
+                f"fewer than train.{name}_batch_size={global_batch}"
             )
         self.examples = examples
         self.per_rank = per_rank

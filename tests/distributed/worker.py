@@ -71,11 +71,11 @@ class CollectiveCounter:
 def first_batch_tokens(cfg, ctx) -> list[list[int]]:
     """(forget, retain) label tokens of each rank's share of the first global batch."""
     from ngdiff.modeling import load_tokenizer
-    from ngdiff.objectives import IGNORE
-    from ngdiff.pipeline import build_streams
+    from ngdiff.objectives import IGNORE, NLL
+    from ngdiff.tasks import build_tasks
 
-    streams = build_streams(cfg, load_tokenizer(cfg.model.path), ctx, refusals=False)
-    mine = [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in s.next()) for s in streams]
+    retain, forget = build_tasks(cfg, load_tokenizer(cfg.model.path), ctx, NLL(), NLL())
+    mine = [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in t.stream.next()) for t in (forget, retain)]
     gathered = [None] * ctx.world_size
     dist.all_gather_object(gathered, mine)
     return gathered
