@@ -183,7 +183,7 @@ def min_norm_simplex(H: np.ndarray) -> np.ndarray:
             lam[idx] = np.clip(solution, 0.0, None)
             lam /= lam.sum()
             value = float(lam @ H @ lam)
-            if value < best_value - 1e-15 * max(1.0, abs(best_value)):
+            if value < best_value:  # supports in increasing size: ties keep the sparser solution
                 best, best_value = lam, value
     return best
 

@@ -51,10 +51,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tofu_split(tmp_path_factory) -> dict[str, Path]:
-    """forget = 16 rows of the first two authors, retain = 24 rows of the next two."""
+    """forget = 16 rows of the first author, retain = 24 rows of the third and fourth; forget_b = 8 rows of
+    the second author (a second forget set, for the k-task runs)."""
     root = tmp_path_factory.mktemp("tofu")
     rows = tofu_rows(80)
     return {
         "forget": write_jsonl(root / "forget.jsonl", rows[:16]),
         "retain": write_jsonl(root / "retain.jsonl", rows[40:64]),
+        "forget_b": write_jsonl(root / "forget_b.jsonl", rows[20:28]),
     }
