@@ -28,9 +28,14 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ngdiff.config import AutoLRConfig
+    from parallel.base import Backend
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +129,7 @@ class AutoLRRecord:
 class AutoLR:
     """Runs the AutoLR step against any backend (it only needs the backend's interface)."""
 
-    def __init__(self, cfg, backend, max_steps: int, optimizer: str = ""):
+    def __init__(self, cfg: AutoLRConfig, backend: Backend, max_steps: int, optimizer: str = ""):
         if cfg.enabled and optimizer == "adamw" and cfg.probe_loss == "retain" and backend.ctx.is_main:
             log.warning(
                 "AutoLR's retain probe assumes the raw NGDiff direction (optim.name=sgd); under AdamW it was "

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from ngdiff.trainer import StepResult, Trainer
 from parallel import build_backend
 from parallel.base import DistContext
 
+if TYPE_CHECKING:
+    from ngdiff.config import ExperimentConfig
+
 log = logging.getLogger("ngdiff")
 
 
@@ -37,7 +40,7 @@ class RunOutcome:
     final_dir: Path | None
 
 
-def total_steps(cfg, tasks: Sequence[Task]) -> int:
+def total_steps(cfg: ExperimentConfig, tasks: Sequence[Task]) -> int:
     """train.max_steps, else train.epochs over the first forget set."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
@@ -45,14 +48,14 @@ def total_steps(cfg, tasks: Sequence[Task]) -> int:
     return max(1, math.ceil(cfg.train.epochs * first_forget.stream.batches_per_epoch))
 
 
-def trainer_order(cfg) -> tuple[float, ...]:
+def trainer_order(cfg: ExperimentConfig) -> tuple[float, ...]:
     """method.task_weights (data.forget's files, then data.retain's) in the trainer's order (retain first)."""
     weights, n_forget = cfg.method.task_weights, len(cfg.data.forget)
     return tuple(weights[n_forget:]) + tuple(weights[:n_forget]) if weights else ()
 
 
 def build_trainer(
-    cfg,
+    cfg: ExperimentConfig,
     ctx: DistContext,
     *,
     sinks: Sequence[MetricsSink] = (),
@@ -116,7 +119,7 @@ def build_trainer(
 
 
 def run_training(
-    cfg,
+    cfg: ExperimentConfig,
     ctx: DistContext,
     *,
     sinks: Sequence[MetricsSink] = (),

@@ -15,10 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ngdiff.combiners import FORGET, RETAIN
 from ngdiff.data import TaskStream, encode_task
 from ngdiff.objectives import Objective
+
+if TYPE_CHECKING:
+    from ngdiff.config import ExperimentConfig
+    from parallel.base import DistContext
 
 
 @dataclass
@@ -45,7 +50,13 @@ def stream_seed(seed: int, role: str, index: int) -> int:
     return seed + 2 * index + (1 if role == RETAIN else 0)
 
 
-def build_tasks(cfg, tokenizer, ctx, forget_objective: Objective, retain_objective: Objective | None) -> list[Task]:
+def build_tasks(
+    cfg: ExperimentConfig,
+    tokenizer: Any,
+    ctx: DistContext,
+    forget_objective: Objective,
+    retain_objective: Objective | None,
+) -> list[Task]:
     """Tokenize every file and wrap it in its stream; retain tasks first. Fails on the first bad file."""
     refusals = getattr(forget_objective, "uses_refusals", False)
     common = dict(

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,10 @@ from ngdiff.objectives import Objective
 from ngdiff.schedule import lr_factor, warmup_steps_of
 from ngdiff.tasks import Task
 from parallel.stash import GradientStash
+
+if TYPE_CHECKING:
+    from ngdiff.config import ExperimentConfig
+    from parallel.base import Backend
 
 log = logging.getLogger("ngdiff.trainer")
 
@@ -134,8 +138,8 @@ def scaled(weights: Weights, task_weights: Sequence[float]) -> Weights:
 class Trainer:
     def __init__(
         self,
-        cfg,
-        backend,
+        cfg: ExperimentConfig,
+        backend: Backend,
         tasks: Sequence[Task],
         *,
         max_steps: int,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ngdiff import TOFU_DIR
 from ngdiff.data.loader import TaskStream, collate
 from ngdiff.data.records import DataError, load_lines, load_records
 from ngdiff.data.tokenize import Encoded, encode_qa, encode_text, prompt_ids
+
+if TYPE_CHECKING:
+    from ngdiff.config import DataConfig
 
 __all__ = [
     "DataError",
@@ -53,7 +57,7 @@ class DrawnRefusals(Sequence[Encoded]):
 
 
 def encode_task(
-    data_cfg, tokenizer, source: str, what: str, refusals_from: str | None = None, seed: int = 0
+    data_cfg: DataConfig, tokenizer, source: str, what: str, refusals_from: str | None = None, seed: int = 0
 ) -> Sequence[Encoded]:
     """Read and tokenize one task's set; fail early on empty sets and on a `max_length` too short.
 
@@ -81,7 +85,7 @@ def encode_task(
     return encoded
 
 
-def check_answer_tokens(encoded: Sequence[Encoded], data_cfg, source: str, what: str) -> None:
+def check_answer_tokens(encoded: Sequence[Encoded], data_cfg: DataConfig, source: str, what: str) -> None:
     for index, example in enumerate(encoded):
         if example.answer_tokens == 0:
             raise DataError(

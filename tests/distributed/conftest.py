@@ -30,12 +30,13 @@ def dist_runs(tmp_path_factory, tiny_model_dir, tofu_split) -> Path:
     out = tmp_path_factory.mktemp("dist_runs")
     common = common_overrides(tiny_model_dir, tofu_split)
     reference = [
-        {"name": f"single_{n}", "overrides": ["parallel.backend=single", *o]} for n, o in matrix_cases().items()
+        {"name": f"single_{n}", "overrides": ["parallel.backend=single", *o]}
+        for n, o in matrix_cases(tofu_split).items()
     ]
     launches = [
         ([sys.executable, str(WORKER)], reference, "single"),
-        (torchrun(), backend_cases("ddp") + backend_cases("fsdp"), "torchrun"),
-        (deepspeed_launcher(), backend_cases("zero3"), "deepspeed"),
+        (torchrun(), backend_cases("ddp", tofu_split) + backend_cases("fsdp", tofu_split), "torchrun"),
+        (deepspeed_launcher(), backend_cases("zero3", tofu_split), "deepspeed"),
     ]
     for prefix, cases, label in launches:
         spec = out / f"{label}.json"

@@ -69,8 +69,15 @@ def common_overrides(model: Path, split: dict[str, Path]) -> list[str]:
     ]
 
 
-def matrix_cases() -> dict[str, list[str]]:
-    """case name -> overrides (without the backend): every combiner x optimizer x AutoLR on/off."""
+def two_forget_sets(split: dict[str, Path] | None) -> list[str]:
+    """data.forget of the k = 3 cases: two forget sets (and the one retain set of the common overrides)."""
+    return [f"data.forget={split['forget']},{split['forget_b']}"] if split else []
+
+
+def matrix_cases(split: dict[str, Path] | None = None) -> dict[str, list[str]]:
+    """case name -> overrides (without the backend): every combiner x optimizer x AutoLR on/off, and k = 3
+    tasks (two forget sets) for NGDiff, MGDA and PCGrad. The names do not depend on `split`; running the
+    k = 3 cases needs it (their data.forget)."""
     cases = {}
     for combiner, optim, autolr in product(COMBINERS, LR, (False, True)):
         name = f"{combiner}_{optim}" + ("_autolr" if autolr else "")
@@ -90,6 +97,8 @@ def matrix_cases() -> dict[str, list[str]]:
     ]
     # activation checkpointing recomputes the forward inside backward: same gradients, sharded or not
     cases["ngdiff_sgd_ckpt"] = [*cases["ngdiff_sgd"], "model.gradient_checkpointing=true"]
+    for name in ("ngdiff_sgd", "mgda_sgd", "pcgrad_adamw_autolr"):
+        cases[f"k3_{name}"] = [*cases[name], *two_forget_sets(split)]
     # global batch 8 in micro-batches of 2: 1 rank x 4 accumulation steps vs 2 ranks x 2
     cases["accum"] = [
         *cases["ngdiff_adamw_autolr"],
@@ -100,10 +109,10 @@ def matrix_cases() -> dict[str, list[str]]:
     return cases
 
 
-def backend_cases(backend: str) -> list[dict]:
+def backend_cases(backend: str, split: dict[str, Path]) -> list[dict]:
     cases = [
         {"name": f"{backend}_{name}", "overrides": [f"parallel.backend={backend}", *o]}
-        for name, o in matrix_cases().items()
+        for name, o in matrix_cases(split).items()
     ]
     base = matrix_cases()["ngdiff_adamw_autolr"]
     # killed after step 3 (checkpoint at step 2), resumed with train.resume=auto
@@ -118,6 +127,13 @@ def backend_cases(backend: str) -> list[dict]:
         {
             "name": f"{backend}_count",
             "overrides": [f"parallel.backend={backend}", *matrix_cases()["ngdiff_sgd"]],
+            "count_collectives": True,
+        }
+    )
+    cases.append(
+        {
+            "name": f"{backend}_k3_count",
+            "overrides": [f"parallel.backend={backend}", *matrix_cases(split)["k3_ngdiff_sgd"]],
             "count_collectives": True,
         }
     )

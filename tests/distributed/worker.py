@@ -69,13 +69,14 @@ class CollectiveCounter:
 
 
 def first_batch_tokens(cfg, ctx) -> list[list[int]]:
-    """(forget, retain) label tokens of each rank's share of the first global batch."""
+    """Label tokens of each rank's share of the first global batch of every task: forget tasks, then retain."""
     from ngdiff.modeling import load_tokenizer
     from ngdiff.objectives import IGNORE, NLL
     from ngdiff.tasks import build_tasks
 
-    retain, forget = build_tasks(cfg, load_tokenizer(cfg.model.path), ctx, NLL(), NLL())
-    mine = [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in t.stream.next()) for t in (forget, retain)]
+    tasks = build_tasks(cfg, load_tokenizer(cfg.model.path), ctx, NLL(), NLL())
+    tasks = [t for t in tasks if t.role == "forget"] + [t for t in tasks if t.role == "retain"]
+    mine = [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in t.stream.next()) for t in tasks]
     gathered = [None] * ctx.world_size
     dist.all_gather_object(gathered, mine)
     return gathered
