@@ -115,16 +115,15 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
     import torch
 
     from launcher.logs import setup_logging
+    from ngdiff.eval.benchmark import BenchmarkSpec, load_reference, run_benchmark
     from ngdiff.eval.report import write_outputs
     from ngdiff.eval.sharding import SHARDED_BACKENDS, EvalDist
     from parallel.distributed import init_distributed, shutdown_distributed
 
     # cheap checks first: split, data files, reference
-    reference_ratios, reference_auc = None, None
     custom = []
     if args.benchmark == "tofu":
         from ngdiff.eval.tofu import custom_sets, load_rows, read_custom_rows, tofu_sets
-        from ngdiff.eval.tofu_metrics import load_forget_truth_ratios
 
         custom = custom_sets(args.forget, args.retain)
         for tofu_set, path in custom:
@@ -133,12 +132,17 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
             load_rows(tofu_set, args.data_dir, 1)
         if not custom and (hint := own_splits_hint(model_dir, args.split)):
             log.warning(hint)
-        if args.reference:
-            reference_ratios = load_forget_truth_ratios(args.reference)
-    else:
-        from ngdiff.eval.muse import load_reference_auc
-
-        reference_auc = load_reference_auc(args.reference)
+    spec = BenchmarkSpec(
+        args.benchmark,
+        split=args.split,
+        data_dir=args.data_dir,
+        max_items=args.max_items,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        prompt_template=args.prompt_template,
+        reference=load_reference(args.benchmark, args.reference),
+        custom=custom,
+    )
 
     ctx = init_distributed()
     setup_logging(ctx.rank, args.verbose)
@@ -153,25 +157,7 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
         tokenizer = load_tokenizer(str(model_dir), args.trust_remote_code)
         ed = EvalDist(ctx.rank, ctx.world_size, args.backend in SHARDED_BACKENDS)
         start = time.perf_counter()
-        common = dict(data_dir=args.data_dir, max_items=args.max_items, batch_size=args.batch_size, ed=ed)
-        if args.benchmark == "tofu":
-            from ngdiff.eval.tofu import evaluate_tofu
-
-            items, metrics = evaluate_tofu(
-                model,
-                tokenizer,
-                args.split,
-                max_new_tokens=args.max_new_tokens,
-                reference_ratios=reference_ratios,
-                custom=custom,
-                progress=ctx.is_main,
-                prompt_template=args.prompt_template,
-                **common,
-            )
-        else:
-            from ngdiff.eval.muse import evaluate_muse
-
-            items, metrics = evaluate_muse(model, tokenizer, reference_auc=reference_auc, **common)
+        items, metrics = run_benchmark(model, tokenizer, spec, ed=ed, progress=ctx.is_main)
         seconds = time.perf_counter() - start
         if ctx.is_main:
             meta = {
