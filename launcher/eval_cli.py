@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from launcher.cli import VERBOSE_HELP, subcommand
 from ngdiff.errors import UserError
@@ -117,7 +118,7 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
     from launcher.logs import setup_logging
     from ngdiff.eval.benchmark import BenchmarkSpec, load_reference, run_benchmark
     from ngdiff.eval.report import write_outputs
-    from ngdiff.eval.sharding import SHARDED_BACKENDS, EvalDist
+    from ngdiff.eval.sharding import EvalDist
     from parallel.distributed import init_distributed, shutdown_distributed
 
     # cheap checks first: split, data files, reference
@@ -151,11 +152,11 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
         if ctx.is_main:
             what = ", ".join(f"{s.name} from {p}" for s, p in custom) if custom else f"the {args.split} split"
             log.info("evaluating %s on %s", model_dir, what if args.benchmark == "tofu" else "MUSE-News")
-        model = load_model(args, model_dir, ctx)
+        model, sharded = load_model(args, model_dir, ctx)
         from ngdiff.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(str(model_dir), args.trust_remote_code)
-        ed = EvalDist(ctx.rank, ctx.world_size, args.backend in SHARDED_BACKENDS)
+        ed = EvalDist(ctx.rank, ctx.world_size, sharded)
         start = time.perf_counter()
         items, metrics = run_benchmark(model, tokenizer, spec, ed=ed, progress=ctx.is_main)
         seconds = time.perf_counter() - start
@@ -209,8 +210,9 @@ def split_description(args: argparse.Namespace, custom) -> str:
     return args.split if args.benchmark == "tofu" else "news"
 
 
-def load_model(args: argparse.Namespace, model_dir: Path, ctx):
-    """The whole model on every rank, or sharded by `--backend` (its frozen-model path)."""
+def load_model(args: argparse.Namespace, model_dir: Path, ctx) -> tuple[Any, bool]:
+    """The whole model on every rank, or sharded by `--backend` (its frozen-model path); and whether its
+    parameters are sharded (then generation must keep every rank stepping together)."""
     from ngdiff.lora import AdapterSource, is_adapter_folder
     from ngdiff.modeling import model_factory
 
@@ -219,9 +221,9 @@ def load_model(args: argparse.Namespace, model_dir: Path, ctx):
     else:
         build = model_factory(str(model_dir), args.trust_remote_code)
     if not args.backend:
-        return build().to(ctx.device).eval()
+        return build().to(ctx.device).eval(), False
     from ngdiff.config import OptimConfig, ParallelConfig
     from parallel import build_backend
 
     backend = build_backend(args.backend, ctx, ParallelConfig(backend=args.backend), OptimConfig(), "fp32")
-    return backend.prepare_frozen(build)
+    return backend.prepare_frozen(build), backend.shards_parameters
