@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,9 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_overhead import build_inputs, free_port, optimizer_state_bytes, tensor_bytes  # noqa: E402
+from benchmarks.launch import run_worker  # noqa: E402
+from benchmarks.step_overhead import build_inputs, optimizer_state_bytes, tensor_bytes  # noqa: E402
 
 LORA = ["model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
 COMMON = ["method.forget_objective=npo", "method.combiner=ngdiff", "autolr.enabled=true", "autolr.every=4"]
@@ -83,18 +80,9 @@ def worker(args) -> None:
 
 def launch(backend: str, overrides: list[str], root: Path, name: str, steps: int) -> list[dict]:
     result = root / f"{name}.json"
-    tail = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--steps", str(steps), "--",
-            *overrides, f"parallel.backend={backend}", f"output_dir={root / name}"]  # fmt: skip
-    if backend == "single":
-        cmd = [sys.executable, *tail]
-    else:
-        cmd = [shutil.which("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", *tail]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(result.read_text())
+    worker = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--steps", str(steps), "--",
+              *overrides, f"parallel.backend={backend}", f"output_dir={root / name}"]  # fmt: skip
+    return run_worker(backend, 2, worker, result, name)
 
 
 def main() -> None:

@@ -21,9 +21,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -151,27 +148,15 @@ def build_inputs(root: Path, max_length: int, model: dict = MODEL) -> list[str]:
 
 
 def launch(backend: str, ranks: int, overrides: list[str], args, root: Path) -> list[dict]:
-    from benchmarks.step_overhead import free_port
+    from benchmarks.launch import run_worker
 
     result = root / f"{backend}.json"
-    tail = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--steps", str(args.steps),
-            *(["--trace"] if args.trace else []), "--", *overrides]  # fmt: skip
-    if backend == "single":
-        cmd = [sys.executable, *tail]
-    elif backend == "zero3":
-        cmd = [shutil.which("deepspeed"), "--num_gpus", str(ranks), "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), *tail]  # fmt: skip
-    else:
-        cmd = [shutil.which("torchrun"), f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", *tail]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO),
-           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    worker = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--steps", str(args.steps),
+              *(["--trace"] if args.trace else []), "--", *overrides]  # fmt: skip
+    env = {"HF_HUB_OFFLINE": "1"}
     if not args.glibc_heap:  # freed tensors go back to the OS at once: the resident set tracks live bytes
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(result.read_text())
+    return run_worker(backend, ranks, worker, result, backend, **env)
 
 
 def predict(overrides: list[str], ranks: int) -> dict:

@@ -19,10 +19,7 @@ import argparse
 import json
 import os
 import resource
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -230,12 +227,6 @@ def worker(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_inputs(root: Path, model: str = "demo", split: str = "demo", batch: int = 8) -> list[str]:
     """The model (`MODELS`), its tokenizer, and the data: `demo` (40 forget / 360 retain pairs of the
     first 20 authors) or `forget10` (TOFU forget10 = the last 400 pairs, retain90 = the first 3600)."""
@@ -254,23 +245,13 @@ def build_inputs(root: Path, model: str = "demo", split: str = "demo", batch: in
 
 
 def launch(backend: str, overrides: list[str], args, root: Path) -> dict:
+    from benchmarks.launch import run_worker
+
     result = root / f"{backend}.json"
-    tail = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--repeats", str(args.repeats),
-            "--steps", str(args.steps), "--variants", args.variants, "--", *overrides,
-            f"parallel.backend={backend}"]  # fmt: skip
-    if backend == "single":
-        cmd = [sys.executable, *tail]
-    elif backend == "zero3":
-        cmd = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), *tail]  # fmt: skip
-    else:
-        cmd = [shutil.which("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", *tail]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{backend} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(result.read_text())
+    worker = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--repeats", str(args.repeats),
+              "--steps", str(args.steps), "--variants", args.variants, "--", *overrides,
+              f"parallel.backend={backend}"]  # fmt: skip
+    return run_worker(backend, 2, worker, result, backend)
 
 
 def report(results: dict[str, dict]) -> str:

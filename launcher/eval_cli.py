@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from launcher.cli import VERBOSE_HELP, subcommand
 from ngdiff.errors import UserError
@@ -115,16 +116,15 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
     import torch
 
     from launcher.logs import setup_logging
+    from ngdiff.eval.benchmark import BenchmarkSpec, load_reference, run_benchmark
     from ngdiff.eval.report import write_outputs
-    from ngdiff.eval.sharding import SHARDED_BACKENDS, EvalDist
+    from ngdiff.eval.sharding import EvalDist
     from parallel.distributed import init_distributed, shutdown_distributed
 
     # cheap checks first: split, data files, reference
-    reference_ratios, reference_auc = None, None
     custom = []
     if args.benchmark == "tofu":
         from ngdiff.eval.tofu import custom_sets, load_rows, read_custom_rows, tofu_sets
-        from ngdiff.eval.tofu_metrics import load_forget_truth_ratios
 
         custom = custom_sets(args.forget, args.retain)
         for tofu_set, path in custom:
@@ -133,12 +133,17 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
             load_rows(tofu_set, args.data_dir, 1)
         if not custom and (hint := own_splits_hint(model_dir, args.split)):
             log.warning(hint)
-        if args.reference:
-            reference_ratios = load_forget_truth_ratios(args.reference)
-    else:
-        from ngdiff.eval.muse import load_reference_auc
-
-        reference_auc = load_reference_auc(args.reference)
+    spec = BenchmarkSpec(
+        args.benchmark,
+        split=args.split,
+        data_dir=args.data_dir,
+        max_items=args.max_items,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        prompt_template=args.prompt_template,
+        reference=load_reference(args.benchmark, args.reference),
+        custom=custom,
+    )
 
     ctx = init_distributed()
     setup_logging(ctx.rank, args.verbose)
@@ -147,31 +152,13 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
         if ctx.is_main:
             what = ", ".join(f"{s.name} from {p}" for s, p in custom) if custom else f"the {args.split} split"
             log.info("evaluating %s on %s", model_dir, what if args.benchmark == "tofu" else "MUSE-News")
-        model = load_model(args, model_dir, ctx)
+        model, sharded = load_model(args, model_dir, ctx)
         from ngdiff.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(str(model_dir), args.trust_remote_code)
-        ed = EvalDist(ctx.rank, ctx.world_size, args.backend in SHARDED_BACKENDS)
+        ed = EvalDist(ctx.rank, ctx.world_size, sharded)
         start = time.perf_counter()
-        common = dict(data_dir=args.data_dir, max_items=args.max_items, batch_size=args.batch_size, ed=ed)
-        if args.benchmark == "tofu":
-            from ngdiff.eval.tofu import evaluate_tofu
-
-            items, metrics = evaluate_tofu(
-                model,
-                tokenizer,
-                args.split,
-                max_new_tokens=args.max_new_tokens,
-                reference_ratios=reference_ratios,
-                custom=custom,
-                progress=ctx.is_main,
-                prompt_template=args.prompt_template,
-                **common,
-            )
-        else:
-            from ngdiff.eval.muse import evaluate_muse
-
-            items, metrics = evaluate_muse(model, tokenizer, reference_auc=reference_auc, **common)
+        items, metrics = run_benchmark(model, tokenizer, spec, ed=ed, progress=ctx.is_main)
         seconds = time.perf_counter() - start
         if ctx.is_main:
             meta = {
@@ -223,8 +210,9 @@ def split_description(args: argparse.Namespace, custom) -> str:
     return args.split if args.benchmark == "tofu" else "news"
 
 
-def load_model(args: argparse.Namespace, model_dir: Path, ctx):
-    """The whole model on every rank, or sharded by `--backend` (its frozen-model path)."""
+def load_model(args: argparse.Namespace, model_dir: Path, ctx) -> tuple[Any, bool]:
+    """The whole model on every rank, or sharded by `--backend` (its frozen-model path); and whether its
+    parameters are sharded (then generation must keep every rank stepping together)."""
     from ngdiff.lora import AdapterSource, is_adapter_folder
     from ngdiff.modeling import model_factory
 
@@ -233,9 +221,9 @@ def load_model(args: argparse.Namespace, model_dir: Path, ctx):
     else:
         build = model_factory(str(model_dir), args.trust_remote_code)
     if not args.backend:
-        return build().to(ctx.device).eval()
+        return build().to(ctx.device).eval(), False
     from ngdiff.config import OptimConfig, ParallelConfig
     from parallel import build_backend
 
     backend = build_backend(args.backend, ctx, ParallelConfig(backend=args.backend), OptimConfig(), "fp32")
-    return backend.prepare_frozen(build)
+    return backend.prepare_frozen(build), backend.shards_parameters

@@ -71,6 +71,8 @@ class Backend(ABC):
     """Wraps a model and its optimizer for one engine."""
 
     name: str = "base"
+    # parameters live in per-rank shards: every forward pass is a collective, so ranks must run equally many
+    shards_parameters: bool = False
 
     def __init__(self, ctx: DistContext, parallel_cfg, optim_cfg, precision: str):
         defer_deepspeed_import()

@@ -61,6 +61,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 class FSDPBackend(Backend):
     name = "fsdp"
+    shards_parameters = True
 
     def _shard(self, model: nn.Module, mixed: bool) -> nn.Module:
         mesh = init_device_mesh(self.ctx.device.type, (self.ctx.world_size,))

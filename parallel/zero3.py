@@ -157,6 +157,7 @@ def model_hidden_size(build_model) -> int | None:
 
 class Zero3Backend(Backend):
     name = "zero3"
+    shards_parameters = True
 
     def __init__(self, ctx, parallel_cfg, optim_cfg, precision):
         super().__init__(ctx, parallel_cfg, optim_cfg, precision)

@@ -13,12 +13,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,63 +25,17 @@ from safetensors.torch import load_file
 
 from launcher.cli import main
 from launcher.slurm_env import SlurmJob
+from tests.slurm_helpers import REPO, job_env, patched_env, running_cluster
 from tests.wandb_records import read_finished_run
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-import slurm_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 JOB_TIMEOUT = 300  # seconds for any one job; a request the cluster cannot meet waits forever otherwise
 SECRET = "wandb-key-5f0c1d2e3b4a69788796a5b4c3d2e1f0sentinel"
 
 
-def _skip_reason() -> str | None:
-    missing = slurm_cluster.missing_tools()
-    if missing:
-        tools = ", ".join(missing)
-        return f"Slurm/munge not installed ({tools} missing); apt-get install slurmctld slurmd slurm-client munge"
-    if os.geteuid() != 0:
-        return "starting the one-machine Slurm cluster needs root"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="ngdiff-slurm-"))  # not under pytest's 0700 tmp: munged must traverse it
-    c = slurm_cluster.SlurmCluster(root, nodes=2, cpus=2, gpus=2)
-    c.start()
-    try:
-        yield c
-    finally:
-        subprocess.run(["scancel", "--user", "root"], env=c.env(), capture_output=True, timeout=30, check=False)
-        c.stop()
-        shutil.rmtree(root, ignore_errors=True)
-        assert c.hosts_marker not in Path("/etc/hosts").read_text()
-
-
-@contextlib.contextmanager
-def patched_env(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def job_env(cluster, **extra: str) -> dict[str, str]:
-    """What a submission exports to its job (sbatch passes the submitting environment on)."""
-    env = {"SLURM_CONF": str(cluster.conf), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **extra}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
-    return env
+    yield from running_cluster("ngdiff-slurm-", nodes=2, cpus=2, gpus=2)
 
 
 def submit(cluster, overrides: list[str], *options: str, **env: str) -> str:

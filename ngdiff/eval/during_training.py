@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ngdiff.errors import UserError
-from ngdiff.eval.muse import evaluate_muse, load_reference_auc
+from ngdiff.eval.benchmark import BenchmarkSpec, load_reference, run_benchmark
 from ngdiff.eval.report import write_outputs
 from ngdiff.eval.sharding import EvalDist
-from ngdiff.eval.tofu import FORGET_SPLITS, evaluate_tofu
-from ngdiff.eval.tofu_metrics import load_forget_truth_ratios
+from ngdiff.eval.tofu import FORGET_SPLITS
 
 log = logging.getLogger("ngdiff.eval")
 
@@ -72,13 +71,16 @@ def evaluation_factory(cfg) -> Callable[[Any, Any], Callable[[int], dict[str, An
         return None
     if ecfg.benchmark == "tofu" and ecfg.split not in FORGET_SPLITS:
         raise UserError(f"unknown eval.split {ecfg.split!r}; choose one of: {', '.join(FORGET_SPLITS)}")
-    reference_ratios = None
-    reference_auc = None
-    if ecfg.reference:
-        if ecfg.benchmark == "tofu":
-            reference_ratios = load_forget_truth_ratios(ecfg.reference)
-        else:
-            reference_auc = load_reference_auc(ecfg.reference)
+    spec = BenchmarkSpec(
+        ecfg.benchmark,
+        split=ecfg.split,
+        data_dir=ecfg.data_dir or None,
+        max_items=ecfg.max_items,
+        batch_size=ecfg.batch_size,
+        max_new_tokens=ecfg.max_new_tokens,
+        prompt_template=cfg.data.prompt_template,
+        reference=load_reference(ecfg.benchmark, ecfg.reference),
+    )
     best = BestMetric.parse(ecfg.best_metric, metric_names(ecfg.benchmark, bool(ecfg.reference)))
     output_dir = Path(cfg.output_dir)
 
@@ -91,25 +93,7 @@ def evaluation_factory(cfg) -> Callable[[Any, Any], Callable[[int], dict[str, An
 
         def evaluate(step: int) -> dict[str, Any]:
             start = time.perf_counter()
-            common = dict(
-                max_items=ecfg.max_items,
-                batch_size=ecfg.batch_size,
-                ed=ed,
-                autocast=backend.autocast,
-                data_dir=ecfg.data_dir or None,
-            )
-            if ecfg.benchmark == "tofu":
-                items, metrics = evaluate_tofu(
-                    backend.model,
-                    tokenizer,
-                    ecfg.split,
-                    max_new_tokens=ecfg.max_new_tokens,
-                    reference_ratios=reference_ratios,
-                    prompt_template=cfg.data.prompt_template,
-                    **common,
-                )
-            else:
-                items, metrics = evaluate_muse(backend.model, tokenizer, reference_auc=reference_auc, **common)
+            items, metrics = run_benchmark(backend.model, tokenizer, spec, ed=ed, autocast=backend.autocast)
             metrics = {**metrics, "eval_seconds": time.perf_counter() - start}
             if ed.rank == 0:
                 meta = {"step": step, "split": ecfg.split, "max_items": ecfg.max_items, "ranks": ed.world_size}

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 
 T = TypeVar("T")
-SHARDED_BACKENDS = frozenset({"fsdp", "zero3"})
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class EvalDist:
 
     @classmethod
     def from_backend(cls, backend) -> EvalDist:
-        return cls(backend.ctx.rank, backend.ctx.world_size, backend.name in SHARDED_BACKENDS)
+        return cls(backend.ctx.rank, backend.ctx.world_size, backend.shards_parameters)
 
     @classmethod
     def current(cls, synced: bool = False) -> EvalDist:

@@ -319,26 +319,24 @@ def evaluate_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ngdiff.eval.benchmark import BenchmarkSpec, load_reference, run_benchmark
     from ngdiff.eval.report import write_outputs
-    from ngdiff.eval.tofu import evaluate_tofu
-    from ngdiff.eval.tofu_metrics import load_forget_truth_ratios
     from ngdiff.modeling import load_tokenizer
 
     split = split or world.forget_split
-    ratios = load_forget_truth_ratios(reference) if reference else None
+    spec = BenchmarkSpec(
+        "tofu",
+        split=split,
+        data_dir=data_dir,
+        max_items=max_items,
+        max_new_tokens=world.max_new_tokens,
+        prompt_template=prompt_template,
+        reference=load_reference("tofu", reference),
+    )
     tokenizer = load_tokenizer(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
-        items, metrics = evaluate_tofu(
-            model,
-            tokenizer,
-            split,
-            data_dir=data_dir,
-            max_items=max_items,
-            max_new_tokens=world.max_new_tokens,
-            reference_ratios=ratios,
-            prompt_template=prompt_template,
-        )
+        items, metrics = run_benchmark(model, tokenizer, spec)
     meta = {"model": str(model_dir), "split": split, "max_new_tokens": world.max_new_tokens}
     write_outputs(out, "tofu", items, metrics, meta)
     return metrics

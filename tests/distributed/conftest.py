@@ -7,19 +7,17 @@ launch runs every case of its backends in one process group (see worker.py).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 from dist_helpers import (
-    WORKER,
     backend_cases,
     common_overrides,
     deepspeed_launcher,
     matrix_cases,
     precision_cases,
-    run_launch,
+    run_cases,
     torchrun,
 )
 
@@ -34,18 +32,11 @@ def dist_runs(tmp_path_factory, tiny_model_dir, tofu_split) -> Path:
         for n, o in matrix_cases(tofu_split).items()
     ]
     launches = [
-        ([sys.executable, str(WORKER)], reference, "single"),
+        ([sys.executable], reference, "single"),
         (torchrun(), backend_cases("ddp", tofu_split) + backend_cases("fsdp", tofu_split), "torchrun"),
         (deepspeed_launcher(), backend_cases("zero3", tofu_split), "deepspeed"),
     ]
-    for prefix, cases, label in launches:
-        spec = out / f"{label}.json"
-        spec.write_text(json.dumps({"common": common, "cases": cases}))
-        run_launch(
-            [*prefix, str(WORKER), str(spec), str(out)] if label != "single" else [*prefix, str(spec), str(out)],
-            out / f"{label}.log",
-        )
-    return out
+    return run_cases(out, common, launches)
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +44,7 @@ def single_reference(tmp_path_factory, tiny_model_dir, tofu_split) -> Path:
     """Just the 1-process `ngdiff_sgd` case, for the launcher tests (cheaper than the whole matrix)."""
     out = tmp_path_factory.mktemp("single_reference")
     case = {"name": "single_ngdiff_sgd", "overrides": ["parallel.backend=single", *matrix_cases()["ngdiff_sgd"]]}
-    spec = out / "spec.json"
-    spec.write_text(json.dumps({"common": common_overrides(tiny_model_dir, tofu_split), "cases": [case]}))
-    run_launch([sys.executable, str(WORKER), str(spec), str(out)], out / "single.log")
-    return out
+    return run_cases(out, common_overrides(tiny_model_dir, tofu_split), [([sys.executable], [case], "single")])
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +59,4 @@ def precision_runs(tmp_path_factory, tiny_model_dir, tofu_split) -> Path:
         (torchrun(), [c for c in two if "_fsdp_" in c["name"]], "torchrun"),
         (deepspeed_launcher(), [c for c in two if "_zero3_" in c["name"]], "deepspeed"),
     ]
-    for prefix, cases, label in launches:
-        spec = out / f"{label}.json"
-        spec.write_text(json.dumps({"common": common, "cases": cases}))
-        run_launch([*prefix, str(WORKER), str(spec), str(out)], out / f"{label}.log")
-    return out
+    return run_cases(out, common, launches)

@@ -36,6 +36,16 @@ def run_launch(cmd: list[str], log: Path, timeout: float = 600) -> None:
         pytest.fail(f"{' '.join(cmd[:6])} ... exited with {proc.returncode}:\n{tail}")
 
 
+def run_cases(out: Path, common: list[str], launches: list[tuple[list[str], list[dict], str]]) -> Path:
+    """Each (launcher prefix, cases, label) is one launch of the worker, which runs all its cases in one
+    process group and writes their results to `out` (its spec and log: `out/LABEL.json`, `.log`)."""
+    for prefix, cases, label in launches:
+        spec = out / f"{label}.json"
+        spec.write_text(json.dumps({"common": common, "cases": cases}))
+        run_launch([*prefix, str(WORKER), str(spec), str(out)], out / f"{label}.log")
+    return out
+
+
 def torchrun(nproc: int = 2) -> list[str]:
     return [
         shutil.which("torchrun") or "torchrun",

@@ -4,20 +4,18 @@ equals an uninterrupted one."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 from dist_helpers import (
     STEPS,
-    WORKER,
     common_overrides,
     deepspeed_launcher,
     load_result,
     lora_backend_cases,
     lora_matrix,
     max_abs_diff,
-    run_launch,
+    run_cases,
     torchrun,
 )
 
@@ -35,11 +33,7 @@ def lora_runs(tmp_path_factory, tiny_model_dir, tofu_split):
         (torchrun(), [*lora_backend_cases("ddp"), *lora_backend_cases("fsdp")], "torchrun"),
         (deepspeed_launcher(), lora_backend_cases("zero3"), "deepspeed"),
     ]
-    for prefix, cases, label in launches:
-        spec = out / f"{label}.json"
-        spec.write_text(json.dumps({"common": common, "cases": cases}))
-        run_launch([*prefix, str(WORKER), str(spec), str(out)], out / f"{label}.log")
-    return out
+    return run_cases(out, common, launches)
 
 
 @pytest.mark.parametrize("case", list(lora_matrix()))

@@ -1,6 +1,6 @@
 """`ngdiff study --slurm` on a real one-machine Slurm: a world job, one array task per run, a report job.
 
-Skips where Slurm is not installed or we are not root (as tests/test_slurm.py; CI installs Slurm).
+Skips where Slurm is not installed or we are not root (tests/slurm_helpers.py; CI installs Slurm).
 A requeued task whose run has finished skips it; a second submission of a finished study submits nothing.
 """
 
@@ -9,10 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +19,7 @@ import yaml
 
 from launcher.cli import main
 from launcher.study_cli import CONFIG_DIR
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts"))
-import slurm_cluster  # noqa: E402
+from tests.slurm_helpers import job_env, patched_env, running_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TIMEOUT = 600
@@ -33,32 +27,7 @@ TIMEOUT = 600
 
 @pytest.fixture(scope="module")
 def cluster():
-    if slurm_cluster.missing_tools():
-        pytest.skip(f"Slurm/munge not installed ({', '.join(slurm_cluster.missing_tools())} missing)")
-    if os.geteuid() != 0:
-        pytest.skip("starting the one-machine Slurm cluster needs root")
-    root = Path(tempfile.mkdtemp(prefix="ngdiff-study-slurm-"))
-    c = slurm_cluster.SlurmCluster(root, nodes=1, cpus=2, gpus=0)
-    c.start()
-    try:
-        yield c
-    finally:
-        subprocess.run(["scancel", "--user", "root"], env=c.env(), capture_output=True, timeout=30, check=False)
-        c.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def job_env(cluster):
-    values = {"SLURM_CONF": str(cluster.conf), "HF_HUB_OFFLINE": "1"}
-    values["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    yield from running_cluster("ngdiff-study-slurm-", nodes=1, cpus=2, gpus=0)
 
 
 def state(cluster, job: str) -> list[str]:
@@ -101,7 +70,7 @@ def test_study_array_job_runs_every_run_and_reports(cluster):
     tmp = Path(tempfile.mkdtemp(prefix="ngdiff-study-", dir=str(cluster.root)))  # munged-readable
     study = tmp / "study"
     printed = io.StringIO()
-    with job_env(cluster), contextlib.redirect_stdout(printed):
+    with patched_env(job_env(cluster)), contextlib.redirect_stdout(printed):
         assert main(["study", str(tiny_study(tmp)), "--slurm", "--output-dir", str(study)]) == 0
     jobs = yaml.safe_load(printed.getvalue())
     assert jobs["tasks"] == 4
@@ -124,6 +93,6 @@ def test_study_array_job_runs_every_run_and_reports(cluster):
     assert "ga__lr1e-02__s0: already finished" in log
 
     printed = io.StringIO()
-    with job_env(cluster), contextlib.redirect_stdout(printed):
+    with patched_env(job_env(cluster)), contextlib.redirect_stdout(printed):
         assert main(["study", str(tmp / "slurm.yaml"), "--slurm", "--output-dir", str(study)]) == 0
     assert "nothing to submit" in printed.getvalue()
