@@ -49,6 +49,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from parallel import shards_parameters
+
 COMPONENTS = (
     "parameters",
     "gradients",
@@ -58,7 +60,6 @@ COMPONENTS = (
     "reference_model",
     "activations",
 )
-SHARDED = ("fsdp", "zero3")
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 DEEPSPEED_MAX_LIVE = 1_000_000_000  # its default stage3_max_live_parameters (elements)
 GiB = 2**30
@@ -189,7 +190,7 @@ def layer_bytes_per_token(shape: ModelShape, s: PlanSettings) -> int:
     h, kv, inter = shape.hidden, shape.kv_width, shape.intermediate
     if s.precision == "fp32":
         return 32 * h + 8 * kv + 16 * inter
-    if s.backend in SHARDED:  # bf16 compute weights: the whole graph in bf16, norms upcast
+    if shards_parameters(s.backend):  # bf16 compute weights: the whole graph in bf16, norms upcast
         return 20 * h + 4 * kv + 8 * inter
     return 30 * h + 4 * kv + 8 * inter  # autocast over fp32 weights: fp32 residual stream and norms
 
@@ -198,7 +199,7 @@ def activation_bytes(shape: ModelShape, s: PlanSettings) -> int:
     tokens = micro_tokens(s)
     per_layer = layer_bytes_per_token(shape, s)
     if s.gradient_checkpointing:
-        kept = (2 if s.precision == "bf16" and s.backend in SHARDED else 4) * shape.hidden
+        kept = (2 if s.precision == "bf16" and shards_parameters(s.backend) else 4) * shape.hidden
         layers = shape.layers * kept + per_layer  # block inputs, plus one block recomputed in the backward
     else:
         layers = shape.layers * per_layer
@@ -210,7 +211,7 @@ def activation_bytes(shape: ModelShape, s: PlanSettings) -> int:
 def component_bytes(shape: ModelShape, s: PlanSettings) -> tuple[dict[str, int], dict[str, int]]:
     """(accelerator bytes, host bytes) per component on one rank; see the module docstring."""
     p = shape.params
-    sharded = s.backend in SHARDED
+    sharded = shards_parameters(s.backend)
     local = math.ceil(p / s.world_size) if sharded else p
     # what trains: everything, or with LoRA only the adapters (their gradients, stash, optimizer, AutoLR copy)
     t = shape.lora_params or p
@@ -297,9 +298,9 @@ def candidate_changes(s: PlanSettings) -> list[tuple[str, dict[str, Any], PlanSe
                 replace(s, gradient_checkpointing=True),
             )
         )
-    if s.backend not in SHARDED and s.world_size > 1:
+    if not shards_parameters(s.backend) and s.world_size > 1:
         out.append(("shard with fsdp", {"parallel.backend": "fsdp"}, replace(s, backend="fsdp")))
-    backend = s.backend if s.backend in SHARDED else "fsdp"
+    backend = s.backend if shards_parameters(s.backend) else "fsdp"
     ranks = s.world_size * 2
     while ranks <= 4096:
         overrides: dict[str, Any] = {"world_size": ranks}
@@ -308,7 +309,7 @@ def candidate_changes(s: PlanSettings) -> list[tuple[str, dict[str, Any], PlanSe
         out.append((f"{ranks} ranks", overrides, replace(s, world_size=ranks, backend=backend)))
         ranks *= 2
     if not s.cpu_offload:
-        target = s.backend if s.backend in SHARDED else "fsdp"
+        target = s.backend if shards_parameters(s.backend) else "fsdp"
         overrides = {"parallel.cpu_offload": True}
         if target != s.backend:
             overrides["parallel.backend"] = target

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 import torch
 
 from ngdiff.errors import UserError
 from parallel.base import Backend, DistContext
 from parallel.distributed import init_single_process_group
+
+if TYPE_CHECKING:
+    from ngdiff.config import OptimConfig, ParallelConfig
 
 # name -> "module:Class", imported only when chosen (DeepSpeed's import alone takes seconds)
 BACKENDS: dict[str, str] = {
@@ -19,11 +23,23 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def build_backend(name: str, ctx: DistContext, parallel_cfg, optim_cfg, precision: str) -> Backend:
+def backend_class(name: str) -> type[Backend]:
     if name not in BACKENDS:
         raise UserError(f"unknown parallel.backend {name!r}; choose one of: {', '.join(sorted(BACKENDS))}")
     module_name, class_name = BACKENDS[name].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def shards_parameters(name: str) -> bool:
+    """Whether the backend called `name` shards parameters, gradients and optimizer state over ranks (its
+    class says so: `Backend.shards_parameters`), for code that plans a run without building one."""
+    return backend_class(name).shards_parameters
+
+
+def build_backend(
+    name: str, ctx: DistContext, parallel_cfg: ParallelConfig, optim_cfg: OptimConfig, precision: str
+) -> Backend:
+    cls = backend_class(name)
     if name != "single" and not ctx.distributed and not torch.distributed.is_initialized():
         init_single_process_group(ctx)
     if name == "single" and ctx.world_size > 1:
@@ -33,4 +49,4 @@ def build_backend(name: str, ctx: DistContext, parallel_cfg, optim_cfg, precisio
     return cls(ctx, parallel_cfg, optim_cfg, precision)
 
 
-__all__ = ["BACKENDS", "Backend", "DistContext", "build_backend"]
+__all__ = ["BACKENDS", "Backend", "DistContext", "backend_class", "build_backend", "shards_parameters"]

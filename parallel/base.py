@@ -13,10 +13,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ngdiff.config import OptimConfig, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ class Backend(ABC):
     # parameters live in per-rank shards: every forward pass is a collective, so ranks must run equally many
     shards_parameters: bool = False
 
-    def __init__(self, ctx: DistContext, parallel_cfg, optim_cfg, precision: str):
+    def __init__(self, ctx: DistContext, parallel_cfg: ParallelConfig, optim_cfg: OptimConfig, precision: str):
         defer_deepspeed_import()
         self.ctx = ctx
         self.parallel_cfg = parallel_cfg
