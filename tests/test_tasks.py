@@ -262,3 +262,36 @@ def test_task_weights_scale_each_task(tiny_model_dir, tofu_split, tmp_path):
         runs[label] = run_training(cfg, DistContext()).results[0].weights
     plain, weighted = runs["plain"], runs["weighted"]
     assert weighted == pytest.approx((3.0 * plain[0], 2.0 * plain[1], 0.5 * plain[2]), rel=1e-12)
+
+
+def test_three_task_run_resumes_exactly(tiny_model_dir, tofu_split, tmp_path):
+    """Every task's stream position is in the checkpoint: a stopped and resumed k = 3 run (PCGrad, whose
+    projection order depends on the step, AutoLR with fresh probes drawing from every stream) ends where
+    an uninterrupted one does."""
+    extra = ["train.max_steps=5", "optim.name=sgd", "optim.lr=0.05", "method.combiner=pcgrad"]
+    extra += ["autolr.enabled=true", "autolr.every=2", "autolr.probe_batch=fresh", "autolr.probe_loss=combined"]
+
+    def params(outcome):
+        return torch.cat([p.detach().reshape(-1) for p in outcome.trainer.backend.model.parameters()])
+
+    straight = run_training(
+        load_config(None, three_task_overrides(tiny_model_dir, tofu_split, tmp_path / "s", *extra)), DistContext()
+    )
+
+    def stop_after_two(trainer):
+        original = trainer.unlearning_step
+
+        def step():
+            trainer.stop_requested = trainer.step_index == 1
+            return original()
+
+        trainer.unlearning_step = step
+
+    stopped_cfg = load_config(None, three_task_overrides(tiny_model_dir, tofu_split, tmp_path / "r", *extra))
+    assert run_training(stopped_cfg, DistContext(), on_trainer=stop_after_two).trainer.step_index == 2
+    resumed_cfg = load_config(
+        None, three_task_overrides(tiny_model_dir, tofu_split, tmp_path / "r", *extra, "train.resume=auto")
+    )
+    resumed = run_training(resumed_cfg, DistContext())
+    assert resumed.trainer.step_index == 5
+    assert float((params(straight) - params(resumed)).abs().max()) < 1e-6
