@@ -138,3 +138,14 @@ def test_plan_command_table_and_bad_input(tiny_model_dir, capsys):
 def test_presets_plan_without_a_model_path(preset, capsys):
     assert main(["plan", "parallel.backend=fsdp", "--world-size", "64", "--model-config", preset, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == preset
+
+
+def test_k_tasks_stash_k_minus_one_gradients(tiny_model_dir, capsys, tmp_path):
+    """Three forget files and one retain file: four tasks, three stashed gradient shards."""
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    stashes = []
+    for forget in ("a.jsonl", "a.jsonl,b.jsonl,c.jsonl"):
+        args = ["plan", f"model.path={tmp_path}", f"data.forget={forget}", "data.retain=r.jsonl"]
+        assert main([*args, "parallel.backend=fsdp", "--world-size", "2", "--json"]) == 0
+        stashes.append(json.loads(capsys.readouterr().out)["per_rank_bytes"]["stash"])
+    assert stashes[0] > 0 and stashes[1] == 3 * stashes[0]
