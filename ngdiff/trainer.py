@@ -196,8 +196,8 @@ class Trainer:
         live = backend.local_grads()  # the last task's: the combination is written here, in place
 
         partial = gram_partial_sums([*map(backend.inner_product_views, stashes), backend.inner_product_views(live)])
-        tokens = sum(input_tokens(b) for task, b in zip(self.tasks, batches, strict=True) if task.objective is not None)
-        extra = torch.tensor([*counts, float(self.stop_requested), tokens], dtype=torch.float64)
+        local_tokens = sum(input_tokens(b) for t, b in zip(self.tasks, batches, strict=True) if t.objective is not None)
+        extra = torch.tensor([*counts, float(self.stop_requested), local_tokens], dtype=torch.float64)
         device = backend.ctx.device
         totals = backend.all_reduce_sum(torch.cat([partial.to(device), torch.stack(sums), extra.to(device)]))
         values = totals.tolist()
@@ -214,7 +214,7 @@ class Trainer:
         weights = scaled(self.combine(stats, self.combiner_options), self.task_weights)
         weights = clip_weights(weights, stats, self.cfg.optim.max_grad_norm)
         torch._foreach_mul_(live, weights[-1] / units[-1])
-        for stash, weight, n in zip(stashes, weights, units, strict=False):
+        for stash, weight, n in zip(stashes, weights[:-1], units[:-1], strict=True):
             stash.add_to(live, weight / n)
         backend.set_local_grads(live)
         del stashes
