@@ -1,0 +1,118 @@
+"""FSDP2's all-gather and reduce-scatter over gloo without a whole-unit staging copy.
+
+gloo's `all_gather_into_tensor` and `reduce_scatter_tensor` each allocate a scratch tensor the size of
+the whole (unsharded) input or output, and FSDP2 keeps its reduce-scatter input alive until the next
+unit's backward. On CPU all of that is host memory: for the largest unit (a 32k x 1024 embedding, a
+sixth of a 194M model) it is one more whole copy of the unit per collective, measured with 4 ranks in
+benchmarks/load_memory.py. The same collectives written as one `broadcast` (all-gather) or `reduce`
+(reduce-scatter) per rank's chunk work in place on FSDP's own buffers, and are faster on gloo too.
+
+FSDP2 also stages a unit's unsharded gradients in the reduce-scatter input (a copy, then the gradients
+are freed). Where a unit has one gradient already laid out as that input (dim-0 shards, no padding: an
+embedding, an output projection), the input adopts the gradient's memory instead (`_adopt_or_copy_in`).
+
+Exactness: the all-gather is a copy. The reduce-scatter adds the same terms; at 2 ranks the sum is
+bitwise the one gloo's reduce-scatter gives, at more ranks the order of the additions may differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+log = logging.getLogger("ngdiff.parallel")
+
+
+def _empty(size: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(*size, dtype=dtype, device=device)
+
+
+def _adopts(buffer: torch.Tensor, grads: list[torch.Tensor]) -> bool:
+    """One gradient, alone in its memory, whose bytes are exactly the reduce-scatter input's layout: FSDP's
+    copy-in (`chunk_cat` of dim-0 chunks) would be the identity."""
+    if len(grads) != 1 or not getattr(buffer, "adopts_gradient", False):
+        return False
+    grad = grads[0]
+    return (
+        grad.is_contiguous()
+        and grad.dtype == buffer.dtype
+        and grad.device == buffer.device
+        and grad.numel() == buffer.numel()
+        and grad.storage_offset() == 0
+        and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()
+    )
+
+
+_copy_in = getattr(_fsdp_collectives, "foreach_reduce_scatter_copy_in", None)
+
+
+def _adopt_or_copy_in(unsharded_grads: list[torch.Tensor], reduce_scatter_input: torch.Tensor, world_size: int):
+    """FSDP's copy of the unsharded gradients into the reduce-scatter input; for our (untouched, so not yet
+    resident) input buffers and a lone gradient of the same layout, the input takes over the gradient's
+    memory instead. FSDP drops its references to the gradients right after ("clearing the list frees the
+    gradients", `foreach_reduce`), so the gradient's memory is the input's alone."""
+    if _adopts(reduce_scatter_input, unsharded_grads):
+        grad = unsharded_grads[0]
+        reduce_scatter_input.set_(grad.untyped_storage(), 0, reduce_scatter_input.shape, (1,))
+        return
+    _copy_in(unsharded_grads, reduce_scatter_input, world_size)
+
+
+def _install_adoption() -> bool:
+    """Route FSDP's copy-in through `_adopt_or_copy_in` (it looks the function up by name at each reduce);
+    False where this torch lacks it (then every reduce-scatter copies, as FSDP does itself)."""
+    if _copy_in is None:
+        log.debug("torch's FSDP has no foreach_reduce_scatter_copy_in: reduce-scatter inputs are copies")
+        return False
+    _fsdp_collectives.foreach_reduce_scatter_copy_in = _adopt_or_copy_in
+    return True
+
+
+class ChunkedAllGather(AllGather):
+    """Rank i broadcasts its chunk of the flat output; FSDP has already copied this rank's shard into it."""
+
+    def allocate(self, size, *, dtype, device):
+        return _empty(size, dtype, device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        for index, chunk in enumerate(output_tensor.chunk(group.size())):
+            dist.broadcast(chunk, src=dist.get_global_rank(group, index), group=group)
+        return None  # done: FSDP waits only on a returned Work
+
+
+class ChunkedReduceScatter(ReduceScatter):
+    """Chunk i of the input is reduced onto rank i, which copies it out; the input (FSDP's staging copy of
+    the unit's gradients, or the adopted gradient itself) is released as soon as the collective returns,
+    instead of when the next unit's reduce-scatter starts."""
+
+    def allocate(self, size, *, dtype, device):
+        buffer = _empty(size, dtype, device)
+        buffer.adopts_gradient = True  # see _adopt_or_copy_in
+        return buffer
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        average = op == dist.ReduceOp.AVG
+        if not (average or op == dist.ReduceOp.SUM):  # e.g. PREMUL_SUM: gloo's own (with its staging copy)
+            return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group)
+        chunks = input_tensor.chunk(group.size())
+        for index, chunk in enumerate(chunks):
+            dist.reduce(chunk, dst=dist.get_global_rank(group, index), op=dist.ReduceOp.SUM, group=group)
+        output_tensor.copy_(chunks[group.rank()])
+        if average:
+            output_tensor.div_(group.size())
+        input_tensor.untyped_storage().resize_(0)  # FSDP reads it no more (1-D mesh: no all-reduce after)
+        return None
+
+
+def use_chunked_collectives(module: FSDPModule) -> None:
+    """Install the in-place collectives on one `fully_shard` unit (not recursive: call it on each)."""
+    if _fsdp_collectives.foreach_reduce_scatter_copy_in is not _adopt_or_copy_in:
+        _install_adoption()
+    module.set_custom_all_gather(ChunkedAllGather())
+    module.set_custom_reduce_scatter(ChunkedReduceScatter())
