@@ -1,11 +1,12 @@
-"""FSDP2's all-gather and reduce-scatter over gloo without a whole-unit staging copy.
+"""All-gather and reduce-scatter over gloo without a whole-tensor staging copy, for FSDP2 and ZeRO-3.
 
 gloo's `all_gather_into_tensor` and `reduce_scatter_tensor` each allocate a scratch tensor the size of
 the whole (unsharded) input or output, and FSDP2 keeps its reduce-scatter input alive until the next
 unit's backward. On CPU all of that is host memory: for the largest unit (a 32k x 1024 embedding, a
 sixth of a 194M model) it is one more whole copy of the unit per collective, measured with 4 ranks in
 benchmarks/load_memory.py. The same collectives written as one `broadcast` (all-gather) or `reduce`
-(reduce-scatter) per rank's chunk work in place on FSDP's own buffers, and are faster on gloo too.
+(reduce-scatter) per rank's chunk work in place on the engines' own buffers, and are faster on gloo
+too. DeepSpeed's ZeRO-3 calls the same two gloo collectives for its largest parameters (`use_in_deepspeed`).
 
 FSDP2 also stages a unit's unsharded gradients in the reduce-scatter input (a copy, then the gradients
 are freed). Where a unit has one gradient already laid out as that input (dim-0 shards, no padding: an
@@ -74,22 +75,58 @@ def _install_adoption() -> bool:
     return True
 
 
-class ChunkedAllGather(AllGather):
-    """Rank i broadcasts its chunk of the flat output; FSDP has already copied this rank's shard into it."""
+class _Done:
+    """The handle of a collective that has already completed (what an `async_op` caller waits on)."""
 
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+    """`torch.distributed.all_gather_into_tensor`, as one broadcast per rank's chunk of `output_tensor`."""
+    group = group or dist.group.WORLD
+    chunks = output_tensor.chunk(group.size())
+    own = chunks[group.rank()]
+    if own.data_ptr() != input_tensor.data_ptr():  # FSDP's input is already that chunk, DeepSpeed's is not
+        own.copy_(input_tensor.reshape(-1))
+    for index, chunk in enumerate(chunks):
+        dist.broadcast(chunk, src=dist.get_global_rank(group, index), group=group)
+    return _Done() if async_op else None
+
+
+def reduce_scatter_tensor(output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+    """`torch.distributed.reduce_scatter_tensor` (SUM or AVG), as one reduce per chunk onto its rank; the
+    other chunks of `input_tensor` are left as gloo leaves them."""
+    group = group or dist.group.WORLD
+    average = op == dist.ReduceOp.AVG
+    if not (average or op == dist.ReduceOp.SUM):  # e.g. PREMUL_SUM: gloo's own (with its staging copy)
+        return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+    chunks = input_tensor.reshape(-1).chunk(group.size())
+    for index, chunk in enumerate(chunks):
+        dist.reduce(chunk, dst=dist.get_global_rank(group, index), op=dist.ReduceOp.SUM, group=group)
+    own = chunks[group.rank()]
+    if own.data_ptr() != output_tensor.data_ptr():  # DeepSpeed's output is that chunk itself
+        output_tensor.copy_(own.view_as(output_tensor))
+    if average:
+        output_tensor.div_(group.size())
+    return _Done() if async_op else None
+
+
+class ChunkedAllGather(AllGather):
     def allocate(self, size, *, dtype, device):
         return _empty(size, dtype, device)
 
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
-        for index, chunk in enumerate(output_tensor.chunk(group.size())):
-            dist.broadcast(chunk, src=dist.get_global_rank(group, index), group=group)
+        all_gather_into_tensor(output_tensor, input_tensor, group)
         return None  # done: FSDP waits only on a returned Work
 
 
 class ChunkedReduceScatter(ReduceScatter):
-    """Chunk i of the input is reduced onto rank i, which copies it out; the input (FSDP's staging copy of
-    the unit's gradients, or the adopted gradient itself) is released as soon as the collective returns,
-    instead of when the next unit's reduce-scatter starts."""
+    """The input (FSDP's staging copy of the unit's gradients, or the adopted gradient itself) is released
+    as soon as the collective returns, instead of when the next unit's reduce-scatter starts."""
 
     def allocate(self, size, *, dtype, device):
         buffer = _empty(size, dtype, device)
@@ -97,17 +134,17 @@ class ChunkedReduceScatter(ReduceScatter):
         return buffer
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        average = op == dist.ReduceOp.AVG
-        if not (average or op == dist.ReduceOp.SUM):  # e.g. PREMUL_SUM: gloo's own (with its staging copy)
-            return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group)
-        chunks = input_tensor.chunk(group.size())
-        for index, chunk in enumerate(chunks):
-            dist.reduce(chunk, dst=dist.get_global_rank(group, index), op=dist.ReduceOp.SUM, group=group)
-        output_tensor.copy_(chunks[group.rank()])
-        if average:
-            output_tensor.div_(group.size())
+        reduce_scatter_tensor(output_tensor, input_tensor, op, group)
         input_tensor.untyped_storage().resize_(0)  # FSDP reads it no more (1-D mesh: no all-reduce after)
         return None
+
+
+def use_in_deepspeed(backend) -> None:
+    """Make DeepSpeed's torch communication backend (`deepspeed.comm.comm.cdb`) run its whole-tensor
+    all-gather (ZeRO-3's parameter fetch) and reduce-scatter (its gradient partitioning) in place: they
+    are the functions it holds in `all_gather_function` / `reduce_scatter_function`."""
+    backend.all_gather_function = all_gather_into_tensor
+    backend.reduce_scatter_function = reduce_scatter_tensor
 
 
 def use_chunked_collectives(module: FSDPModule) -> None:
