@@ -86,6 +86,10 @@ class FSDPBackend(Backend):
         if torch.distributed.get_backend(mesh.get_group()) == "gloo":
             for unit in units:
                 use_chunked_collectives(unit)
+                # gloo's collectives block this thread, so prefetching the next unit in backward overlaps
+                # nothing and only holds it gathered beside the current one: an explicit prefetch list
+                # replaces FSDP's default, and the unit itself is already gathered when it is consulted
+                unit.set_modules_to_backward_prefetch([unit])
         return model
 
     def _build_sharded(self, build_model, gradient_checkpointing: bool = False) -> nn.Module:
