@@ -10,7 +10,8 @@ too. DeepSpeed's ZeRO-3 calls the same two gloo collectives for its largest para
 
 FSDP2 also stages a unit's unsharded gradients in the reduce-scatter input (a copy, then the gradients
 are freed). Where a unit has one gradient already laid out as that input (dim-0 shards, no padding: an
-embedding, an output projection), the input adopts the gradient's memory instead (`_adopt_or_copy_in`).
+embedding, an output projection), the input adopts the gradient's memory instead (`_adopt_or_copy_in`);
+likewise such a unit's all-gather writes straight into its unsharded parameter (`ChunkedAllGather`).
 
 Exactness: the all-gather is a copy. The reduce-scatter adds the same terms; at 2 ranks the sum is
 bitwise the one gloo's reduce-scatter gives, at more ranks the order of the additions may differ.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -32,6 +34,21 @@ log = logging.getLogger("ngdiff.parallel")
 
 def _empty(size: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(*size, dtype=dtype, device=device)
+
+
+def _is_whole(tensor: torch.Tensor, size: Sequence[int], dtype: torch.dtype, device: torch.device) -> bool:
+    """`tensor` is a flat tensor of exactly `size`, `dtype`, `device`, alone at the start of its memory."""
+    return (
+        tuple(tensor.shape) == tuple(size)
+        and tensor.dtype == dtype
+        and tensor.device == torch.device(device)
+        and tensor.storage_offset() == 0
+    )
+
+
+def _dim0(fsdp_param) -> bool:
+    placement = getattr(fsdp_param, "fsdp_placement", None)
+    return getattr(placement, "dim", None) == 0
 
 
 def _adopts(buffer: torch.Tensor, grads: list[torch.Tensor]) -> bool:
@@ -116,11 +133,32 @@ def reduce_scatter_tensor(output_tensor, input_tensor, op=dist.ReduceOp.SUM, gro
 
 
 class ChunkedAllGather(AllGather):
+    """For a unit of one parameter (`fsdp_param`, FSDP's record of it), the all-gather output is, from the
+    second gather on, the memory of the unsharded parameter itself: FSDP's copy-out into it is then a copy
+    onto itself, which `copy_` skips, instead of a second whole copy of the unit."""
+
+    def __init__(self, fsdp_param=None):
+        self.fsdp_param = fsdp_param
+        self.refill: torch.autograd._unsafe_preserve_version_counter | None = None
+
     def allocate(self, size, *, dtype, device):
+        outputs = getattr(self.fsdp_param, "all_gather_outputs", None) or []
+        if len(outputs) == 1 and _is_whole(outputs[0], size, dtype, device) and _dim0(self.fsdp_param):
+            output = outputs[0]
+            storage = output.untyped_storage()
+            if storage.size() != output.numel() * output.element_size():  # freed by the last reshard
+                storage.resize_(output.numel() * output.element_size())
+            # Autograd saved the parameter in the forward; refilling its freed memory with the same values is
+            # no mutation to it (FSDP's own copy-out says so the same way): its version is kept, from the
+            # copy-in of this rank's shard (FSDP, before `__call__`) to the end of the broadcasts.
+            self.refill = torch.autograd._unsafe_preserve_version_counter(output)
+            return output
         return _empty(size, dtype, device)
 
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
-        all_gather_into_tensor(output_tensor, input_tensor, group)
+        refill, self.refill = self.refill, None
+        with refill or nullcontext():
+            all_gather_into_tensor(output_tensor, input_tensor, group)
         return None  # done: FSDP waits only on a returned Work
 
 
@@ -151,5 +189,7 @@ def use_chunked_collectives(module: FSDPModule) -> None:
     """Install the in-place collectives on one `fully_shard` unit (not recursive: call it on each)."""
     if _fsdp_collectives.foreach_reduce_scatter_copy_in is not _adopt_or_copy_in:
         _install_adoption()
-    module.set_custom_all_gather(ChunkedAllGather())
+    groups = getattr(module._get_fsdp_state(), "_fsdp_param_groups", [])
+    params = groups[0].fsdp_params if len(groups) == 1 else []
+    module.set_custom_all_gather(ChunkedAllGather(params[0] if len(params) == 1 else None))
     module.set_custom_reduce_scatter(ChunkedReduceScatter())
