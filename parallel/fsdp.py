@@ -4,6 +4,7 @@ Each decoder block is its own unit (all-gathered just before it runs, freed afte
 Gradients are DTensors; `to_local()` is a view of this rank's shard, so the trainer's in-place
 combination writes straight into what the optimizer steps with. For accumulation, gradient
 reduction is off until the last micro-batch: one reduce-scatter per task per step.
+On gloo (CPU) the units' collectives are `parallel.gloo_comm`'s, which stage no whole-unit copy.
 """
 
 from __future__ import annotations
