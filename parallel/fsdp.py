@@ -4,6 +4,7 @@ Each decoder block is its own unit (all-gathered just before it runs, freed afte
 Gradients are DTensors; `to_local()` is a view of this rank's shard, so the trainer's in-place
 combination writes straight into what the optimizer steps with. For accumulation, gradient
 reduction is off until the last micro-batch: one reduce-scatter per task per step.
+On gloo (CPU) the units' collectives are `parallel.gloo_comm`'s, which stage no whole-unit copy.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from parallel.base import Backend, check_loaded_keys
 from parallel.export import exported_names, gather_rows_to_main
+from parallel.gloo_comm import use_chunked_collectives
 from parallel.loading import (
     init_non_persistent_buffers,
     load_shards,
@@ -55,6 +57,11 @@ def embedding_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def lookup_only(module: nn.Module) -> bool:
+    """A plain embedding: its backward scatters into the gradient by token id and never reads the weight."""
+    return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -71,9 +78,20 @@ class FSDPBackend(Backend):
         if self.parallel_cfg.cpu_offload:
             # pinned memory needs an accelerator; on a CPU-only machine offloading is a no-op anyway
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-        for unit in [*decoder_blocks(model), *embedding_units(model)]:
+        embeddings = embedding_units(model)
+        units = [*decoder_blocks(model), *embeddings, model]
+        for unit in units:
             fully_shard(unit, **kwargs)
-        fully_shard(model, **kwargs)
+        if embeddings and lookup_only(embeddings[0]):
+            # the input embedding's backward needs only the token ids: no all-gather of the table in backward
+            embeddings[0].set_unshard_in_backward(False)
+        if torch.distributed.get_backend(mesh.get_group()) == "gloo":
+            for unit in units:
+                use_chunked_collectives(unit)
+                # gloo's collectives block this thread, so prefetching the next unit in backward overlaps
+                # nothing and only holds it gathered beside the current one: an explicit prefetch list
+                # replaces FSDP's default, and the unit itself is already gathered when it is consulted
+                unit.set_modules_to_backward_prefetch([unit])
         return model
 
     def _build_sharded(self, build_model, gradient_checkpointing: bool = False) -> nn.Module:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 from ngdiff.errors import UserError
 from parallel.base import Backend, frozen_names
 from parallel.export import exported_names, gather_rows_to_main
+from parallel.gloo_comm import use_in_deepspeed
 from parallel.optim import build_optimizer, set_lr
 
 log = logging.getLogger("ngdiff.parallel")
@@ -155,6 +158,37 @@ def model_hidden_size(build_model) -> int | None:
     return getattr(config, "hidden_size", None) or (max(sizes) if sizes else None)
 
 
+@contextmanager
+def fp32_master_is_the_partition() -> Iterator[None]:
+    """While an engine is built: ZeRO-3's fp32 master partition is the parameter partition itself where
+    both are fp32 on one device, as DeepSpeed intends.
+
+    `DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions` (DeepSpeed 0.19) reuses the partition when
+    `partition.device == self.device`, but `self.device` is the accelerator's device *name* ("cpu",
+    "cuda:0") and a torch.device never equals a string: every fp32 run keeps a second copy of its
+    parameter partition (1/N of the model per rank). Here the comparison sees a torch.device; the
+    attribute is restored right after. DeepSpeed's step then copies the master onto itself, a no-op
+    (`_reassign_or_swap_out_partitioned_parameters` says so)."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    original = Stage3._create_fp32_partitions
+
+    def create(optimizer) -> None:
+        name = optimizer.device
+        if not optimizer.offload_optimizer:  # offloaded: an OffloadDeviceEnum, and a branch of its own
+            optimizer.device = torch.device(name)
+        try:
+            original(optimizer)
+        finally:
+            optimizer.device = name
+
+    Stage3._create_fp32_partitions = create
+    try:
+        yield
+    finally:
+        Stage3._create_fp32_partitions = original
+
+
 class Zero3Backend(Backend):
     name = "zero3"
     shards_parameters = True
@@ -187,6 +221,10 @@ class Zero3Backend(Backend):
 
         # DeepSpeed's comm layer adopts our process group (its config reads the world size from it)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        if torch.distributed.get_backend() == "gloo":
+            from deepspeed.comm import comm
+
+            use_in_deepspeed(comm.cdb)  # no whole-tensor staging copy in gloo's all-gather / reduce-scatter
 
         self._hf_ds_config = HfDeepSpeedConfig(self._config(build_model))  # from_pretrained now builds under zero.Init
         return build_model()
@@ -198,12 +236,13 @@ class Zero3Backend(Backend):
         if gradient_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         module.train()
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module,
-            model_parameters=[p for p in module.parameters() if p.requires_grad],
-            optimizer=lambda params: build_optimizer(params, self.optim_cfg),
-            config=self._config(),
-        )
+        with fp32_master_is_the_partition():
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=module,
+                model_parameters=[p for p in module.parameters() if p.requires_grad],
+                optimizer=lambda params: build_optimizer(params, self.optim_cfg),
+                config=self._config(),
+            )
         self.model = self.engine
         self.module = module
         self.params = [p for p in module.parameters() if p.requires_grad]
