@@ -64,6 +64,26 @@ def import_model_code(cfg) -> None:
         import deepspeed  # noqa: F401
 
 
+def warm_runtime() -> None:
+    """Run the kernels and collectives of a step once on a tiny Llama, so the baseline holds the runtime's
+    first-use cost (libtorch code pages faulted in, gloo and thread buffers: ~60-120 MiB per rank whatever
+    the model size) and the phases only what scales with the model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=1, num_key_value_heads=1))  # fmt: skip
+    ids = torch.randint(0, 512, (1, 64))
+    tiny(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.SGD(tiny.parameters(), lr=0.1).step()
+    probe = torch.ones(1 << 16)
+    for src in range(torch.distributed.get_world_size()):
+        torch.distributed.broadcast(probe, src)
+        torch.distributed.reduce(probe, src)
+    torch.distributed.all_reduce(probe)
+    del tiny, ids, probe
+
+
 def worker(spec_path: str) -> None:
     import torch
 
@@ -76,6 +96,8 @@ def worker(spec_path: str) -> None:
     ctx = init_distributed(timeout_minutes=30)
     cfg = load_config(None, spec["overrides"])
     import_model_code(cfg)
+    if spec.get("warm", True):
+        warm_runtime()
     torch.distributed.barrier()
     baseline = rss_kib("VmRSS")
     record = {"rank": ctx.rank, "baseline_kib": baseline, "reset_works": reset_peak(), "peak_kib": {}, "seconds": {}}
@@ -185,6 +207,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--overrides", nargs="*", default=[], help="extra config overrides for every run")
     parser.add_argument("--timeout", type=float, default=3000)
+    parser.add_argument("--cold", action="store_true", help="baseline before the runtime first runs (warm_runtime)")
     parser.add_argument("--work", default="", help="folder to keep the model and runs in (default: a temp dir)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args()  # the deepspeed launcher appends --local_rank
@@ -212,7 +235,7 @@ def main() -> None:
                      "autolr.enabled=false", "logging.progress=false", f"parallel.backend={backend}",
                      f"output_dir={out / 'run'}", *args.overrides]  # fmt: skip
         spec = out / "spec.json"
-        spec.write_text(json.dumps({"overrides": overrides, "out": str(out)}))
+        spec.write_text(json.dumps({"overrides": overrides, "out": str(out), "warm": not args.cold}))
         began = time.perf_counter()
         launch(backend, args.ranks, spec, out / "launch.log", args.timeout)
         wall = time.perf_counter() - began
