@@ -2,7 +2,7 @@
 
     ngdiff demo --output-dir /tmp/demo                  # once: the fine-tuned tiny Llama (20 TOFU authors)
     python benchmarks/two_forget_sets.py --demo /tmp/demo \
-        [--arms union,two,two_half] [--seeds 1,2] [--steps 10,20,40] [--out FILE.jsonl]
+        [--arms union,two,two_half,two_norm] [--seeds 1,2] [--steps 10,20,40] [--out FILE.jsonl]
 
 The demo's model recites 20 authors x 20 pairs (`data/all.jsonl`). The splits, written beside `--out`:
 small = 1 author (20 pairs), large = 4 other authors (80), union = both (100), retain = the other 15
@@ -11,10 +11,12 @@ authors (300). Every arm is the demo's unlearning (ngdiff.demo.UNLEARN_OVERRIDES
 (no stopping rule: it watches the union's loss in one arm and the least-forgotten set's in the other):
 
 - union: data.forget=union.jsonl, 8 per step drawn from the 100 pairs (about 1.6 small, 6.4 large);
-- two: data.forget=small.jsonl,large.jsonl, 4 + 4 per step, d = u_R - u_small - u_large (unit vectors);
-- two_half: as two with method.task_weights=0.5,0.5,1, so the forget part is the mean of the two unit
-  vectors, at most as long as the union's one: separates "each set gets its own direction" from
-  "twice the forget push".
+- two: data.forget=small.jsonl,large.jsonl, 4 + 4 per step, d = u_R - u_small - u_large (unit vectors),
+  whose forget part is sqrt(2 + 2 cos) long, not 1 as the union's: a stronger push, not only a fairer one;
+- two_half: as two with method.task_weights=0.5,0.5,1: the forget part is the mean of the two unit
+  vectors, at most 1 long;
+- two_norm: as two with weights 1/sqrt(2): the forget part has the union's length 1 while the two forget
+  gradients are orthogonal (their cosine is ~0.01-0.1 in the first ten steps, ~0.5 later).
 
 The model is scored at each budget in `--steps` during one run (with a constant lr schedule and no
 horizon decay, a run's first n steps are an n-step run): mean ROUGE-L recall of greedy answers and the
@@ -39,11 +41,13 @@ PAIRS_PER_AUTHOR = 20
 SMALL_AUTHORS = (19,)  # the demo's order: the last authors are forgotten, the first ones retained
 LARGE_AUTHORS = (15, 16, 17, 18)
 RETAIN_EVAL_EVERY = 9
+HALF_SQRT2 = 0.7071  # 1/sqrt(2): |t u_small + t u_large| = 1 when the two forget gradients are orthogonal
 ARMS: dict[str, tuple[tuple[str, ...], int, str]] = {
     # arm -> (forget files, forget batch per task, extra override)
     "union": (("union",), 8, ""),
     "two": (("small", "large"), 4, ""),
     "two_half": (("small", "large"), 4, "method.task_weights=0.5,0.5,1"),
+    "two_norm": (("small", "large"), 4, f"method.task_weights={HALF_SQRT2},{HALF_SQRT2},1"),
 }
 SCORES = ("small_rougeL", "large_rougeL", "retain_rougeL", "small_loss", "large_loss", "retain_loss")
 
