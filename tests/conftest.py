@@ -26,6 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_requested_in_step(index: int):
+    """An `on_trainer` hook: a stop request (as a signal handler sets it) arrives during 0-based step `index`,
+    so the run checkpoints and ends after `index + 1` steps."""
+
+    def hook(trainer) -> None:
+        original = trainer.unlearning_step
+
+        def step():
+            trainer.stop_requested = trainer.step_index == index
+            return original()
+
+        trainer.unlearning_step = step
+
+    return hook
+
+
 def tofu_rows(n: int = 400) -> list[dict]:
     with open(TOFU_DIR / "full.jsonl") as f:
         return [json.loads(line) for _, line in zip(range(n), f, strict=False)]

@@ -11,6 +11,7 @@ from ngdiff.metrics_log import read_jsonl
 from ngdiff.pipeline import run_training
 from ngdiff.schedule import lr_factor, warmup_steps_of
 from parallel.base import DistContext
+from tests.conftest import stop_requested_in_step
 from tests.test_trainer_single import config, final_params, max_diff
 
 
@@ -54,17 +55,8 @@ def test_logged_lr_follows_the_schedule_and_a_resumed_run_matches(tiny_model_dir
     lrs = [r["lr"] for r in read_jsonl(tmp_path / "s" / "metrics.jsonl")]
     assert lrs == pytest.approx([1e-3 * f for f in (0, 0.5, 1.0, 0.75, 0.5, 0.25)])
 
-    def stop_after_three(trainer):
-        original = trainer.unlearning_step
-
-        def step():
-            trainer.stop_requested = trainer.step_index == 2
-            return original()
-
-        trainer.unlearning_step = step
-
     first = run_training(
-        config(tiny_model_dir, tofu_split, tmp_path / "r", *extra), DistContext(), on_trainer=stop_after_three
+        config(tiny_model_dir, tofu_split, tmp_path / "r", *extra), DistContext(), on_trainer=stop_requested_in_step(2)
     )
     assert first.trainer.step_index == 3
     resumed = run_training(

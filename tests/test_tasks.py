@@ -20,6 +20,7 @@ from ngdiff.objectives import NLL
 from ngdiff.pipeline import run_training
 from ngdiff.tasks import stream_seed, task_names
 from parallel.base import DistContext
+from tests.conftest import stop_requested_in_step
 from tests.test_trainer_single import first_global_batch
 
 OPTS = CombinerOptions(gdiff_coefficient=0.3, seed=7)
@@ -278,17 +279,8 @@ def test_three_task_run_resumes_exactly(tiny_model_dir, tofu_split, tmp_path):
         load_config(None, three_task_overrides(tiny_model_dir, tofu_split, tmp_path / "s", *extra)), DistContext()
     )
 
-    def stop_after_two(trainer):
-        original = trainer.unlearning_step
-
-        def step():
-            trainer.stop_requested = trainer.step_index == 1
-            return original()
-
-        trainer.unlearning_step = step
-
     stopped_cfg = load_config(None, three_task_overrides(tiny_model_dir, tofu_split, tmp_path / "r", *extra))
-    assert run_training(stopped_cfg, DistContext(), on_trainer=stop_after_two).trainer.step_index == 2
+    assert run_training(stopped_cfg, DistContext(), on_trainer=stop_requested_in_step(1)).trainer.step_index == 2
     resumed_cfg = load_config(
         None, three_task_overrides(tiny_model_dir, tofu_split, tmp_path / "r", *extra, "train.resume=auto")
     )

@@ -16,7 +16,7 @@ from ngdiff.modeling import load_tokenizer
 from ngdiff.objectives import NLL
 from ngdiff.pipeline import run_training
 from parallel.base import DistContext
-from tests.conftest import tofu_rows, write_jsonl
+from tests.conftest import stop_requested_in_step, tofu_rows, write_jsonl
 
 
 def config(tiny_model_dir, tofu_split, out, *extra):
@@ -160,17 +160,8 @@ def test_stop_request_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_m
     )
     straight = final_params(run_training(config(tiny_model_dir, tofu_split, tmp_path / "s", *extra), DistContext()))
 
-    def stop_after_three(trainer):
-        original = trainer.unlearning_step
-
-        def step():
-            trainer.stop_requested = trainer.step_index == 2  # the signal arrives during the third step
-            return original()
-
-        trainer.unlearning_step = step
-
     first = run_training(
-        config(tiny_model_dir, tofu_split, tmp_path / "r", *extra), DistContext(), on_trainer=stop_after_three
+        config(tiny_model_dir, tofu_split, tmp_path / "r", *extra), DistContext(), on_trainer=stop_requested_in_step(2)
     )
     assert first.trainer.step_index == 3 and first.final_dir is None
     assert (tmp_path / "r" / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
