@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ngdiff.combiners import FORGET
 from ngdiff.lora import AdaptersDisabled, WithAdapters
 from ngdiff.metrics_log import JsonlSink, MetricsSink
 from ngdiff.model_source import loading_from
 from ngdiff.modeling import load_tokenizer, model_factory
 from ngdiff.objectives import build_objectives
-from ngdiff.tasks import Task, build_tasks
+from ngdiff.tasks import Task, build_tasks, steps_per_epoch
 from ngdiff.trainer import StepResult, Trainer
 from parallel import build_backend
 from parallel.base import DistContext
@@ -44,8 +43,7 @@ def total_steps(cfg: ExperimentConfig, tasks: Sequence[Task]) -> int:
     """train.max_steps, else train.epochs over the first forget set."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
-    first_forget = next(task for task in tasks if task.role == FORGET)
-    return max(1, math.ceil(cfg.train.epochs * first_forget.stream.batches_per_epoch))
+    return max(1, math.ceil(cfg.train.epochs * steps_per_epoch(tasks)))
 
 
 def trainer_order(cfg: ExperimentConfig) -> tuple[float, ...]:

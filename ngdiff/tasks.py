@@ -35,6 +35,11 @@ class Task:
     source: str = ""  # the data file or hub name it reads
 
 
+def steps_per_epoch(tasks: Sequence[Task]) -> int:
+    """Steps in one epoch, the unit of `train.epochs` and `optim.warmup_epochs`: of the first forget file."""
+    return next(task for task in tasks if task.role == FORGET).stream.batches_per_epoch
+
+
 def task_names(role: str, sources: Sequence[str]) -> list[str]:
     """`role` alone for one source, else `<role>_<stem>` per source (`<role><i>` if stems repeat)."""
     if len(sources) == 1:

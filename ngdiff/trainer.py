@@ -27,7 +27,7 @@ from ngdiff.data.loader import MicroBatch
 from ngdiff.metrics_log import MetricsSink, peak_memory_mb
 from ngdiff.objectives import Objective
 from ngdiff.schedule import lr_factor, warmup_steps_of
-from ngdiff.tasks import Task
+from ngdiff.tasks import Task, steps_per_epoch
 from parallel.stash import GradientStash
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class StepResult:
     lr: float
     autolr: AutoLRRecord | None
     stop_requested: bool
-    names: tuple[str, ...] = ("retain", "forget")  # the tasks, in the order of stats and weights
+    names: tuple[str, ...]  # the tasks, in the order of stats and weights
     input_tokens: float = 0.0  # every task's non-padding input tokens of the step, all ranks
     seconds: float = 0.0  # the step's wall time (set by the fit loop)
     peak_memory_mb: float = 0.0  # see ngdiff.metrics_log.peak_memory_mb
@@ -82,14 +82,18 @@ class StepResult:
         return out
 
 
+def upper_pairs(k: int) -> list[tuple[int, int]]:
+    """(i, j), i <= j, row-major: the order of the Gram terms in the step's all-reduce."""
+    return [(i, j) for i in range(k) for j in range(i, k)]
+
+
 def gram_partial_sums(grads: Sequence[Iterable[torch.Tensor]]) -> torch.Tensor:
     """This rank's contributions to G_ij = <g_i, g_j> (i <= j, row-major upper triangle), in float64.
 
     The tasks' tensors are walked together, one parameter at a time (a stash yields its tensors one at
     a time), with one fp32 dot per pair and tensor, stacked and summed once: k(k+1)/2 kernels per
     tensor (the per-term conversion and accumulation cost more than the dots on a block's small tensors)."""
-    k = len(grads)
-    pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    pairs = upper_pairs(len(grads))
     dots = []
     for tensors in zip(*grads, strict=True):
         flat = [t.reshape(-1) for t in tensors]
@@ -104,10 +108,8 @@ def gram_matrix(upper: Sequence[float], counts: Sequence[float]) -> tuple[tuple[
     loss-sum gradients: G_ij = P_ij / (n_i n_j)."""
     k = len(counts)
     gram = [[0.0] * k for _ in range(k)]
-    values = iter(upper)
-    for i in range(k):
-        for j in range(i, k):
-            gram[i][j] = gram[j][i] = next(values) / (counts[i] * counts[j])
+    for (i, j), value in zip(upper_pairs(k), upper, strict=True):
+        gram[i][j] = gram[j][i] = value / (counts[i] * counts[j])
     return tuple(tuple(row) for row in gram)
 
 
@@ -171,10 +173,7 @@ class Trainer:
         self.combiner_options = CombinerOptions(cfg.method.gdiff_coefficient, cfg.train.seed)
         self.autolr = AutoLR(cfg.autolr, backend, max_steps, cfg.optim.name)
         self.lr = cfg.optim.lr  # the base lr; AutoLR, when on, maintains it
-        first_forget = next(task for task in self.tasks if task.role == FORGET)
-        self.warmup_steps = warmup_steps_of(
-            cfg.optim.warmup_steps, cfg.optim.warmup_epochs, first_forget.stream.batches_per_epoch
-        )
+        self.warmup_steps = warmup_steps_of(cfg.optim.warmup_steps, cfg.optim.warmup_epochs, steps_per_epoch(tasks))
         self.step_index = 0
         self.stop_requested = False  # set by a signal handler; all ranks agree through the step's all-reduce
         self.output_dir = Path(cfg.output_dir)
@@ -184,6 +183,7 @@ class Trainer:
         backend = self.backend
         k = len(self.tasks)
         backend.zero_grad()
+        parallel = self.cfg.parallel
         batches, sums, counts, stashes = [], [], [], []
         for index, task in enumerate(self.tasks):
             batches.append(task.stream.next())
@@ -191,7 +191,6 @@ class Trainer:
             sums.append(loss_sum)
             counts.append(count)
             if index < k - 1:
-                parallel = self.cfg.parallel
                 stashes.append(GradientStash.take(backend, parallel.stash_dtype, parallel.stash_offload))
         live = backend.local_grads()  # the last task's: the combination is written here, in place
 
@@ -201,7 +200,7 @@ class Trainer:
         device = backend.ctx.device
         totals = backend.all_reduce_sum(torch.cat([partial.to(device), torch.stack(sums), extra.to(device)]))
         values = totals.tolist()
-        n_pairs = k * (k + 1) // 2
+        n_pairs = len(upper_pairs(k))
         upper, loss_sums = values[:n_pairs], values[n_pairs : n_pairs + k]
         units = [max(n, 1.0) for n in values[n_pairs + k : n_pairs + 2 * k]]
         stop, tokens = values[n_pairs + 2 * k :]
