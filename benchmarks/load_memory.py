@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -174,25 +171,14 @@ def build_model(directory: Path, hidden: int, layers: int, intermediate: int, vo
     return sum(p.numel() for p in model.parameters())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(backend: str, ranks: int, spec: Path, log: Path, timeout: float) -> None:
-    port = str(free_port())
-    if backend == "zero3":
-        prefix = [shutil.which("deepspeed"), "--num_gpus", str(ranks), "--master_addr", "127.0.0.1",
-                  "--master_port", port]  # fmt: skip
-    else:
-        prefix = [shutil.which("torchrun"), f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-                  f"--master_port={port}"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")  # fmt: skip
+    """The worker on `ranks` ranks (torchrun, or the deepspeed launcher for zero3), its output to `log`."""
+    from benchmarks.launch import launcher_prefix, worker_env
+
+    env = worker_env(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     with open(log, "w") as f:
-        proc = subprocess.run([*prefix, __file__, "--worker", str(spec)], stdout=f, stderr=subprocess.STDOUT,
-                              env=env, cwd=REPO, timeout=timeout)  # fmt: skip
+        proc = subprocess.run([*launcher_prefix(backend, ranks), __file__, "--worker", str(spec)], stdout=f,
+                              stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=timeout)  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(f"{backend}: exited with {proc.returncode}\n{log.read_text()[-4000:]}")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.launch import run_worker  # noqa: E402
+from benchmarks.launch import add_worker_arguments, run_worker  # noqa: E402
 from benchmarks.step_overhead import build_inputs, optimizer_state_bytes, tensor_bytes  # noqa: E402
 
 LORA = ["model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
@@ -87,8 +87,7 @@ def launch(backend: str, overrides: list[str], root: Path, name: str, steps: int
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--result", default="")
+    add_worker_arguments(parser)
     parser.add_argument("--model", default="5m", choices=["demo", "5m"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="")

@@ -170,10 +170,10 @@ def predict(overrides: list[str], ranks: int) -> dict:
 
 
 def main() -> None:
+    from benchmarks.launch import add_worker_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     parser.add_argument("--steps", type=int, default=2, help="measured steps after one warm-up step")
     parser.add_argument("--backends", default="single,fsdp,zero3")
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the sharded backends")

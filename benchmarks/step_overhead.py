@@ -297,10 +297,10 @@ def report(results: dict[str, dict]) -> str:
 
 
 def main() -> None:
+    from benchmarks.launch import add_worker_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     parser.add_argument("--repeats", type=int, default=6, help="interleaved rounds per variant")
     parser.add_argument("--steps", type=int, default=8, help="steps per round (a multiple of 4)")
     parser.add_argument("--backends", default="single,ddp,fsdp,zero3")
