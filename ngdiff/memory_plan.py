@@ -13,7 +13,8 @@ tokens of one micro-batch on this rank.
 Per component (single/ddp | fsdp | zero3):
 - parameters: 4P fp32 (+2 x linear weights: bf16 autocast's cast cache) | 4PS master shard + c(2B + O)
   gathered (the running and the prefetched block, the root's embeddings and head) | cPS partition + 4PS
-  fp32 master + c max(2B + O, min(P, max_live)) gathered (DeepSpeed keeps parameters it will reuse
+  fp32 master (none in fp32 without offload: the partition is the master, see parallel/zero3.py
+  `fp32_master_is_the_partition`) + c max(2B + O, min(P, max_live)) gathered (DeepSpeed keeps parameters it will reuse
   within `stage3_max_reuse_distance` gathered, up to `stage3_max_live_parameters`, default 1e9).
 - gradients: 4P (ddp: +4P reducer buckets) | 4PS + 4(B + O) unsharded in flight | 4PS + 2c min(bucket, P)
   (DeepSpeed's reduce bucket, `reduce_bucket_size`, default 5e8 elements, and its flat reduce-scatter copy).
@@ -233,7 +234,8 @@ def component_bytes(shape: ModelShape, s: PlanSettings) -> tuple[dict[str, int],
         put("parameters", 4 * local, on_host=offload)
     elif s.backend == "zero3":
         put("parameters", c * local)
-        put("parameters", 4 * local, on_host=offload)  # fp32 master partition, held by the optimizer
+        if s.precision == "bf16" or offload:  # fp32 on the device: the partition is its own master
+            put("parameters", 4 * local, on_host=offload)  # fp32 master partition, held by the optimizer
     else:
         put("parameters", 4 * p + (2 * shape.linear_params if s.precision == "bf16" else 0))
     if lora:  # the adapters on top of the frozen base (fsdp/zero3: sharded with it)
