@@ -159,6 +159,16 @@ def load_result(out: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
     return torch.load(out / f"{name}.pt", weights_only=True), json.loads((out / f"{name}.json").read_text())
 
 
+def load_one_and_two_ranks(out: Path, one: str, two: str) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
+    """The results of a case run by 1 process (`one`) and by 2 ranks (`two`), checked to be what their
+    names say and to have run every step: (one's state, one's log, two's state, two's log)."""
+    one_state, one_log = load_result(out, one)
+    two_state, two_log = load_result(out, two)
+    assert one_log["world_size"] == 1 and two_log["world_size"] == 2
+    assert len(two_log["steps"]) == STEPS
+    return one_state, one_log, two_state, two_log
+
+
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     params = [k for k in a if "rotary" not in k]
     assert set(params) == {k for k in b if "rotary" not in k}, "parameter names differ"

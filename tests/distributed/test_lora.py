@@ -11,6 +11,7 @@ from dist_helpers import (
     STEPS,
     common_overrides,
     deepspeed_launcher,
+    load_one_and_two_ranks,
     load_result,
     lora_backend_cases,
     lora_matrix,
@@ -39,10 +40,7 @@ def lora_runs(tmp_path_factory, tiny_model_dir, tofu_split):
 @pytest.mark.parametrize("case", list(lora_matrix()))
 @pytest.mark.parametrize("backend", LORA_BACKENDS)
 def test_lora_two_ranks_equal_one_process(lora_runs, backend, case):
-    reference, ref_log = load_result(lora_runs, f"single_{case}")
-    sharded, log = load_result(lora_runs, f"{backend}_{case}")
-    assert log["world_size"] == 2 and ref_log["world_size"] == 1
-    assert len(log["steps"]) == STEPS
+    reference, ref_log, sharded, log = load_one_and_two_ranks(lora_runs, f"single_{case}", f"{backend}_{case}")
     assert all(".lora_" in k for k in reference if "lora" in k)
     assert max_abs_diff(reference, sharded) <= 1e-5
     # NPO: as in test_equivalence. KL to a reference that is the model plus a small adapter: a ~1e-4 difference

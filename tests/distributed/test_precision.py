@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from dist_helpers import STEPS, load_result, max_abs_diff
+from dist_helpers import load_one_and_two_ranks, load_result, max_abs_diff
 
 pytestmark = pytest.mark.distributed
 
@@ -32,10 +32,9 @@ def exported(run_dir) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("variant", ["bf16", "bf16_offload"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_two_ranks_match_one_rank(precision_runs, backend, variant):
-    one, one_log = load_result(precision_runs, f"r1_{backend}_{variant}")
-    two, two_log = load_result(precision_runs, f"r2_{backend}_{variant}")
-    assert one_log["world_size"] == 1 and two_log["world_size"] == 2
-    assert len(two_log["steps"]) == STEPS
+    one, one_log, two, two_log = load_one_and_two_ranks(
+        precision_runs, f"r1_{backend}_{variant}", f"r2_{backend}_{variant}"
+    )
     diff = max_abs_diff(one, two)
     print(f"{backend} {variant}: max |1 rank - 2 ranks| = {diff:.2e}")
     assert diff <= BF16_TOLERANCE
