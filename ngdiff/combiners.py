@@ -8,15 +8,28 @@ so a forget task gets a negative weight. The multi-task methods are defined on t
 `H = S G S`, and every method below is a formula in (H, losses). No tensor is touched here: the
 trainer builds G from the (sharded) gradients with one all-reduce and applies the weights in place.
 
-Sources. NGDiff, GDiff and GA as the NGDiff paper (Bu et al., 2025) defines them for two tasks, with
-each role's share split equally over its tasks; LossNorm as that paper's baseline (each loss divided
-by its magnitude); RLW (Lin et al., 2022) as LibMTL's `weighting/RLW.py` (softmax of a standard normal
-draw); MGDA (Sener & Koltun, 2018) as the min-norm point of the convex hull of the h_i (closed form
-for two tasks, an exact active-set solution of the same quadratic programme for more); PCGrad
-(Yu et al., 2020) as LibMTL's `weighting/PCGrad.py` (each task projected in its own random order,
-itself included, bookkeeping the weights); IMTL-G (Liu et al., 2021) as LibMTL's `weighting/IMTL.py`
-(`alpha = h_1 U^T (D U^T)^-1`). Each is tested against its definition on explicit vectors
-(tests/test_combiners.py, tests/test_tasks.py).
+Sources, and where they are departed from:
+- NGDiff, GDiff and GA as the NGDiff paper (Bu et al., 2025) defines them for two tasks. For more
+  tasks NGDiff adds one unit vector per task (the issue's generalisation); GDiff and GA split each
+  role's share equally over its tasks (ours: no reference defines them for several sets).
+- LossNorm: that paper's baseline, each loss divided by its *magnitude* (see `loss_normalization`).
+- RLW (Lin et al., 2022): LibMTL `LibMTL/weighting/RLW.py`, softmax of a standard normal draw; drawn
+  from (seed, step) instead of the global RNG, so every rank draws the same weights.
+- MGDA (Sener & Koltun, 2018): the min-norm point of the convex hull of the h_i, as
+  `MinNormSolver` in isl-org/MultiObjectiveOptimization `multi_task/min_norm_solvers.py` computes it
+  (its closed form for two tasks; LibMTL's `weighting/MGDA.py` ports it, gradient normalisation
+  `none`). Departures: that closed form clips the weight to [0.001, 0.999], here to [0, 1] (the exact
+  minimiser: a task whose gradient already lies beyond the other's gets weight 0); for more tasks
+  that code runs projected gradient descent (250 iterations, stop at 1e-5), here the same quadratic
+  programme is solved exactly (active sets), so the weights are the minimiser, not an approximation.
+- PCGrad (Yu et al., 2020): LibMTL `LibMTL/weighting/PCGrad.py` (each task projected in its own
+  random order, itself included), kept as coefficients over h; the order is drawn from (seed, step)
+  instead of Python's global `random`, so every rank projects alike.
+- IMTL-G (Liu et al., 2021): the gradient part of LibMTL `LibMTL/weighting/IMTL.py`,
+  `alpha = h_1 U^T (D U^T)^-1`, in Gram terms. Not implemented: IMTL-L, the learned loss scales
+  `exp(s_i) L_i - s_i` that file also applies (a trainable parameter per task); here the losses
+  enter unscaled.
+Each is tested against its definition on explicit vectors (tests/test_combiners.py, tests/test_tasks.py).
 """
 
 from __future__ import annotations
