@@ -51,7 +51,7 @@ QUICK_SPEC = TinyLlamaSpec(vocab_size=600, hidden_size=32, num_layers=2, num_hea
 TARGET_FORGET_LOSS = 2.5  # stopping rule: the mean forget-answer NLL at which the pairs are no longer recited
 # what the demo writes in its folder besides the unlearning run (its splits, models and report): removed
 # with it on --overwrite, and made here before the run reads them
-DEMO_ENTRIES = ("data", "base", "finetuned", "report.json")  # stopping rule: the mean forget-answer NLL at which the pairs are no longer recited
+DEMO_ENTRIES = ("data", "base", "finetuned", "report.json")
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
