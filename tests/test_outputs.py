@@ -157,21 +157,22 @@ def test_resume_refuses_a_data_file_whose_rows_changed_unless_asked(base, tofu_s
         f"output_dir={tmp_path / 'r'}",
     ]
     out = started(load_config(None, [*args, "data.retain=locuslab/TOFU:retain90"]), checkpoint=True)
-    recorded = json.loads((out / MARKER_NAME).read_text())["data"]
-    assert (
-        recorded["data.retain"]["hub"] == "locuslab/TOFU:retain90" and "not hashed" in recorded["data.retain"]["note"]
-    )
-    assert len(recorded["data.forget"]["sha256"]) == 64
     resume = load_config(None, [*args, "data.retain=locuslab/TOFU:retain90", "train.resume=auto"])
     check_output_dir(resume, overwrite=False)
     forget.write_text(forget.read_text().replace("a", "e", 1))  # same path, one row edited
     with pytest.raises(ConfigError, match=rf"data.forget \({forget}\) sha256 .* train.resume_changed_data=true"):
         check_output_dir(resume, overwrite=False)
-    accept = load_config(None, [*args, "data.retain=locuslab/TOFU:retain90", "train.resume=auto",
-                                "train.resume_changed_data=true"])  # fmt: skip
+    accept = load_config(
+        None, [*args, "data.retain=locuslab/TOFU:retain90", "train.resume=auto", "train.resume_changed_data=true"]
+    )
     check_output_dir(accept, overwrite=False)
     write_output_dir(accept, overwrite=False)  # the run now continues on the new rows: they are recorded
     check_output_dir(resume, overwrite=False)
+    recorded = json.loads((out / MARKER_NAME).read_text())["data"]
+    assert (
+        recorded["data.retain"]["hub"] == "locuslab/TOFU:retain90" and "not hashed" in recorded["data.retain"]["note"]
+    )
+    assert len(recorded["data.forget"]["sha256"]) == 64
 
 
 # --------------------------------------------------------------------------- a run that never took a step
@@ -205,9 +206,9 @@ def test_token_shaped_config_values_are_masked_in_config_yaml_and_the_run_still_
     secret = [f"logging.tags=[tofu,{HF_TOKEN}]", f"logging.group=team-{GITHUB_TOKEN}"]
     cfg = load_config(None, [*base, *secret, f"output_dir={tmp_path / 'run'}"])
     out = started(cfg, checkpoint=True)
+    assert yaml.safe_load((out / "config.yaml").read_text())["logging"]["tags"] == ["tofu", "***"]
     written = (out / "config.yaml").read_text() + (out / MARKER_NAME).read_text()
     assert HF_TOKEN not in written and GITHUB_TOKEN not in written
-    assert yaml.safe_load((out / "config.yaml").read_text())["logging"]["tags"] == ["tofu", "***"]
     check_output_dir(load_config(None, [*base, *secret, f"output_dir={out}", "train.resume=auto"]), False)
     # a Slurm job resumes from the written (masked) config.yaml itself
     check_output_dir(load_config(out / "config.yaml", ["train.resume=auto"]), False)
