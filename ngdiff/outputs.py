@@ -253,10 +253,11 @@ def check_writable(out: Path) -> None:
 
 
 def check_output_dir(cfg: ExperimentConfig, overwrite: bool, again: str = RESUME_HINT, own: Iterable[str] = ()) -> None:
-    """Raise unless `output_dir` is new, empty, ours to overwrite, a run that never took a step, or the same
-    run being resumed. Reads only (every rank calls it). `again` tells the refused command how to continue or
-    redo the run (train's way by default); `own` names entries the command itself writes into the folder
-    before reading them (the demo's data and models): removed with the run, and not an earlier run's files."""
+    """Raise unless `output_dir` is new, empty, ours to overwrite, or holds this same run: one that never took
+    a step (it starts again) or one being resumed. Reads only (every rank calls it). `again` tells the refused
+    command how to continue or redo the run (train's way by default); `own` names entries the command itself
+    writes into the folder before reading them (the demo's data and models): removed with the run, and not
+    an earlier run's files."""
     out = Path(cfg.output_dir)
     check_writable(out)
     if not out.is_dir() or not any(out.iterdir()):
@@ -268,11 +269,11 @@ def check_output_dir(cfg: ExperimentConfig, overwrite: bool, again: str = RESUME
     if overwrite:
         check_inputs_survive(cfg, out, marker, own)
         return
-    if not took_a_step(out):
-        return  # a run that failed before its first step: nothing of it is worth keeping, start again
     diffs = differences(marker["run"], run_record(cfg.to_dict(), out))
-    if diffs:
+    if diffs:  # even before its first step: a submitted job that has not started yet reads this folder's config
         raise ConfigError(different_run_message(out, diffs))
+    if not took_a_step(out):
+        return  # this run failed (or has not begun) before its first step: it starts again
     if cfg.train.resume != "auto":
         raise ConfigError(f"output_dir {out} already holds this run; {again}")
     changed = changed_data(cfg, marker)
