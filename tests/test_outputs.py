@@ -114,6 +114,23 @@ def test_overwrite_refuses_to_delete_what_the_new_run_reads(base, tiny_model_dir
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing was deleted
 
 
+def test_the_demo_may_overwrite_the_model_and_data_it_makes_itself(base, tiny_model_dir, tmp_path):
+    from ngdiff.demo import DEMO_ENTRIES
+
+    out = tmp_path / "demo"
+    made = [f"model.path={out / 'finetuned'}", f"output_dir={out}", "train.resume=auto"]
+    cfg = load_config(None, [*[b for b in base if not b.startswith("model.path=")], *made], check_sources=False)
+    check_output_dir(cfg, overwrite=False, own=DEMO_ENTRIES)
+    write_output_dir(cfg, overwrite=False, own=DEMO_ENTRIES)
+    shutil.copytree(tiny_model_dir, out / "finetuned")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="--overwrite would delete"):  # train into a demo's folder: its model
+        check_output_dir(cfg, overwrite=True)
+    check_output_dir(cfg, overwrite=True, own=DEMO_ENTRIES)  # the demo itself makes finetuned/ again
+    write_output_dir(cfg, overwrite=True, own=DEMO_ENTRIES)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", MARKER_NAME]
+
+
 # --------------------------------------------------------------------------- the same run under any spelling
 
 
