@@ -2,7 +2,8 @@
 
 Jobs get their keys the way Slurm and containers pass them anyway (the submitting environment is
 exported to the job), so nothing we write needs a key's value. These helpers find the values of
-credential-like variables and scrub them from any text before it is written or logged.
+credential-like variables and scrub them from any text before it is written or logged, together with
+anything shaped like a known token (`ngdiff.secret_formats`: a key pasted into a config value).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from ngdiff.secret_formats import MASK, mask_token_formats
 
 # names whose values are credentials (exact names, then patterns)
 SECRET_NAMES = frozenset(
@@ -28,7 +31,6 @@ SECRET_NAMES = frozenset(
     }
 )
 SECRET_PATTERN = re.compile(r"(^|_)(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)($|_)", re.IGNORECASE)
-MASK = "***"
 MIN_LENGTH = 6  # shorter values ("1", "true") would mask ordinary text
 
 
@@ -44,9 +46,10 @@ def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
 
 
 def redact(text: str, env: Mapping[str, str] | None = None) -> str:
+    """`text` without the environment's credential values and without token-shaped strings."""
     for value in secret_values(env):
         text = text.replace(value, MASK)
-    return text
+    return mask_token_formats(text)
 
 
 def find_secrets(value: Any, env: Mapping[str, str] | None = None, path: str = "") -> list[str]:
@@ -72,11 +75,10 @@ class RedactingFilter(logging.Filter):
     """Masks credentials in every record that passes a handler (message and arguments, formatted once)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if secret_values():
-            message = record.getMessage()
-            masked = redact(message)
-            if masked != message:
-                record.msg, record.args = masked, None
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, None
         return True
 
 

@@ -17,8 +17,10 @@ import math
 import netrc
 import os
 import socket
+import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -76,6 +78,17 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, list):
         return [_scrub(v) for v in value]
     return redact(value) if isinstance(value, str) else value
+
+
+@contextmanager
+def masked_argv() -> Iterator[None]:
+    """W&B records the command line (sys.argv) with the run: credentials on it are masked first."""
+    saved = sys.argv
+    sys.argv = [redact(arg) for arg in saved]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def _key(name: str) -> str:
@@ -137,9 +150,9 @@ class WandbSink:
         return {
             "project": lc.project or "ngdiff",
             "entity": lc.entity or None,
-            "name": lc.run_name or (self.job.run_name if self.job else None),
-            "group": lc.group or (self.job.group if self.job else None),
-            "tags": list(lc.tags),
+            "name": _scrub(lc.run_name or (self.job.run_name if self.job else None)),
+            "group": _scrub(lc.group or (self.job.group if self.job else None)),
+            "tags": [redact(tag) for tag in lc.tags],
             "config": config,
             "dir": str(Path(self.cfg.output_dir)),
             "id": self.run_id(),
@@ -156,13 +169,15 @@ class WandbSink:
             log.warning("W&B disabled (%s)", why)
             return
         try:
-            self.run = wandb.init(**self.init_kwargs(mode))
+            with masked_argv():
+                self.run = wandb.init(**self.init_kwargs(mode))
         except Exception as err:
             if mode == "offline":
                 raise
             log.warning("W&B online start failed (%s); retrying offline", redact(str(err)))
             mode, why = "offline", f"online start failed: {type(err).__name__}"
-            self.run = wandb.init(**self.init_kwargs(mode))
+            with masked_argv():
+                self.run = wandb.init(**self.init_kwargs(mode))
         self.mode = mode
         if mode == "offline":
             log.warning(

@@ -113,6 +113,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     save_every: int = 0
     resume: Literal["never", "auto"] = "never"
+    resume_changed_data: bool = False  # resume although a data file's rows changed since the run started
     log_every: int = 1
     stop_forget_loss: float = 0.0  # stop once the forget loss exceeds this (0 disables)
 

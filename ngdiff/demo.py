@@ -49,6 +49,9 @@ UNLEARN_OVERRIDES = [
 ]
 QUICK_SPEC = TinyLlamaSpec(vocab_size=600, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 TARGET_FORGET_LOSS = 2.5  # stopping rule: the mean forget-answer NLL at which the pairs are no longer recited
+# what the demo writes in its folder besides the unlearning run (its splits, models and report): removed
+# with it on --overwrite, and made here before the run reads them
+DEMO_ENTRIES = ("data", "base", "finetuned", "report.json")
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -112,8 +115,8 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     data_dir = out / "data"
     cfg.data.forget, cfg.data.retain = (str(data_dir / "forget.jsonl"),), (str(data_dir / "retain.jsonl"),)
     again = f"run `ngdiff demo --output-dir {out} --overwrite` to redo it, or choose another --output-dir"
-    check_output_dir(cfg, overwrite, again=again)
-    write_output_dir(cfg, overwrite)
+    check_output_dir(cfg, overwrite, again=again, own=DEMO_ENTRIES)
+    write_output_dir(cfg, overwrite, own=DEMO_ENTRIES)
 
     rows = load_records(str(TOFU_DIR / "full.jsonl"), ("question", "answer"), "bundled TOFU")[
         : AUTHORS * QUESTIONS_PER_AUTHOR
