@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ngdiff.data.overlap import warn_about_overlap
 from ngdiff.lora import AdaptersDisabled, WithAdapters
 from ngdiff.metrics_log import JsonlSink, MetricsSink
 from ngdiff.model_source import loading_from
@@ -77,6 +78,7 @@ def build_trainer(
     )
     tasks = build_tasks(cfg, tokenizer, ctx, forget_objective, retain_objective)
     if ctx.is_main:
+        warn_about_overlap(cfg.data)
         log.info(
             "data: %s; loading %s on the %s backend (%d rank%s)",
             ", ".join(f"{len(task.stream.examples)} {task.name}" for task in tasks),
