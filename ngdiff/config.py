@@ -312,6 +312,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 # seeds feed torch (at most 64 bits) after offsets per task, epoch and step (ngdiff/tasks.py, combiners):
 # 32 bits leave room for them all
 MAX_SEED = 2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizers multiply float32 tensors by the lr
 MAX_TIMEOUT_MINUTES = 7 * 24 * 60  # a collective waiting longer is hung; timedelta overflows far beyond
 
 
@@ -367,6 +368,10 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must not be negative, got {value}")
+    if config.optim.lr > FLOAT32_MAX:
+        raise ConfigError(
+            f"optim.lr must be at most {FLOAT32_MAX:.4g} (the parameters' float32 range), got {config.optim.lr:g}"
+        )
     if not all(0.0 <= beta < 1.0 for beta in config.optim.betas):
         raise ConfigError(f"optim.betas must each lie in [0, 1), got {list(config.optim.betas)}")
     if not 0 <= config.train.seed <= MAX_SEED:
