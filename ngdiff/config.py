@@ -465,11 +465,12 @@ def check_forget_is_not_retain(forget: typing.Sequence[str], retain: typing.Sequ
 
     retained = {identity(value): value for value in retain}
     for value in forget:
-        if identity(value) in retained:
+        other = retained.get(identity(value))
+        if other is not None:
+            spelled = f" (as {other})" if other != value else ""
             raise ConfigError(
-                f"data.forget and data.retain both name {value}"
-                + (f" (as {retained[identity(value)]})" if retained[identity(value)] != value else "")
-                + ": the run would ascend and descend the same records; give each role its own set"
+                f"data.forget and data.retain both name {value}{spelled}: the run would ascend and descend "
+                "the same records; give each role its own set"
             )
 
 
