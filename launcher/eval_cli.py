@@ -78,6 +78,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if not (model_dir / "config.json").is_file() and not is_adapter_folder(model_dir):
         raise UserError(f"--model {model_dir}: not a model folder (no config.json) nor a PEFT adapter folder")
+    from ngdiff.modeling import check_tokenizer_files
+
+    check_tokenizer_files(model_dir, "--model", args.trust_remote_code)
     from ngdiff.data.tokenize import check_prompt_template
 
     try:

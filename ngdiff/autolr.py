@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ngdiff.finite import require_finite
+
 if TYPE_CHECKING:
     from ngdiff.config import AutoLRConfig
     from parallel.base import Backend
@@ -186,11 +188,15 @@ class AutoLR:
         if at_zero is not None:
             rows[0.0] = at_zero
         losses = [probe_loss(rows[r]) for r in points]
+        probed_at = "the step was probed, not rescaled"
+        probes = {f"autolr/probe_loss_{r:+g}": loss for r, loss in zip(points, losses, strict=True)}
+        require_finite(step + 1, probes, probed_at)
         fit = fit_quadratic(points, losses, cfg.min_r2)
         scale = horizon_scale(cfg.horizon_decay, step, self.max_steps)
         proposal = next_lr(lr, fit, cfg.momentum, scale, cfg.max_change, cfg.on_reject)
         chosen = torch.tensor([proposal], dtype=torch.float64)
         new_lr = float(backend.broadcast(chosen.to(backend.ctx.device), src=0).cpu())
+        require_finite(step + 1, {"autolr/lr_fitted": new_lr}, probed_at)
         self._move(live, update, new_lr / lr - position)
         self.fits += 1
         self.accepted += int(fit.accepted)

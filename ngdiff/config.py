@@ -20,6 +20,7 @@ import yaml
 from ngdiff.data.records import looks_like_local_path
 from ngdiff.errors import UserError
 from ngdiff.model_source import ModelSourceError, check_model_source
+from ngdiff.strict_yaml import DuplicateKeyError, safe_load
 
 
 class ConfigError(UserError):
@@ -201,7 +202,9 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = safe_load(path.read_text())
+        except DuplicateKeyError as err:
+            raise ConfigError(f"{path}: {err}; keep one") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if loaded is None:
@@ -230,7 +233,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(text) if text != "" else ""
+        node[parts[-1]] = safe_load(text) if text != "" else ""
+    except DuplicateKeyError as err:
+        raise ConfigError(f"override {item!r}: {err}") from None
     except yaml.YAMLError:
         node[parts[-1]] = text
 
@@ -287,14 +292,15 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             return int(value)
         raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None:
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        if not math.isfinite(number):  # no setting means anything at inf or nan: an lr of inf trains NaN weights
+            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
@@ -303,6 +309,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 
 
 # --------------------------------------------------------------------------- validation
+
+# seeds feed torch (at most 64 bits) after offsets per task, epoch and step (ngdiff/tasks.py, combiners):
+# 32 bits leave room for them all
+MAX_SEED = 2**32 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizers multiply float32 tensors by the lr
+MAX_TIMEOUT_MINUTES = 7 * 24 * 60  # a collective waiting longer is hung; timedelta overflows far beyond
 
 
 def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
@@ -343,6 +355,8 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
         "optim.weight_decay": config.optim.weight_decay,
         "optim.momentum": config.optim.momentum,
         "optim.max_grad_norm": config.optim.max_grad_norm,
+        "optim.eps": config.optim.eps,
+        "train.stop_forget_loss": config.train.stop_forget_loss,
         "optim.warmup_steps": config.optim.warmup_steps,
         "optim.warmup_epochs": config.optim.warmup_epochs,
         "train.max_steps": config.train.max_steps,
@@ -355,6 +369,19 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must not be negative, got {value}")
+    if config.optim.lr > FLOAT32_MAX:
+        raise ConfigError(
+            f"optim.lr must be at most {FLOAT32_MAX:.4g} (the parameters' float32 range), got {config.optim.lr:g}"
+        )
+    if not all(0.0 <= beta < 1.0 for beta in config.optim.betas):
+        raise ConfigError(f"optim.betas must each lie in [0, 1), got {list(config.optim.betas)}")
+    if not 0 <= config.train.seed <= MAX_SEED:
+        raise ConfigError(f"train.seed must lie in [0, 2**32 - 1], got {config.train.seed}")
+    if config.parallel.timeout_minutes > MAX_TIMEOUT_MINUTES:
+        raise ConfigError(
+            f"parallel.timeout_minutes must be at most {MAX_TIMEOUT_MINUTES} (one week), "
+            f"got {config.parallel.timeout_minutes:g}"
+        )
     if config.optim.warmup_steps > 0 and config.optim.warmup_epochs > 0:
         raise ConfigError("set optim.warmup_steps or optim.warmup_epochs, not both")
     if config.train.max_steps == 0 and config.train.epochs == 0:
@@ -428,6 +455,24 @@ def check_sources_of(config: ExperimentConfig) -> None:
             check_data_source(f"data.{key}" if len(values) == 1 else f"data.{key}[{index}]", value)
     if config.data.idk:
         check_data_source("data.idk", config.data.idk)
+    check_forget_is_not_retain(config.data.forget, config.data.retain)
+
+
+def check_forget_is_not_retain(forget: typing.Sequence[str], retain: typing.Sequence[str]) -> None:
+    """The same file (or hub set) as forget and retain data: the run would push its records both ways."""
+
+    def identity(value: str) -> str:
+        return str(Path(value).expanduser().resolve()) if looks_like_local_path(value) else value
+
+    retained = {identity(value): value for value in retain}
+    for value in forget:
+        other = retained.get(identity(value))
+        if other is not None:
+            spelled = f" (as {other})" if other != value else ""
+            raise ConfigError(
+                f"data.forget and data.retain both name {value}{spelled}: the run would ascend and descend "
+                "the same records; give each role its own set"
+            )
 
 
 def resolve_eval_split(config: ExperimentConfig) -> None:

@@ -28,7 +28,8 @@ class MetricsSink(Protocol):
     def finish(self) -> None: ...
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` as strict JSON allows it: a non-finite float becomes its string ("nan", "inf")."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
@@ -43,7 +44,7 @@ class JsonlSink:
         self._file = self.path.open("a" if append else "w")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

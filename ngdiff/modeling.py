@@ -9,13 +9,31 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ngdiff.errors import UserError
 from ngdiff.model_source import loading_from
 from parallel.base import defer_deepspeed_import
 
+# the vocabulary files transformers' tokenizers load from (fast, sentencepiece, BPE, WordPiece, tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken")
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+
+def check_tokenizer_files(path: str | Path, key: str = "model.path", trust_remote_code: bool = False) -> None:
+    """A local model folder without any tokenizer file is one error saying so (transformers instead asks
+    for sentencepiece, as if a converter were missing). Remote code may name its files as it likes."""
+    folder = Path(path).expanduser()
+    if trust_remote_code or not folder.is_dir():
+        return
+    if not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        raise UserError(
+            f"{key} {path}: the folder has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer there (tokenizer.save_pretrained) or copy it from the model it came from"
+        )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model.path"):
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(path, key, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

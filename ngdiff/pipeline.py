@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ngdiff.data.overlap import warn_about_overlap
+from ngdiff.finite import require_finite_weights
 from ngdiff.lora import AdaptersDisabled, WithAdapters
-from ngdiff.metrics_log import JsonlSink, MetricsSink
+from ngdiff.metrics_log import JsonlSink, MetricsSink, jsonable
 from ngdiff.model_source import loading_from
 from ngdiff.modeling import load_tokenizer, model_factory
 from ngdiff.objectives import build_objectives
@@ -77,6 +79,7 @@ def build_trainer(
     )
     tasks = build_tasks(cfg, tokenizer, ctx, forget_objective, retain_objective)
     if ctx.is_main:
+        warn_about_overlap(cfg.data)
         log.info(
             "data: %s; loading %s on the %s backend (%d rank%s)",
             ", ".join(f"{len(task.stream.examples)} {task.name}" for task in tasks),
@@ -148,12 +151,15 @@ def run_training(
         final_dir = None
         if trainer.finished or (results and not results[-1].stop_requested):
             final_dir = output_dir / "final"
+            require_finite_weights(trainer.backend, trainer.step_index)
             trainer.export(final_dir)
             if ctx.is_main:
                 summary = {"steps": trainer.step_index, "final_lr": trainer.lr}
                 if results:
                     summary.update({f"last_{k}": v for k, v in results[-1].metrics().items()})
-                (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+                # strict JSON: a NaN metric (e.g. a rejected AutoLR fit's A) is written as the string "nan"
+                text = json.dumps({k: jsonable(v) for k, v in summary.items()}, indent=1, allow_nan=False)
+                (output_dir / "summary.json").write_text(text)
                 log.info("final model written to %s", final_dir)
     finally:
         for sink in all_sinks:

@@ -24,6 +24,7 @@ from ngdiff.autolr import AutoLR, AutoLRRecord
 from ngdiff.checkpoint import checkpoint_root, latest_complete, load_checkpoint, save_checkpoint
 from ngdiff.combiners import FORGET, RETAIN, CombinerOptions, TaskStats, Weights, direction_norm_sq, get_combiner
 from ngdiff.data.loader import MicroBatch
+from ngdiff.finite import require_finite, step_quantities
 from ngdiff.metrics_log import MetricsSink, peak_memory_mb
 from ngdiff.objectives import Objective
 from ngdiff.schedule import lr_factor, warmup_steps_of
@@ -210,8 +211,10 @@ class Trainer:
             self.roles,
             self.step_index,
         )
+        require_finite(self.step_index + 1, step_quantities(self.names, stats))  # all-reduced: every rank raises
         weights = scaled(self.combine(stats, self.combiner_options), self.task_weights)
         weights = clip_weights(weights, stats, self.cfg.optim.max_grad_norm)
+        require_finite(self.step_index + 1, dict(zip((f"w_{name}" for name in self.names), weights, strict=True)))
         torch._foreach_mul_(live, weights[-1] / units[-1])
         for stash, weight, n in zip(stashes, weights[:-1], units[:-1], strict=True):
             stash.add_to(live, weight / n)

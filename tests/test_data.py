@@ -56,7 +56,7 @@ def test_text_is_tokenized_as_is_and_truncated(tokenizer):
 
 def test_max_length_too_short_for_any_answer_token(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "f.jsonl", [{"question": "A long question about an author?", "answer": "Yes."}])
-    with pytest.raises(DataError, match=r"data.max_length=4 leaves record 0 of .*f.jsonl"):
+    with pytest.raises(DataError, match=r"data.max_length=4 leaves record 1 of .*f.jsonl"):
         encode_task(DataConfig(max_length=4), tokenizer, str(path), "data.forget")
 
 
@@ -66,7 +66,7 @@ def test_bad_records_are_named(tmp_path, tokenizer):
     with pytest.raises(DataError, match="holds no records"):
         load_records(str(empty), ("question", "answer"), "data.forget")
     partial = write_jsonl(tmp_path / "p.jsonl", [{"question": "q", "answer": "a"}, {"question": "q2"}])
-    with pytest.raises(DataError, match=r"record 1 of .*p.jsonl lacks field\(s\) answer"):
+    with pytest.raises(DataError, match=r"line 2 of .*p.jsonl lacks field answer \(it has: question\)$"):
         load_records(str(partial), ("question", "answer"), "data.retain")
     with pytest.raises(DataError, match="data file not found"):
         load_records(str(tmp_path / "missing.jsonl"), ("text",), "data.retain")

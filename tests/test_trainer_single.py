@@ -213,7 +213,7 @@ def test_cli_trains_text_data_from_overrides_only(tiny_model_dir, tmp_path):
     [
         (["optim.lr=-1"], "optim.lr must be positive"),
         (["train.forget_batch_size=64"], "the forget set holds 16 examples, fewer than train.forget_batch_size=64"),
-        (["data.max_length=3"], "data.max_length=3 leaves record 0"),
+        (["data.max_length=3"], "data.max_length=3 leaves record 1 "),
         (["parallel.backend=nccl"], "unknown parallel.backend 'nccl'"),
     ],
 )

@@ -89,6 +89,6 @@ def check_answer_tokens(encoded: Sequence[Encoded], data_cfg: DataConfig, source
     for index, example in enumerate(encoded):
         if example.answer_tokens == 0:
             raise DataError(
-                f"{what}: data.max_length={data_cfg.max_length} leaves record {index} of {source} "
+                f"{what}: data.max_length={data_cfg.max_length} leaves record {index + 1} of {source} "
                 "without a single token to train on; raise data.max_length"
             )

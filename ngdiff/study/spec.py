@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ngdiff.errors import UserError
+from ngdiff.strict_yaml import DuplicateKeyError, safe_load
 
 
 class StudyError(UserError):
@@ -299,7 +300,9 @@ def load_study(path: str | Path) -> StudySpec:
     if not path.is_file():
         raise StudyError(f"study config not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load(path.read_text())
+    except DuplicateKeyError as err:
+        raise StudyError(f"{path}: {err}; keep one") from None
     except yaml.YAMLError as err:
         raise StudyError(f"{path}: not valid YAML: {err}") from err
     return parse_study(raw or {}, str(path))

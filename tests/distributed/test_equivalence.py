@@ -56,12 +56,13 @@ def test_resume_after_crash_equals_uninterrupted(dist_runs, backend):
 def test_one_small_all_reduce_per_step(dist_runs, backend):
     _, log = load_result(dist_runs, f"{backend}_count")
     ours = log["ours_all_reduce"]
-    assert len(ours) == STEPS, ours
+    # one per step, then one 1-element flag before the export (every rank's weights finite)
+    assert len(ours) == STEPS + 1, ours
     # Gram (3) + loss sums (2) + unit counts (2) + stop flag + input tokens (for tokens_per_second)
-    assert all(numel == 9 for numel, _ in ours)
+    assert [numel for numel, _ in ours] == [9] * STEPS + [1]
     # k = 3: Gram upper triangle (6) + loss sums (3) + unit counts (3) + stop flag + input tokens, still one
     _, log = load_result(dist_runs, f"{backend}_k3_count")
-    assert [numel for numel, _ in log["ours_all_reduce"]] == [14] * STEPS
+    assert [numel for numel, _ in log["ours_all_reduce"]] == [14] * STEPS + [1]
 
 
 def test_data_would_catch_rank_local_normalisation(dist_runs):
