@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 from unittest.mock import patch
@@ -59,9 +60,13 @@ class Planted:
         return (os.system, (f"touch {self.marker}",))
 
 
-def plant(path: Path, marker: Path, checkpoint: Path) -> None:
-    """Replace `path` with a planted pickle and record its size, as an attacker who read files.json would."""
-    torch.save({"torch": Planted(marker)}, path)
+def plant(path: Path, marker: Path, checkpoint: Path, raw: bool = False) -> None:
+    """Replace `path` with a planted pickle (torch's format, or a `raw` one as in a distributed checkpoint's
+    `.metadata`) and record its size, as an attacker who read files.json would."""
+    if raw:
+        path.write_bytes(pickle.dumps(Planted(marker)))
+    else:
+        torch.save({"torch": Planted(marker)}, path)
     if (checkpoint / FILES).is_file():
         sizes = json.loads((checkpoint / FILES).read_text())
         sizes[str(path.relative_to(checkpoint))] = path.stat().st_size
@@ -109,7 +114,7 @@ def test_distributed_checkpoint_metadata_and_values_load_weights_only(tmp_path):
     assert torch.equal(backend.model.weight, saved) and backend.optimizer.param_groups[0]["lr"] == 0.25
 
     marker = tmp_path / "ran"
-    (tmp_path / ".metadata").write_bytes(__import__("pickle").dumps(Planted(marker)))
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
     with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refused to load"):
         backend.load_checkpoint(tmp_path)
     assert not marker.exists()
@@ -338,3 +343,55 @@ def test_read_jsonl_names_the_file_and_line_of_a_bad_record(tmp_path):
     path.write_text('{"step": 1}\n[1, 2]\n')
     with pytest.raises(UserError, match=rf"{path}, line 2: not a JSON object but list"):
         read_jsonl(path)
+
+
+# --- the sharded engines, end to end on a 1-rank group (a process of their own) ---------------------------
+SHARDED_RESUME = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from tests.test_checkpoint_safety import Planted, plant, step_dir, train
+from ngdiff.errors import UserError
+
+model, forget, retain, out, backend, planted_name = sys.argv[2:8]
+split, out = {"forget": forget, "retain": retain}, Path(out)
+extra = [f"parallel.backend={backend}", "optim.name=adamw", "train.save_every=1"]
+train(model, split, out, *extra, "train.max_steps=2")
+genuine = train(model, split, out, *extra, "train.max_steps=3", "train.resume=auto")  # from step 2: the real files load
+planted = next(step_dir(out, 3).rglob(planted_name))
+plant(planted, out.parent / "ran", step_dir(out, 3), raw=planted.name == ".metadata")
+try:
+    train(model, split, out, *extra, "train.max_steps=4", "train.resume=auto")
+    refused = None
+except UserError as err:
+    refused = str(err)
+print("RESULT", json.dumps({"steps": len(genuine.results), "refused": refused, "planted": str(planted)}))
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("backend", "planted_name"),
+    [("zero3", "*_model_states.pt"), ("zero3", "*_optim_states.pt"), ("fsdp", ".metadata")],
+)
+def test_sharded_engines_resume_their_own_files_and_refuse_planted_ones(
+    tiny_model_dir, tofu_split, tmp_path, backend, planted_name
+):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    args = [str(repo), str(tiny_model_dir), str(tofu_split["forget"]), str(tofu_split["retain"]), str(tmp_path / "r")]
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED_RESUME, *args, backend, planted_name],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=repo,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    result = json.loads(lines[0].removeprefix("RESULT "))
+    assert result["steps"] == 1  # resumed at step 2 from DeepSpeed's / torch's genuine files
+    assert result["refused"] is not None and f"{result['planted']}: refused to load" in result["refused"]
+    assert not (tmp_path / "ran").exists()
