@@ -197,18 +197,30 @@ def save_checkpoint(
 
 
 def load_checkpoint(backend, directory: Path) -> dict[str, Any]:
-    """Model, optimizer, RNG and trainer state from `directory`; a file that fails to load (damaged in a
-    way its size does not show) stops the run with one line naming the checkpoint."""
+    """Model, optimizer, RNG and trainer state from `directory`. A file that fails to load (damaged in a
+    way its size does not show, or refused as unsafe) stops the run with one line naming it, on every
+    rank: the ranks compare notes with one all-reduce, so none trains on while another stopped."""
     rng_file = directory / f"rng_rank{backend.ctx.rank}.pt"
+    failure: BaseException | None = None
     try:
         backend.load_checkpoint(directory / "engine")
         if rng_file.is_file():
             set_rng_state(load_weights_only(rng_file))
-    except UnsafeCheckpointError:
-        raise
+    except torch.distributed.DistError:
+        raise  # a peer died: the launcher reports that
     except (Exception, CheckpointException) as err:  # any engine's read error: one line, not its traceback
+        failure = err
+    failed_ranks = 0.0
+    if backend.ctx.distributed:
+        flag = torch.tensor([float(failure is not None)], dtype=torch.float64, device=backend.ctx.device)
+        failed_ranks = backend.all_reduce_sum(flag).item()
+    if isinstance(failure, UnsafeCheckpointError):
+        raise failure
+    if failure is not None:
         raise UserError(
-            f"{directory}: the checkpoint could not be loaded ({first_line(cause(err))}); move it out of "
+            f"{directory}: the checkpoint could not be loaded ({first_line(cause(failure))}); move it out of "
             f"{directory.parent} to resume from the previous one"
-        ) from err
+        ) from failure
+    if failed_ranks:
+        raise UserError(f"{directory}: another rank could not load its part of the checkpoint (its log says why)")
     return json.loads((directory / TRAINER_STATE).read_text())

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from launcher.cli import main
-from ngdiff.checkpoint import FILES, agree, checkpoint_problem
+from ngdiff.checkpoint import FILES, agree, checkpoint_problem, load_checkpoint
 from ngdiff.config import load_config
 from ngdiff.errors import UserError
 from ngdiff.metrics_log import JsonlSink, read_jsonl
@@ -185,20 +185,30 @@ def test_checkpoint_problem_names_a_missing_file(tmp_path):
 
 
 class TwoRanks:
-    """A backend stand-in for rank 0 of 2, whose peer resumes from `peer_step`."""
+    """A backend stand-in for rank 0 of 2: its all-reduces add what the peer rank contributes."""
 
-    def __init__(self, peer_step: float):
+    def __init__(self, *peer: float):
         self.ctx = DistContext(rank=0, world_size=2)
-        self.peer = torch.tensor([peer_step, peer_step * peer_step], dtype=torch.float64)
+        self.peer = torch.tensor(peer, dtype=torch.float64)
 
     def all_reduce_sum(self, tensor):
         return tensor + self.peer
 
+    def load_checkpoint(self, directory):
+        pass  # this rank's part loads
+
 
 def test_ranks_must_agree_on_the_checkpoint(tmp_path):
-    agree(TwoRanks(3.0), tmp_path / "step_00000003")
+    agree(TwoRanks(3.0, 9.0), tmp_path / "step_00000003")
     with pytest.raises(UserError, match="another rank from another checkpoint"):
-        agree(TwoRanks(2.0), tmp_path / "step_00000003")
+        agree(TwoRanks(2.0, 4.0), tmp_path / "step_00000003")
+
+
+def test_a_rank_that_cannot_load_stops_every_rank(tmp_path):
+    (tmp_path / "trainer_state.json").write_text('{"step": 3}')
+    assert load_checkpoint(TwoRanks(0.0), tmp_path) == {"step": 3}
+    with pytest.raises(UserError, match="another rank could not load its part of the checkpoint"):
+        load_checkpoint(TwoRanks(1.0), tmp_path)  # the peer's load failed
 
 
 # --- the metrics log across a resume ----------------------------------------------------------------------
