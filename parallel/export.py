@@ -148,6 +148,8 @@ def write_pretrained(
     except OSError as err:
         for partial in directory.glob(".shard-*.safetensors.partial"):
             partial.unlink(missing_ok=True)
+        if not any(directory.iterdir()):
+            directory.rmdir()  # nothing of an earlier export was in it
         raise export_failure(directory, err) from None
     config = getattr(module, "config", None)
     if config is not None:
