@@ -11,6 +11,9 @@ from typing import Any, Protocol
 
 import torch
 
+from ngdiff.errors import UserError
+from ngdiff.run_folder import PathGuard
+
 # what `StepResult.metrics` (ngdiff/trainer.py) emits each step: per-task keys loss_<task>, grad_norm_<task>,
 # w_<task>, cos_<task i>_<task j> (plus loss_forget / loss_retain), the step's lr, time and memory
 STEP_METRICS = ("lr", "step_seconds", "tokens_per_second", "peak_memory_mb")
@@ -36,14 +39,34 @@ def jsonable(value: Any) -> Any:
 
 
 class JsonlSink:
-    """One JSON object a line; appends on resume so a run's history stays in one file."""
+    """One JSON object a line; appends on resume so a run's history stays in one file.
+
+    Each write first checks the file is still the one it opened (`PathGuard`): a deleted run folder
+    stops the run instead of writing into an unlinked file."""
 
     def __init__(self, path: str | Path, append: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a" if append else "w")
+        self._guard = PathGuard(self.path, self.path.parent)
+
+    def resumed_at(self, step: int) -> None:
+        """Drop the rows a resumed run is about to write again: those of steps after its checkpoint's
+        `step` (written before the crash that lost them), keeping every row up to it (evaluations too)."""
+        self._guard.check()
+        self._file.close()
+        lines = self.path.read_text().splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()  # a row cut short by the crash
+        kept = [line for line in lines if (row_step := _step_of(line)) is None or row_step <= step]
+        temporary = self.path.with_name(f".{self.path.name}.partial")
+        temporary.write_text("".join(kept))
+        temporary.replace(self.path)
+        self._file = self.path.open("a")
+        self._guard = PathGuard(self.path, self.path.parent)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._guard.check()
         record = {"step": step, **{k: jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -52,8 +75,30 @@ class JsonlSink:
         self._file.close()
 
 
+def _step_of(line: str) -> float | None:
+    """A row's step; None for a line that is no record (kept as it is: not ours to judge)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a JSONL file; a line that is not a JSON object is a `UserError` naming the file
+    and its 1-based line number."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}, line {number}: not a JSON record ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}, line {number}: not a JSON object but {type(record).__name__}")
+        records.append(record)
+    return records
 
 
 def peak_memory_mb(device: torch.device | str) -> float:

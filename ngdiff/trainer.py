@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ngdiff.autolr import AutoLR, AutoLRRecord
-from ngdiff.checkpoint import checkpoint_root, latest_complete, load_checkpoint, save_checkpoint
+from ngdiff.checkpoint import checkpoint_root, load_checkpoint, resumable_checkpoint, save_checkpoint
 from ngdiff.combiners import FORGET, RETAIN, CombinerOptions, TaskStats, Weights, direction_norm_sq, get_combiner
 from ngdiff.data.loader import MicroBatch
 from ngdiff.finite import require_finite, step_quantities
 from ngdiff.metrics_log import MetricsSink, peak_memory_mb
 from ngdiff.objectives import Objective
+from ngdiff.run_folder import PathGuard
 from ngdiff.schedule import lr_factor, warmup_steps_of
 from ngdiff.tasks import Task, steps_per_epoch
 from parallel.stash import GradientStash
@@ -307,11 +308,14 @@ class Trainer:
         ctx = self.backend.ctx
         root = checkpoint_root(self.output_dir)
         if self.cfg.train.resume == "auto":
-            newest = latest_complete(root)
+            newest = resumable_checkpoint(self.backend, root)
             if newest is not None:
                 self.load_state(load_checkpoint(self.backend, newest))
                 if ctx.is_main:
                     log.info("resumed from %s (step %d)", newest, self.step_index)
+            self.resumed_at(self.step_index)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        run_folder = PathGuard(self.output_dir)  # a checkpoint never recreates a deleted run folder
         progress = self._progress()
         results = []
         save_every, eval_every = self.cfg.train.save_every, self.cfg.eval.every
@@ -324,9 +328,11 @@ class Trainer:
             result.peak_memory_mb = peak_memory_mb(ctx.device)
             self.step_index += 1
             results.append(result)
-            metrics = result.metrics()
-            if self.step_index % self.cfg.train.log_every == 0 or self.step_index == self.max_steps:
-                self.emit(metrics)
+            target = self.cfg.train.stop_forget_loss
+            reached = target > 0 and result.loss_forget >= target
+            last = self.step_index == self.max_steps or reached or result.stop_requested
+            if self.step_index % self.cfg.train.log_every == 0 or last:  # the step that ends a run is logged
+                self.emit(result.metrics())
             if progress is not None:
                 progress.set_postfix(
                     forget=f"{result.loss_forget:.3f}",
@@ -335,15 +341,12 @@ class Trainer:
                     refresh=False,  # update() redraws at the bar's own pace, not once per step in Slurm logs
                 )
                 progress.update(1)
-            target = self.cfg.train.stop_forget_loss
-            reached = target > 0 and result.loss_forget >= target
-            last = self.step_index == self.max_steps or reached or result.stop_requested
             periodic = eval_every and self.step_index % eval_every == 0
             # a preempted run checkpoints at once and skips evaluation: the warning time is short
             if self.evaluate is not None and not result.stop_requested and (last or periodic):
                 self.emit(self.evaluate(self.step_index))
             if result.stop_requested or (save_every and self.step_index % save_every == 0) or (last and save_every):
-                save_checkpoint(self.backend, root, self.step_index, self.state())
+                save_checkpoint(self.backend, root, self.step_index, self.state(), run_folder)
             if reached and ctx.is_main:
                 log.info(
                     "forget loss %.3f reached train.stop_forget_loss=%.3f at step %d",
@@ -360,6 +363,14 @@ class Trainer:
         if progress is not None:
             progress.close()
         return results
+
+    def resumed_at(self, step: int) -> None:
+        """Tell the sinks that keep history (metrics.jsonl) where the run continues: rows a crash left
+        beyond its checkpoint are written again, so they go."""
+        if self.backend.ctx.is_main:
+            for sink in self.sinks:
+                if hasattr(sink, "resumed_at"):
+                    sink.resumed_at(step)
 
     @property
     def finished(self) -> bool:

@@ -11,6 +11,7 @@ partitions. The files and index are laid out as `save_pretrained` writes them
 from __future__ import annotations
 
 import copy
+import errno
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ngdiff.errors import UserError
 from parallel.loading import INDEX_FILE, SINGLE_FILE
 
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,9 +80,17 @@ class ShardedSafetensorsWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        save_file(self.pending, str(self._temporary(len(self.shards))), metadata={"format": "pt"})
+        path = self._temporary(len(self.shards))
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+        except SafetensorError as err:  # safetensors reports a failed write as its own error, not an OSError
+            if "IoError" not in str(err):
+                raise
+            code = errno.ENOSPC if "StorageFull" in str(err) or "code: 28" in str(err) else errno.EIO
+            raise OSError(code, str(err), str(path)) from err
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -104,6 +114,11 @@ class ShardedSafetensorsWriter:
         return self.total_bytes
 
 
+def export_failure(directory: Path, err: OSError) -> UserError:
+    reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return UserError(f"{directory}: could not write the exported model: {reason}")
+
+
 def write_pretrained(
     directory: Path,
     module: nn.Module,
@@ -117,12 +132,25 @@ def write_pretrained(
     """Every rank iterates `tensors` (the gathers are collectives); rank 0 writes them, the model's
     config (its dtype set to the exported one), generation config and tokenizer."""
     writer = ShardedSafetensorsWriter(directory, dtype, max_shard_bytes) if is_main else None
-    for name, tensor in tensors:
-        if writer is not None:
-            writer.add(name, tensor)
+    failed: OSError | None = None
+    for name, tensor in tensors:  # after a failed write rank 0 still takes part in every gather
+        if writer is not None and failed is None:
+            try:
+                writer.add(name, tensor)
+            except OSError as err:
+                failed = err
     if writer is None:
         return
-    writer.close()
+    try:
+        if failed is not None:
+            raise failed
+        writer.close()
+    except OSError as err:
+        for partial in directory.glob(".shard-*.safetensors.partial"):
+            partial.unlink(missing_ok=True)
+        if not any(directory.iterdir()):
+            directory.rmdir()  # nothing of an earlier export was in it
+        raise export_failure(directory, err) from None
     config = getattr(module, "config", None)
     if config is not None:
         config = copy.deepcopy(config)  # the live model keeps its dtype

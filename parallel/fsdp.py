@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
+import pathlib
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -32,6 +36,7 @@ from parallel.loading import (
     shard_rows,
 )
 from parallel.optim import build_optimizer, grads_of, set_lr
+from parallel.safe_load import unsafe_file, weights_only_loads
 
 log = logging.getLogger("ngdiff.parallel")
 
@@ -64,6 +69,55 @@ def lookup_only(module: nn.Module) -> bool:
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Reads a distributed checkpoint's `.metadata` (a plain pickle, which torch loads with `pickle.load`):
+    only its own record classes, torch's sizes, dtypes and layouts, and paths may be named in it."""
+
+    RECORDS = "torch.distributed.checkpoint.metadata"
+    NAMES = frozenset(
+        {
+            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+            ("torch", "Size"),
+            ("torch.serialization", "_get_layout"),
+            ("collections", "OrderedDict"),
+            *(("pathlib", name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name) if module in {self.RECORDS, "torch", *dict(self.NAMES)} else None
+        record = isinstance(found, type) and module == self.RECORDS and found.__module__ == module
+        torch_constant = module == "torch" and isinstance(found, torch.dtype | torch.layout | torch.memory_format)
+        if record or torch_constant or (module, name) in self.NAMES:
+            return found
+        raise pickle.UnpicklingError(f"Unsupported GLOBAL {module}.{name} in a checkpoint's metadata")
+
+
+class SafeCheckpointReader(dcp.FileSystemReader):
+    """torch's file reader, its metadata read by `MetadataUnpickler` instead of `pickle.load`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = pathlib.Path(self._get_metadata_path(kwargs.get("rank")))
+        with self.fs.create_stream(path, "rb") as stream:
+            try:
+                metadata = MetadataUnpickler(stream).load()
+            except pickle.UnpicklingError as err:
+                raise unsafe_file(path, err) from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def load_distributed_checkpoint(state: dict[str, Any], directory: Path) -> None:
+    """`dcp.load` reading no pickle beyond tensors and plain data: the metadata through
+    `SafeCheckpointReader`, the non-tensor values (optimizer settings) weights-only."""
+    reader = SafeCheckpointReader(str(directory))
+    reader.read_metadata()  # here a refusal names the file; inside dcp.load it comes wrapped in rank tracebacks
+    with weights_only_loads(where=directory):
+        dcp.load(state, storage_reader=reader)
 
 
 class FSDPBackend(Backend):
@@ -171,7 +225,7 @@ class FSDPBackend(Backend):
     def load_checkpoint(self, directory: Path):
         model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.STATE_OPTIONS)
         state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=str(directory))
+        load_distributed_checkpoint(state, directory)
         loaded = set_state_dict(
             self.model,
             self.optimizer,

@@ -9,6 +9,7 @@ import torch
 from parallel.base import Backend, check_loaded_keys, frozen_names
 from parallel.export import exported_names
 from parallel.optim import build_optimizer, grads_of, set_lr
+from parallel.safe_load import load_weights_only
 
 
 class SingleBackend(Backend):
@@ -62,7 +63,7 @@ class SingleBackend(Backend):
         torch.save({"model": model_state, "optimizer": self.optimizer.state_dict()}, directory / "model_optimizer.pt")
 
     def load_checkpoint(self, directory: Path):
-        state = torch.load(directory / "model_optimizer.pt", map_location=self.ctx.device, weights_only=True)
+        state = load_weights_only(directory / "model_optimizer.pt", map_location=self.ctx.device)
         check_loaded_keys(directory, self.module, *self.module.load_state_dict(state["model"], strict=False))
         self.optimizer.load_state_dict(state["optimizer"])
 

@@ -26,10 +26,20 @@ from parallel.base import Backend, frozen_names
 from parallel.export import exported_names, gather_rows_to_main
 from parallel.gloo_comm import use_in_deepspeed
 from parallel.optim import build_optimizer, set_lr
+from parallel.safe_load import weights_only_loads
 
 log = logging.getLogger("ngdiff.parallel")
 
 CHECKPOINT_TAG = "zero3"
+
+
+def checkpoint_globals() -> list[type]:
+    """The classes a ZeRO-3 checkpoint ngdiff writes holds beyond tensors and plain data (its optimizer
+    states' loss scaler and ZeRO stage): all that `weights_only` loading must be allowed to build."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, ZeroStageEnum]
 
 
 class DeepSpeedConfigError(UserError):
@@ -309,13 +319,15 @@ class Zero3Backend(Backend):
         )
 
     def load_checkpoint(self, directory: Path):
-        path, _ = self.engine.load_checkpoint(
-            str(directory),
-            tag=CHECKPOINT_TAG,
-            load_module_strict=not frozen_names(self.module),
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
+        # DeepSpeed's checkpoint engine unpickles with weights_only=False: a planted file would run code
+        with weights_only_loads(checkpoint_globals(), where=directory):
+            path, _ = self.engine.load_checkpoint(
+                str(directory),
+                tag=CHECKPOINT_TAG,
+                load_module_strict=not frozen_names(self.module),
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
 
