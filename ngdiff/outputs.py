@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import yaml
 
 from ngdiff.config import ConfigError, ExperimentConfig, dump_config
+from ngdiff.locks import LOCK_NAME, clear_locked_folder
 
 CONFIG_NAME = "config.yaml"
 # keys that may change between a run and its resumption without making it a different run
@@ -40,7 +40,7 @@ def check_output_dir(cfg: ExperimentConfig, overwrite: bool, again: str = RESUME
         return
     if not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a folder")
-    if not any(out.iterdir()):
+    if not any(p.name != LOCK_NAME for p in out.iterdir()):  # new, or only the run lock (ngdiff.locks)
         return
     saved = out / CONFIG_NAME
     if not saved.is_file():
@@ -64,7 +64,7 @@ def write_output_dir(cfg: ExperimentConfig, overwrite: bool) -> Path:
     """Rank 0 only, after `check_output_dir`: clear an old run if asked to, write the effective config."""
     out = Path(cfg.output_dir)
     if overwrite and (out / CONFIG_NAME).is_file():  # check_output_dir made sure it is an ngdiff run
-        shutil.rmtree(out)
+        clear_locked_folder(out)  # everything but the run lock, which this run holds
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).write_text(dump_config(cfg))
     return out
