@@ -2,10 +2,10 @@
 
 A lock is a POSIX record lock (`fcntl.lockf`) on a small file, because it is the one lock NFS carries
 across machines (through its lock manager), that GPFS and Lustre (mounted with `flock`) honour too,
-and the kernel drops it when its holder dies (also by `kill -9` or a node's crash on NFS, once the
-server notices), so a lock is never stale and no PID, which a restarted container may reuse, is
-trusted. The file records its holder (host, pid, start time) for the message a refused process prints.
-A filesystem that refuses locks is reported, never silently run without one.
+and the kernel drops it when its holder dies (also by `kill -9`; on NFS a crashed node's locks go
+when its lease ends, NFSv4, or when it reboots, NFSv3), so a lock is never stale and no PID, which a
+restarted container may reuse, is trusted. The file records its holder (host, pid, start time) for
+the message a refused process prints. A filesystem that refuses locks is reported, never silently run without one.
 
 POSIX locks belong to a process, not to a file handle: closing any handle of the file drops them. So
 this module never opens a file it already holds; a second claim from the same process is refused.
@@ -13,6 +13,7 @@ this module never opens a file it already holds; a second claim from the same pr
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -90,8 +91,9 @@ class FolderLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def __del__(self) -> None:
-        self.release()
+    def __del__(self) -> None:  # a lock dropped unreleased (e.g. by an exception)
+        with contextlib.suppress(Exception):  # at interpreter shutdown; the process's exit frees it anyway
+            self.release()
 
 
 def _same_file(path: Path, key: tuple[int, int]) -> bool:
