@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from launcher.logs import setup_logging
-from launcher.signals import install_stop_handlers
+from launcher.signals import install_stop_handlers, restore_interrupt
 from launcher.tracking import build_sinks
 from ngdiff.config import ExperimentConfig
+from ngdiff.locks import lock_output_dir
 from ngdiff.outputs import check_output_dir, write_output_dir
 from parallel.distributed import init_distributed, shutdown_distributed
 
@@ -31,7 +32,9 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: b
         cfg.parallel.backend,
         torch.get_num_threads(),
     )
+    run_lock = None
     try:
+        run_lock = lock_output_dir(cfg.output_dir) if ctx.is_main else None  # one run per folder, held to the end
         check_output_dir(cfg, overwrite)  # every rank reads before rank 0 writes
         if ctx.distributed:
             torch.distributed.barrier()
@@ -59,6 +62,9 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: b
         )
         return 3
     finally:
+        restore_interrupt()
+        if run_lock is not None:
+            run_lock.release()
         shutdown_distributed()
 
 

@@ -1,4 +1,5 @@
-"""Preemption: USR1 or TERM asks the trainer to finish its step, checkpoint, and stop.
+"""Preemption: USR1 or TERM asks the trainer to finish its step, checkpoint, and stop; so does a
+first Ctrl-C (INT), which is never requeued, and a second Ctrl-C aborts at once, as Python does.
 
 The flag travels in the step's all-reduce, so all ranks stop after the same step even when the
 signal reaches them at different times. Under Slurm the job is then requeued and resumes by itself.
@@ -10,6 +11,11 @@ die of it (USR1's default action): the sbatch script runs it as
 `python -m launcher.signals torch.distributed.run ARGS...`, which ignores USR1 and then runs the
 launcher module; the workers inherit the ignore until `install_stop_handlers` replaces it. Being a
 Python module, this works the same inside a container (pyxis, Apptainer) as outside.
+
+A Ctrl-C under torchrun reaches torchrun alone (its workers run in their own sessions); torchrun
+sends INT to every worker, which checkpoint as above, and kills them with KILL after
+`--shutdown-timeout` seconds (default 30, or TORCH_ELASTIC_SHUTDOWN_TIMEOUT): raise it when a
+step plus a checkpoint take longer. torchrun itself then exits non-zero with its own traceback.
 """
 
 from __future__ import annotations
@@ -17,30 +23,62 @@ from __future__ import annotations
 import logging
 import os
 import runpy
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 
 log = logging.getLogger("ngdiff.signals")
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # preemption: requeued under Slurm
+_interrupted = False  # a Ctrl-C stopped this run: the user's choice, so not requeued
+_previous_sigint = None  # Ctrl-C's handler before `install_stop_handlers`
 
 
 def install_stop_handlers(trainer) -> None:
+    global _interrupted, _previous_sigint
+    _interrupted = False
+
     def request_stop(signum, frame):
         if not trainer.stop_requested:
             log.warning("received %s: checkpointing after the current step", signal.Signals(signum).name)
         trainer.stop_requested = True
 
+    def interrupt(signum, frame):
+        global _interrupted
+        _interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
+        if not trainer.stop_requested:
+            log.warning("received SIGINT: checkpointing after the current step (Ctrl-C again aborts at once)")
+        trainer.stop_requested = True
+
     for sig in STOP_SIGNALS:
         signal.signal(sig, request_stop)
+    _previous_sigint = signal.signal(signal.SIGINT, interrupt)
+
+
+def restore_interrupt() -> None:
+    """Ctrl-C as before `install_stop_handlers` (a process may go on after its run, e.g. tests)."""
+    global _previous_sigint
+    if _previous_sigint is not None:
+        signal.signal(signal.SIGINT, _previous_sigint)
+        _previous_sigint = None
+
+
+def resume_hint(argv: list[str] | None = None) -> str:
+    """How to continue this run: `ngdiff train` as run, with train.resume=auto and without --overwrite."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "LOCAL_RANK" in os.environ or not argv or argv[0] != "train":  # a launcher's command is not ours to know
+        return "resume with train.resume=auto added to the same command"
+    kept = [a for a in argv if a != "--overwrite" and not a.startswith("train.resume=")]
+    return "resume with train.resume=auto: ngdiff " + shlex.join([*kept, "train.resume=auto"])
 
 
 def requeue_if_slurm() -> bool:
-    """`scontrol requeue $SLURM_JOB_ID` when running inside a Slurm job; True if requeued."""
+    """`scontrol requeue $SLURM_JOB_ID` when running inside a Slurm job (not after a Ctrl-C); True if requeued."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        log.warning("stopped after a checkpoint; resume with train.resume=auto")
+    if not job or _interrupted:
+        log.warning("stopped after a checkpoint; %s", resume_hint())
         return False
     if shutil.which("scontrol") is None:
         log.warning("stopped after a checkpoint; scontrol not found, so job %s is not requeued", job)

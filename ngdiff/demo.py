@@ -24,6 +24,7 @@ from ngdiff.config import load_config
 from ngdiff.data import encode_task, load_records
 from ngdiff.eval.tofu import qa_metrics
 from ngdiff.finetune import FinetuneConfig, finetune
+from ngdiff.locks import lock_output_dir
 from ngdiff.modeling import TinyLlamaSpec, build_tiny_model, load_tokenizer
 from ngdiff.outputs import check_output_dir, write_output_dir
 from ngdiff.pipeline import run_training
@@ -115,6 +116,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     data_dir = out / "data"
     cfg.data.forget, cfg.data.retain = (str(data_dir / "forget.jsonl"),), (str(data_dir / "retain.jsonl"),)
     again = f"run `ngdiff demo --output-dir {out} --overwrite` to redo it, or choose another --output-dir"
+    run_lock = lock_output_dir(out)  # one demo per folder, until its report is written
     check_output_dir(cfg, overwrite, again=again, own=DEMO_ENTRIES)
     write_output_dir(cfg, overwrite, own=DEMO_ENTRIES)
 
@@ -175,6 +177,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     print(format_table(before, after))
     print(f"\nsteps {report['steps']}, final lr {report['final_lr']:.2e}, {report['seconds']} s")
     print(next_steps(out))
+    run_lock.release()
     return report
 
 

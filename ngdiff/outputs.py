@@ -23,6 +23,7 @@ import yaml
 
 from ngdiff.checkpoint import checkpoint_root, latest_complete
 from ngdiff.config import ConfigError, ExperimentConfig
+from ngdiff.locks import LOCK_NAME
 from ngdiff.secret_formats import mask_values
 
 log = logging.getLogger("ngdiff")
@@ -260,7 +261,7 @@ def check_output_dir(cfg: ExperimentConfig, overwrite: bool, again: str = RESUME
     an earlier run's files."""
     out = Path(cfg.output_dir)
     check_writable(out)
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):  # new, or only the run lock
         return
     marker = read_marker(out)
     if marker is None:
@@ -412,7 +413,8 @@ def _say_what_data_is_resumed_on(cfg: ExperimentConfig, marker: dict[str, Any], 
 
 
 def remove_run(out: Path, entries: Iterable[str]) -> None:
-    """Delete the entries ngdiff wrote in `out`; anything else stays (and is named in the log)."""
+    """Delete the entries ngdiff wrote in `out`; anything else stays (and is named in the log), the run lock
+    this run holds included (ngdiff.locks: deleting its file would let a second run lock a fresh one)."""
     entries = list(entries)
     for name in entries:
         path = out / name
@@ -420,7 +422,7 @@ def remove_run(out: Path, entries: Iterable[str]) -> None:
             shutil.rmtree(path)
         elif os.path.lexists(path):
             path.unlink()
-    kept = sorted(p.name for p in out.iterdir())
+    kept = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
     if kept:
         log.info(
             "--overwrite removed the earlier run from %s and kept what ngdiff did not write: %s", out, ", ".join(kept)

@@ -17,7 +17,7 @@ import yaml
 from ngdiff.metrics_log import read_jsonl
 from ngdiff.study.plots import autolr_plot, lr_plot, pareto_grid_plot, pareto_plot
 from ngdiff.study.results import best_cells, collect, lr_cells, summary_markdown, write_results
-from ngdiff.study.runner import DONE, STUDY_FILE
+from ngdiff.study.runner import DONE, STUDY_FILE, run_folder
 from ngdiff.study.spec import StudyError, SummaryRule
 from ngdiff.study.world import WORLD_FILE
 
@@ -30,11 +30,11 @@ class Report:
     missing: list[str]
 
 
-def _run_ids(study: dict[str, Any]) -> list[str]:
+def _runs(study: dict[str, Any]) -> list:
     from ngdiff.study.spec import RunSpec
 
     return [
-        RunSpec(m["name"], lr, seed, tuple(m["overrides"])).run_id
+        RunSpec(m["name"], lr, seed, tuple(m["overrides"]))
         for m in study["methods"]
         for lr in m["lrs"]
         for seed in m["seeds"]
@@ -78,9 +78,9 @@ def make_report(study_dir: str | Path) -> Report:
     methods = [m["name"] for m in study["methods"]]
 
     rows = collect(study_dir, target or None)
-    expected = _run_ids(study)
-    finished = [r for r in expected if (study_dir / "runs" / r / DONE).is_file()]
-    missing = [r for r in expected if r not in finished]
+    expected = _runs(study)
+    finished = [r.run_id for r in expected if (run_folder(study_dir / "runs", r) / DONE).is_file()]
+    missing = [r.run_id for r in expected if r.run_id not in finished]
     files = [write_results(rows, study_dir / "results.jsonl")]
     summary = summary_markdown(rows, rule, target, reference, methods, missing)
     (study_dir / "summary.md").write_text(summary)

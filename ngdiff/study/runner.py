@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ngdiff.config import ExperimentConfig, load_config
+from ngdiff.locks import clear_locked_folder, lock_output_dir
 from ngdiff.study.spec import RunSpec, StudyError, StudySpec, spec_to_dict
 from ngdiff.study.world import World, check_world, load_or_build, placeholder_overrides
 
@@ -33,10 +36,46 @@ class Plan:
     runs: list[RunSpec]
 
     def run_dir(self, run: RunSpec) -> Path:
-        return self.study_dir / "runs" / run.run_id
+        return run_folder(self.study_dir / "runs", run)
 
     def pending(self) -> list[RunSpec]:
         return [r for r in self.runs if not (self.run_dir(r) / DONE).is_file()]
+
+
+def run_folder(runs: Path, run: RunSpec) -> Path:
+    """`runs/<run_id>`, or the run's one-digit-lr folder of a study begun before run names carried the
+    whole lr (its config.yaml has this run's lr), so such a study resumes and reports as before."""
+    folder, legacy = runs / run.run_id, runs / run.legacy_run_id
+    saved = _saved_lr(folder)
+    if saved is not None and saved != run.lr:  # an old one-digit name that is now another lr's name
+        raise StudyError(
+            f"{folder} holds the run of lr {saved:g} (named by an earlier ngdiff), not lr {run.lr:g}; "
+            f"rename it to {runs / RunSpec(run.method, saved, run.seed, ()).run_id}"
+        )
+    if folder.exists() or legacy == folder or _saved_lr(legacy) != run.lr:
+        return folder
+    return legacy
+
+
+def _saved_lr(folder: Path) -> float | None:
+    config = folder / "config.yaml"
+    if not config.is_file():
+        return None
+    return ((yaml.safe_load(config.read_text()) or {}).get("optim") or {}).get("lr")
+
+
+def shared_folder_error(spec: StudySpec, runs: list[RunSpec]) -> StudyError | None:
+    """Two runs of the grid whose folder names are equal (their method names clean to one name)."""
+    seen: dict[str, RunSpec] = {}
+    for run in runs:
+        other = seen.setdefault(run.run_id, run)
+        if other is not run:
+            return StudyError(
+                f"{spec.source}: runs {other.method!r} and {run.method!r} (lr {run.lr:g}, seed {run.seed}) would "
+                f"share the folder runs/{run.run_id}: a folder name keeps only letters, digits and +-_. of a method "
+                "name; rename one of the methods"
+            )
+    return None
 
 
 def run_config(
@@ -52,9 +91,9 @@ def plan_study(spec: StudySpec, study_dir: Path) -> Plan:
     """Check the world section and every run's config (with placeholder paths) before anything heavy."""
     check_world(spec.world)
     runs = spec.runs()
-    ids = [r.run_id for r in runs]
-    if len(set(ids)) != len(ids):
-        raise StudyError(f"{spec.source}: two runs share a folder name; method names must differ after cleaning")
+    clash = shared_folder_error(spec, runs)
+    if clash is not None:
+        raise clash
     placeholders = placeholder_overrides(spec)
     real_paths = spec.world.kind == "cluster"  # a cluster world's target and data exist: check them too
     for run in runs:
@@ -92,45 +131,41 @@ def prepare_world(plan: Plan, progress: bool = True) -> World:
 
 
 def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
-    """One unlearning run with periodic evaluation; writes `done.json` when it completed."""
+    """One unlearning run with periodic evaluation; writes `done.json` when it completed. Holds the run's
+    lock, so a second study process on the same folder neither runs nor clears it."""
     from ngdiff.eval.during_training import evaluation_factory
-    from ngdiff.outputs import write_output_dir
     from ngdiff.pipeline import run_training
     from parallel.base import DistContext
 
     out = plan.run_dir(run)
     cfg = run_config(plan.spec, run, list(world.overrides), out)
-    if out.exists():
+    with lock_output_dir(out):
+        if (out / DONE).is_file():  # finished by another process since this one looked
+            return json.loads((out / DONE).read_text())
         _restart(cfg)
-    else:
-        write_output_dir(cfg, overwrite=False)
-    started = time.time()
-    outcome = run_training(cfg, DistContext(), evaluate_factory=evaluation_factory(cfg))
-    record = {
-        "method": run.method,
-        "lr": run.lr,
-        "seed": run.seed,
-        "budget_epochs": plan.spec.budget_epochs,
-        "steps": outcome.trainer.step_index,
-        "final_lr": outcome.trainer.lr,
-        "seconds": round(time.time() - started, 2),
-    }
-    if outcome.final_dir is not None:
-        shutil.rmtree(outcome.final_dir)  # the trajectory is the result; 80 copies of the weights are not
-        (out / DONE).write_text(json.dumps(record, indent=1))
+        started = time.time()
+        outcome = run_training(cfg, DistContext(), evaluate_factory=evaluation_factory(cfg))
+        record = {
+            "method": run.method,
+            "lr": run.lr,
+            "seed": run.seed,
+            "budget_epochs": plan.spec.budget_epochs,
+            "steps": outcome.trainer.step_index,
+            "final_lr": outcome.trainer.lr,
+            "seconds": round(time.time() - started, 2),
+        }
+        if outcome.final_dir is not None:
+            shutil.rmtree(outcome.final_dir)  # the trajectory is the result; 80 copies of the weights are not
+            (out / DONE).write_text(json.dumps(record, indent=1))
     return record
 
 
 def _restart(cfg: ExperimentConfig) -> None:
-    """An unfinished run folder is replaced (the run starts again)."""
+    """The run starts in an empty folder: an unfinished one's files are deleted (its lock, held, is kept)."""
     from ngdiff.outputs import write_output_dir
 
-    out = Path(cfg.output_dir)
-    if (out / "config.yaml").is_file():
-        write_output_dir(cfg, overwrite=True)
-    else:
-        shutil.rmtree(out)
-        write_output_dir(cfg, overwrite=False)
+    clear_locked_folder(cfg.output_dir)
+    write_output_dir(cfg, overwrite=False)
 
 
 def priority(spec: StudySpec, run: RunSpec) -> tuple[int, int, int, int]:

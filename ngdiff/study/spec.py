@@ -115,9 +115,28 @@ class RunSpec:
     overrides: tuple[str, ...]
 
     @property
+    def folder_method(self) -> str:
+        """The method's name as a folder name may hold it."""
+        return "".join(ch if ch.isalnum() or ch in "+-_." else "-" for ch in self.method)
+
+    @property
     def run_id(self) -> str:
-        safe = "".join(ch if ch.isalnum() or ch in "+-_." else "-" for ch in self.method)
-        return f"{safe}__lr{self.lr:.0e}__s{self.seed}"
+        """The run's folder name: distinct lrs always give distinct names (see `lr_label`)."""
+        return f"{self.folder_method}__lr{lr_label(self.lr)}__s{self.seed}"
+
+    @property
+    def legacy_run_id(self) -> str:
+        """The folder name of studies begun before names carried every digit of the lr (one digit)."""
+        return f"{self.folder_method}__lr{self.lr:.0e}__s{self.seed}"
+
+
+def lr_label(lr: float) -> str:
+    """The fewest significant digits that read back as exactly `lr`: 1e-04, 1.5e-04, 1.6e-04, 4.6e-02."""
+    for digits in range(17):
+        label = f"{lr:.{digits}e}"
+        if float(label) == lr:
+            return label
+    return repr(lr)
 
 
 @dataclass(frozen=True)

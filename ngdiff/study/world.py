@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ngdiff import TOFU_DIR
+from ngdiff.locks import FolderLock, Holder, try_lock
 from ngdiff.study.spec import StudyError, StudySpec, WorldSpec
 
 log = logging.getLogger("ngdiff.study")
@@ -191,40 +191,38 @@ WORLD_MODELS = {"target": "target_train", "retain_model": "reference_train"}  # 
 BUILT = ".built"
 
 
-def try_claim(folder: Path) -> str:
-    """'built', 'busy' (another live process holds `folder`.lock) or 'mine' (this process now holds it).
-    Lets two `ngdiff study world` processes build the world's two models at once."""
+def try_claim(folder: Path) -> tuple[str, FolderLock | Holder | None]:
+    """('built', None), ('busy', who holds `folder`.lock) or ('mine', the lock this process now holds).
+    Lets two `ngdiff study world` processes build the world's two models at once. The lock is the
+    kernel's (ngdiff.locks): it dies with its holder, so a holder's reused PID cannot keep it."""
     if (folder / BUILT).is_file():
-        return "built"
-    lock = folder.with_name(folder.name + ".lock")
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            holder = int(lock.read_text() or 0)
-            os.kill(holder, 0)
-            return "busy"
-        except (ValueError, ProcessLookupError, FileNotFoundError):  # its builder died: take over
-            lock.unlink(missing_ok=True)
-            return try_claim(folder)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return "mine"
+        return "built", None
+    claim = try_lock(folder.with_name(folder.name + ".lock"))
+    if isinstance(claim, Holder):
+        return "busy", claim
+    if (folder / BUILT).is_file():  # its builder finished between our two looks
+        claim.release()
+        return "built", None
+    return "mine", claim
 
 
 def build_each(folders: dict[str, Path], build, poll: float = 5.0) -> None:
-    """`build(name)` for every folder not built yet and not being built elsewhere; wait for the others."""
+    """`build(name)` for every folder not built yet and not being built elsewhere; wait for the others,
+    saying once who builds each."""
     pending = dict(folders)
+    reported: set[str] = set()
     while pending:
         for name, folder in list(pending.items()):
-            state = try_claim(folder)
+            state, claim = try_claim(folder)
             if state == "mine":
-                try:
+                with claim:
                     build(name)
                     (folder / BUILT).write_text("")
-                finally:
-                    folder.with_name(folder.name + ".lock").unlink(missing_ok=True)
-            if state != "busy":
+            if state == "busy":
+                if name not in reported:
+                    log.warning("world: %s is being built by another process (%s); waiting for it", name, claim)
+                    reported.add(name)
+            else:
                 del pending[name]
         if pending:
             time.sleep(poll)
