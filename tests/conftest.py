@@ -47,6 +47,19 @@ def tofu_rows(n: int = 400) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
 
 
+def tiny_run_overrides(model_dir: Path, split: dict[str, Path], *extra: str) -> list[str]:
+    """The overrides of a run of the tiny model on the small TOFU split: batches of 4, no progress bar."""
+    return [
+        f"model.path={model_dir}",
+        f"data.forget={split['forget']}",
+        f"data.retain={split['retain']}",
+        "train.forget_batch_size=4",
+        "train.retain_batch_size=4",
+        "logging.progress=false",
+        *extra,
+    ]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

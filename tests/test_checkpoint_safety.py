@@ -25,20 +25,11 @@ from ngdiff.pipeline import run_training
 from ngdiff.trainer import Trainer
 from parallel.base import DistContext
 from parallel.safe_load import UnsafeCheckpointError, weights_only_loads
+from tests.conftest import tiny_run_overrides
 
 
 def overrides(tiny_model_dir, tofu_split, out, *extra) -> list[str]:
-    return [
-        f"model.path={tiny_model_dir}",
-        f"data.forget={tofu_split['forget']}",
-        f"data.retain={tofu_split['retain']}",
-        "train.forget_batch_size=4",
-        "train.retain_batch_size=4",
-        "logging.progress=false",
-        "autolr.enabled=false",
-        f"output_dir={out}",
-        *extra,
-    ]
+    return tiny_run_overrides(tiny_model_dir, tofu_split, "autolr.enabled=false", f"output_dir={out}", *extra)
 
 
 def train(tiny_model_dir, tofu_split, out, *extra, on_trainer=None):

@@ -15,20 +15,12 @@ from ngdiff.finite import NonFiniteError
 from ngdiff.metrics_log import read_jsonl
 from ngdiff.pipeline import run_training
 from parallel.base import DistContext
+from tests.conftest import tiny_run_overrides
 from tests.test_autolr import Quadratic, make_backend
 
 
 def train_args(tiny_model_dir, tofu_split, out, *extra) -> list[str]:
-    return [
-        f"model.path={tiny_model_dir}",
-        f"data.forget={tofu_split['forget']}",
-        f"data.retain={tofu_split['retain']}",
-        "train.forget_batch_size=4",
-        "train.retain_batch_size=4",
-        "logging.progress=false",
-        f"output_dir={out}",
-        *extra,
-    ]
+    return tiny_run_overrides(tiny_model_dir, tofu_split, f"output_dir={out}", *extra)
 
 
 def test_a_huge_lr_stops_the_run_at_the_first_nan_step_with_one_line(tiny_model_dir, tofu_split, tmp_path, capsys):

@@ -15,6 +15,7 @@ import yaml
 from launcher.cli import main
 from ngdiff.config import ConfigError, load_config
 from ngdiff.outputs import MARKER_NAME, check_output_dir, write_output_dir
+from tests.conftest import tiny_run_overrides
 
 HF_TOKEN = "hf_" + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3z"
 GITHUB_TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
@@ -22,15 +23,7 @@ GITHUB_TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
 
 @pytest.fixture
 def base(tofu_split, tiny_model_dir) -> list[str]:
-    return [
-        f"model.path={tiny_model_dir}",
-        f"data.forget={tofu_split['forget']}",
-        f"data.retain={tofu_split['retain']}",
-        "train.max_steps=1",
-        "train.forget_batch_size=4",
-        "train.retain_batch_size=4",
-        "logging.progress=false",
-    ]
+    return tiny_run_overrides(tiny_model_dir, tofu_split, "train.max_steps=1")
 
 
 def started(cfg, steps: int = 1, checkpoint: bool = False) -> Path:

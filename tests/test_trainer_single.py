@@ -16,23 +16,11 @@ from ngdiff.modeling import load_tokenizer
 from ngdiff.objectives import NLL
 from ngdiff.pipeline import run_training
 from parallel.base import DistContext
-from tests.conftest import stop_requested_in_step, tofu_rows, write_jsonl
+from tests.conftest import stop_requested_in_step, tiny_run_overrides, tofu_rows, write_jsonl
 
 
 def config(tiny_model_dir, tofu_split, out, *extra):
-    return load_config(
-        None,
-        [
-            f"model.path={tiny_model_dir}",
-            f"data.forget={tofu_split['forget']}",
-            f"data.retain={tofu_split['retain']}",
-            "train.forget_batch_size=4",
-            "train.retain_batch_size=4",
-            "logging.progress=false",
-            f"output_dir={out}",
-            *extra,
-        ],
-    )
+    return load_config(None, tiny_run_overrides(tiny_model_dir, tofu_split, f"output_dir={out}", *extra))
 
 
 def first_global_batch(cfg, tokenizer, source: str, seed: int):
