@@ -70,6 +70,10 @@ class EndpointRule:
     quality_metric: str = QUALITY_METRIC
     utility_metric: str = UTILITY_METRIC
 
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise StudyError(f"a utility floor is a fraction of the target's utility in (0, 1], got {self.fraction}")
+
 
 @dataclass(frozen=True)
 class Endpoint:

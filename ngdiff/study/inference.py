@@ -339,8 +339,6 @@ def floor_sensitivity(
     rows = list(rows)
     by_floor, verdicts_by_floor = {}, {}
     for fraction in fractions:
-        if not 0 < fraction <= 1:
-            raise StudyError(f"a utility floor is a fraction of the target's utility in (0, 1], got {fraction}")
         rule_f = EndpointRule(fraction, rule.distance_metric, rule.quality_metric, rule.utility_metric)
         points = of_stage(endpoints(rows, rule_f), stage)
         by_floor[fraction] = points

@@ -85,6 +85,8 @@ def test_step_zero_qualifies_when_every_later_point_breaks_the_floor_and_ties_go
 def test_a_run_without_its_target_row_is_refused_and_worlds_and_stages_are_separate_runs():
     with pytest.raises(StudyError, match="no step-0 row"):
         run_endpoint([row(5, 0.1, 1.0)])
+    with pytest.raises(StudyError, match=r"in \(0, 1\], got 1.5"):
+        EndpointRule(fraction=1.5)
     rows = [
         row(s, d, 1.0, world=w, stage=st)
         for w in (0, 1)
