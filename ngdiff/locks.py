@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ngdiff.errors import UserError
+from ngdiff.run_folder import check_writable
 
 LOCK_NAME = ".ngdiff.lock"  # inside a run's output_dir: not part of the run, the output-folder guard skips it
 _BUSY = (errno.EACCES, errno.EAGAIN)
@@ -142,8 +143,7 @@ def lock_output_dir(output_dir: str | Path) -> FolderLock:
     one error line when another ngdiff run holds it or the filesystem cannot lock. Its release removes
     the lock file, so a finished run leaves none."""
     folder = Path(output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"output_dir {folder} exists and is not a folder")
+    check_writable(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME

@@ -24,6 +24,7 @@ import yaml
 from ngdiff.checkpoint import checkpoint_root, latest_complete
 from ngdiff.config import ConfigError, ExperimentConfig
 from ngdiff.locks import LOCK_NAME
+from ngdiff.run_folder import check_writable
 from ngdiff.secret_formats import mask_values
 
 log = logging.getLogger("ngdiff")
@@ -236,21 +237,6 @@ def _summary(diffs: list[str], most: int = 6) -> str:
 
 
 # --------------------------------------------------------------------------- the guard
-
-
-def check_writable(out: Path) -> None:
-    """One line naming the folder when it cannot be made or written (under a file, read-only)."""
-    probe = Path(os.path.abspath(out))
-    while not os.path.lexists(probe) and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        if probe == Path(os.path.abspath(out)):
-            raise ConfigError(f"output_dir {out} exists and is not a folder; choose another output_dir")
-        raise ConfigError(
-            f"output_dir {out} lies under {probe}, which is a file, not a folder; choose another output_dir"
-        )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir {out}: cannot write in {probe} (permission denied); choose another output_dir")
 
 
 def check_output_dir(cfg: ExperimentConfig, overwrite: bool, again: str = RESUME_HINT, own: Iterable[str] = ()) -> None:

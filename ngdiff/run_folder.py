@@ -1,4 +1,5 @@
-"""Notice when a run's folder (or a file in it) is deleted or replaced while the run writes into it.
+"""The run folder on disk: can it be written (`check_writable`), and is it still the one the run began in
+(`PathGuard`).
 
 An open file survives its deletion: writes keep landing in the unlinked inode and the run ends with
 rc 0 and nothing on disk. One `os.stat` per write, compared with the (device, inode) seen at the start,
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ngdiff.config import ConfigError
 from ngdiff.errors import UserError
 
 
@@ -35,3 +37,18 @@ class PathGuard:
             return
         what = "" if self.path == self.folder else f": {self.path.name}"
         raise UserError(f"run folder {self.folder}{what} was deleted or replaced while the run wrote into it; stopping")
+
+
+def check_writable(out: Path) -> None:
+    """One line naming the folder when it cannot be made or written (under a file, read-only)."""
+    probe = Path(os.path.abspath(out))
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        if probe == Path(os.path.abspath(out)):
+            raise ConfigError(f"output_dir {out} exists and is not a folder; choose another output_dir")
+        raise ConfigError(
+            f"output_dir {out} lies under {probe}, which is a file, not a folder; choose another output_dir"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {out}: cannot write in {probe} (permission denied); choose another output_dir")
