@@ -10,7 +10,6 @@ before its first step does not block the same command from starting again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from ngdiff.checkpoint import checkpoint_root, latest_complete
 from ngdiff.config import ConfigError, ExperimentConfig
 from ngdiff.locks import LOCK_NAME
 from ngdiff.run_folder import check_writable
+from ngdiff.run_identity import data_fingerprints, input_paths, inside, resolved, run_record
 from ngdiff.secret_formats import mask_values
 
 log = logging.getLogger("ngdiff")
@@ -32,7 +32,6 @@ log = logging.getLogger("ngdiff")
 CONFIG_NAME = "config.yaml"
 MARKER_NAME = "ngdiff-run.json"
 MARKER_FORMAT = 1
-OUTPUT_PLACEHOLDER = "<output_dir>"
 # what ngdiff writes in a run folder: the run itself, its evaluations and best model, `ngdiff plot`'s picture,
 # the W&B sink's files (launcher/wandb_sink.py) and `ngdiff slurm`'s script and logs (launcher/slurm.py)
 RUN_ENTRIES = (
@@ -51,129 +50,8 @@ RUN_ENTRIES = (
 )
 # entries whose presence means the run took at least one step (checkpoints and metrics are looked into)
 STEP_ENTRIES = ("final", "summary.json", "best", "eval")
-# keys that may change between a run and its resumption without making it a different run
-RESUME_FREE = {
-    ("train", "resume"),
-    ("train", "resume_changed_data"),
-    ("logging", "wandb"),
-    ("logging", "progress"),
-    ("logging", "run_name"),
-    ("logging", "verbose"),
-}
-# keys naming files or folders the run reads (compared resolved; checked against what --overwrite removes)
-PATH_KEYS = (
-    ("model", "path"),
-    ("model", "reference_path"),
-    ("data", "forget"),
-    ("data", "retain"),
-    ("data", "idk"),
-    ("parallel", "deepspeed_config"),
-    ("eval", "data_dir"),
-    ("eval", "reference"),
-)
-DATA_KEYS = ("forget", "retain", "idk")
 RESUME_HINT = "pass train.resume=auto to continue it or --overwrite to start again"
 CHANGED_DATA_KEY = "train.resume_changed_data"
-
-
-# --------------------------------------------------------------------------- what a run is
-
-
-def _resolved(value: str) -> Path:
-    return Path(os.path.abspath(Path(value).expanduser())).resolve()
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def _looks_local(value: str) -> bool:
-    """A filesystem path rather than a hub name (`name`, `namespace/name` or `name:split`)."""
-    return value.startswith((".", "/", "~")) or value.endswith((".json", ".jsonl")) or Path(value).expanduser().exists()
-
-
-def normal_path(value: str, out: Path) -> str:
-    """One spelling per file: absolute and resolved, or relative to the output folder when inside it (so the
-    demo's own data and model compare equal after the folder moved); hub names stay as they are."""
-    if not value:
-        return value
-    path = _resolved(value)
-    if _inside(path, _resolved(str(out))):
-        return str(Path(OUTPUT_PLACEHOLDER) / path.relative_to(_resolved(str(out))))
-    return str(path) if _looks_local(value) else value
-
-
-def run_record(raw: dict[str, Any], out: Path) -> dict[str, Any]:
-    """What the run computes: its config, tokens masked, without the output folder and the keys a resume may
-    change, with every path in one spelling."""
-    record: dict[str, Any] = {}
-    for section, values in mask_values(raw).items():
-        if section == "output_dir":
-            continue
-        if not isinstance(values, dict):
-            record[section] = values
-            continue
-        kept = {}
-        for key, value in values.items():
-            if (section, key) in RESUME_FREE:
-                continue
-            if (section, key) in PATH_KEYS:
-                value = [normal_path(v, out) for v in value] if isinstance(value, list) else normal_path(value, out)
-            kept[key] = value
-        record[section] = kept
-    return record
-
-
-def data_files(cfg: ExperimentConfig) -> list[tuple[str, str]]:
-    """(config key, value) of every data source the run reads."""
-    files = []
-    for key in DATA_KEYS:
-        values = getattr(cfg.data, key)
-        values = (values,) if isinstance(values, str) else values
-        for index, value in enumerate(v for v in values if v):
-            files.append((f"data.{key}" if len(values) == 1 else f"data.{key}[{index}]", value))
-    return files
-
-
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def data_fingerprints(cfg: ExperimentConfig) -> dict[str, dict[str, str]]:
-    """Per data key: a local file's path and sha256, or a hub dataset's name (its rows are not hashed)."""
-    prints: dict[str, dict[str, str]] = {}
-    for key, value in data_files(cfg):
-        path = Path(value).expanduser()
-        if path.is_file():
-            prints[key] = {"path": str(_resolved(value)), "sha256": file_hash(path)}
-        elif not _looks_local(value):
-            prints[key] = {"hub": value, "note": "a hub dataset: its name is recorded, its rows are not hashed"}
-    return prints
-
-
-def input_paths(cfg: ExperimentConfig) -> list[tuple[str, Path]]:
-    """(config key, resolved path) of every local file or folder the run reads, a LoRA adapter's base included."""
-    found: list[tuple[str, Path]] = []
-    for section, key in PATH_KEYS:
-        value = getattr(getattr(cfg, section), key)
-        values = (value,) if isinstance(value, str) else value
-        for item in values:
-            if item and _looks_local(item):
-                found.append((f"{section}.{key}", _resolved(item)))
-    for key, path in list(found):
-        adapter = path / "adapter_config.json"
-        if key.startswith("model.") and adapter.is_file():
-            try:
-                base = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
-            except (OSError, ValueError):
-                base = ""
-            if base and _looks_local(base):
-                found.append((f"{key} (its adapter's base model)", _resolved(base)))
-    return found
 
 
 # --------------------------------------------------------------------------- what the folder holds
@@ -325,11 +203,11 @@ def _legacy_config(out: Path) -> dict[str, Any] | None:
 def check_inputs_survive(cfg: ExperimentConfig, out: Path, marker: dict[str, Any], own: Iterable[str]) -> None:
     """--overwrite must not delete what the new run reads (an earlier run's `final/` as model.path, ...)."""
     own = set(own)
-    doomed = [(name, _resolved(str(out / name))) for name in ngdiff_entries(marker, own) if name not in own]
+    doomed = [(name, resolved(str(out / name))) for name in ngdiff_entries(marker, own) if name not in own]
     doomed = [(name, path) for name, path in doomed if os.path.lexists(out / name)]
     for key, path in input_paths(cfg):
         for name, entry in doomed:
-            if _inside(path, entry):
+            if inside(path, entry):
                 raise ConfigError(
                     f"--overwrite would delete {out / name}, but {key} reads {path} from it; copy it out of "
                     "output_dir first, or choose another output_dir"
