@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ngdiff.errors import UserError
-from ngdiff.run_folder import check_writable
+from ngdiff.run_folder import check_writable, identity
 
 LOCK_NAME = ".ngdiff.lock"  # inside a run's output_dir: not part of the run, the output-folder guard skips it
 _BUSY = (errno.EACCES, errno.EAGAIN)
@@ -80,7 +80,7 @@ class FolderLock:
         """Free the lock and, if `remove`, delete its file (a claimer that opened it before sees it gone)."""
         if self._fd < 0:
             return
-        if self.remove and _same_file(self.path, self._key):
+        if self.remove and identity(self.path) == self._key:
             self.path.unlink(missing_ok=True)
         _HELD.pop(self._key, None)
         fd, self._fd = self._fd, -1
@@ -95,14 +95,6 @@ class FolderLock:
     def __del__(self) -> None:  # a lock dropped unreleased (e.g. by an exception)
         with contextlib.suppress(Exception):  # at interpreter shutdown; the process's exit frees it anyway
             self.release()
-
-
-def _same_file(path: Path, key: tuple[int, int]) -> bool:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    return (st.st_dev, st.st_ino) == key
 
 
 def try_lock(path: Path, remove: bool = True) -> FolderLock | Holder:
@@ -133,7 +125,7 @@ def try_lock(path: Path, remove: bool = True) -> FolderLock | Holder:
             raise
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        if _same_file(path, key):
+        if identity(path) == key:
             return FolderLock(path, fd, key, remove)
         os.close(fd)  # its holder removed the file between our open and lock: claim the new one
 

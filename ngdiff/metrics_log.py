@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 
 from ngdiff.errors import UserError
-from ngdiff.run_folder import PathGuard
+from ngdiff.run_folder import PathGuard, write_atomically
 
 # what `StepResult.metrics` (ngdiff/trainer.py) emits each step: per-task keys loss_<task>, grad_norm_<task>,
 # w_<task>, cos_<task i>_<task j> (plus loss_forget / loss_retain), the step's lr, time and memory
@@ -59,9 +59,7 @@ class JsonlSink:
         if lines and not lines[-1].endswith("\n"):
             lines.pop()  # a row cut short by the crash
         kept = [line for line in lines if (row_step := _step_of(line)) is None or row_step <= step]
-        temporary = self.path.with_name(f".{self.path.name}.partial")
-        temporary.write_text("".join(kept))
-        temporary.replace(self.path)
+        write_atomically(self.path, "".join(kept))
         self._file = self.path.open("a")
         self._guard = PathGuard(self.path, self.path.parent)
 

@@ -23,7 +23,7 @@ import yaml
 from ngdiff.checkpoint import checkpoint_root, latest_complete
 from ngdiff.config import ConfigError, ExperimentConfig
 from ngdiff.locks import LOCK_NAME
-from ngdiff.run_folder import check_writable
+from ngdiff.run_folder import check_writable, write_atomically
 from ngdiff.run_identity import data_fingerprints, input_paths, inside, resolved, run_record
 from ngdiff.secret_formats import mask_values
 
@@ -228,13 +228,6 @@ def changed_data(cfg: ExperimentConfig, marker: dict[str, Any]) -> list[tuple[st
 # --------------------------------------------------------------------------- writing
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Whole or not at all: a crash mid-write leaves the earlier file, never half of a new one."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def write_output_dir(cfg: ExperimentConfig, overwrite: bool, own: Iterable[str] = ()) -> Path:
     """Rank 0 only, after `check_output_dir`: clear an earlier run if asked to (only what ngdiff wrote there),
     write the marker, then the effective config (tokens masked)."""
@@ -256,9 +249,9 @@ def write_output_dir(cfg: ExperimentConfig, overwrite: bool, own: Iterable[str] 
         entries = list(dict.fromkeys([*(marker or {}).get("entries", []), *RUN_ENTRIES, *own]))
         out.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"ngdiff_run": MARKER_FORMAT, "entries": entries, "run": record, "data": data}, indent=1)
-        _write_atomically(out / MARKER_NAME, text + "\n")
+        write_atomically(out / MARKER_NAME, text + "\n")
         config = yaml.safe_dump(mask_values(cfg.to_dict()), sort_keys=False)
-        _write_atomically(out / CONFIG_NAME, config)
+        write_atomically(out / CONFIG_NAME, config)
     except OSError as err:
         raise ConfigError(
             f"output_dir {out}: cannot write there ({err.strerror or err}); choose another output_dir"

@@ -15,6 +15,13 @@ from ngdiff.config import ConfigError
 from ngdiff.errors import UserError
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Whole or not at all: a crash mid-write leaves the earlier file, never half of a new one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def identity(path: Path) -> tuple[int, int] | None:
     try:
         status = os.stat(path)
