@@ -27,7 +27,6 @@ from torch.distributed.tensor import DTensor
 
 from parallel.base import Backend, check_loaded_keys
 from parallel.export import exported_names, gather_rows_to_main
-from parallel.gloo_comm import use_chunked_collectives
 from parallel.loading import (
     init_non_persistent_buffers,
     load_shards,
@@ -140,6 +139,10 @@ class FSDPBackend(Backend):
             # the input embedding's backward needs only the token ids: no all-gather of the table in backward
             embeddings[0].set_unshard_in_backward(False)
         if torch.distributed.get_backend(mesh.get_group()) == "gloo":
+            # imported here: gloo_comm subclasses FSDP2's private collective classes (torch >= 2.9), which
+            # NCCL runs never need, so a torch without them still imports and runs this backend on NCCL
+            from parallel.gloo_comm import use_chunked_collectives
+
             for unit in units:
                 use_chunked_collectives(unit)
                 # gloo's collectives block this thread, so prefetching the next unit in backward overlaps

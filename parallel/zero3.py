@@ -24,7 +24,6 @@ import torch
 from ngdiff.errors import UserError
 from parallel.base import Backend, frozen_names
 from parallel.export import exported_names, gather_rows_to_main
-from parallel.gloo_comm import use_in_deepspeed
 from parallel.optim import build_optimizer, set_lr
 from parallel.safe_load import weights_only_loads
 
@@ -233,6 +232,8 @@ class Zero3Backend(Backend):
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         if torch.distributed.get_backend() == "gloo":
             from deepspeed.comm import comm
+
+            from parallel.gloo_comm import use_in_deepspeed  # gloo only, as in parallel/fsdp.py
 
             use_in_deepspeed(comm.cdb)  # no whole-tensor staging copy in gloo's all-gather / reduce-scatter
 
