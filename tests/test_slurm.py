@@ -99,10 +99,7 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 def jobs(cluster, tiny_model_dir, tofu_split, tmp_path_factory) -> dict[str, dict]:
     """Submit every job of this module at once (the cluster runs them side by side, saving minutes):
     an uninterrupted run (W&B offline, a credential in its environment), the same run to be preempted,
-    a 2-node torchrun DDP run (preempted too) and a 2-node DeepSpeed-launcher ZeRO-3 run, when those
-    backends exist."""
-    from parallel import BACKENDS
-
+    a 2-node torchrun DDP run (preempted too) and a 2-node DeepSpeed-launcher ZeRO-3 run."""
     root = tmp_path_factory.mktemp("slurm")
     submitted: dict[str, dict] = {}
     plain = [*common(tiny_model_dir, tofu_split, root / "plain", STEPS), "logging.wandb=true", "logging.tags=[t1]"]
@@ -111,18 +108,16 @@ def jobs(cluster, tiny_model_dir, tofu_split, tmp_path_factory) -> dict[str, dic
     submitted["plain"]["job"] = submit(cluster, plain, "--nodes", "1", "--gpus-per-node", "1", WANDB_API_KEY=SECRET)
     preempted = common(tiny_model_dir, tofu_split, root / "preempted", STEPS)
     submitted["preempted"] = {"out": root / "preempted", "job": submit(cluster, preempted, *ONE_GPU)}
-    if "ddp" in BACKENDS:
-        two = [*common(tiny_model_dir, tofu_split, root / "two_nodes", STEPS), "parallel.backend=ddp"]
-        submitted["two_nodes"] = {
-            "out": root / "two_nodes",
-            "job": submit(cluster, two, "--nodes", "2", "--gpus-per-node", "1"),
-        }
-    if "zero3" in BACKENDS:
-        ds = [*common(tiny_model_dir, tofu_split, root / "deepspeed", 4), "parallel.backend=zero3"]
-        submitted["deepspeed"] = {
-            "out": root / "deepspeed",
-            "job": submit(cluster, ds, "--nodes", "2", "--gpus-per-node", "1", "--launcher", "deepspeed"),
-        }
+    two = [*common(tiny_model_dir, tofu_split, root / "two_nodes", STEPS), "parallel.backend=ddp"]
+    submitted["two_nodes"] = {
+        "out": root / "two_nodes",
+        "job": submit(cluster, two, "--nodes", "2", "--gpus-per-node", "1"),
+    }
+    ds = [*common(tiny_model_dir, tofu_split, root / "deepspeed", 4), "parallel.backend=zero3"]
+    submitted["deepspeed"] = {
+        "out": root / "deepspeed",
+        "job": submit(cluster, ds, "--nodes", "2", "--gpus-per-node", "1", "--launcher", "deepspeed"),
+    }
     return submitted
 
 
@@ -147,7 +142,7 @@ def preemptions(cluster, jobs) -> dict[str, dict]:
 
     Runs before the module's other tests look at anything: these jobs were submitted with the others
     and must be caught while they run."""
-    runs = {name: jobs[name] for name in ("preempted", "two_nodes") if name in jobs}
+    runs = {name: jobs[name] for name in ("preempted", "two_nodes")}
     signalled: set[str] = set()
     deadline = time.monotonic() + JOB_TIMEOUT
     while len(signalled) < len(runs):
@@ -261,8 +256,6 @@ def _split(run: dict) -> dict[str, Path]:
 
 
 def test_two_node_torchrun_job_is_preempted_and_resumes(cluster, jobs, preemptions, finished_run):
-    if "two_nodes" not in preemptions:
-        pytest.skip("parallel.backend=ddp is not available yet")
     run = preemptions["two_nodes"]
     stopped_at = check_preempted_and_resumed(run)
     log = job_log(run["out"])
@@ -279,8 +272,6 @@ def test_two_node_torchrun_job_is_preempted_and_resumes(cluster, jobs, preemptio
 
 
 def test_two_node_deepspeed_launcher_job_with_a_hostfile(cluster, jobs, finished_run):
-    if "deepspeed" not in jobs:
-        pytest.skip("parallel.backend=zero3 is not available yet")
     run = jobs["deepspeed"]
     out = wait_done(cluster, run)
     log = job_log(out)

@@ -31,13 +31,8 @@ def base(tiny_model_dir, tofu_split, tmp_path) -> list[str]:
 
 
 def sharded() -> str:
-    """A multi-process backend override (the sharded backends land separately from this module)."""
-    from parallel import BACKENDS
-
-    names = sorted(set(BACKENDS) - {"single"})
-    if not names:
-        pytest.skip("no multi-process parallel backend registered yet")
-    return f"parallel.backend={'ddp' if 'ddp' in names else names[0]}"
+    """A multi-process backend override."""
+    return "parallel.backend=ddp"
 
 
 @pytest.fixture
