@@ -57,7 +57,7 @@ TRAIN_EXAMPLES = """examples:
   ngdiff train model.path=/models/my-llama data.format=tofu data.forget=forget.jsonl \\
       data.retain=retain.jsonl output_dir=out/run1
   ngdiff train configs/tofu_ngdiff.yaml optim.lr=0.02 train.max_steps=60 train.resume=auto"""
-KEY_TABLE = "every key and its meaning: README.md, section \"The config keys\" (defaults: ngdiff/config.py)"
+KEY_TABLE = 'every key and its meaning: README.md, section "The config keys" (defaults: ngdiff/config.py)'
 
 
 def train_epilog() -> str:
@@ -162,3 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config error" if isinstance(err, ConfigError) else "error"
         print(f"ngdiff: {kind}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading, a second Ctrl-C): no traceback
+        print(f"ngdiff: interrupted; {interrupted_hint(args)}", file=sys.stderr)
+        return 130
+
+
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """What a Ctrl-C outside the training loop leaves: a training run resumes from its newest checkpoint."""
+    if args.command != "train":
+        return "nothing was completed"
+    from launcher.signals import resume_hint
+
+    return f"any checkpoint written is kept: {resume_hint()}"
