@@ -2,7 +2,9 @@
 
 Quiet by default: the libraries' own INFO lines and transformers' per-load/per-save bars ("Loading
 weights", "Writing model shards") say nothing a user acts on, and they bury ngdiff's phase messages.
-`--verbose` (or `logging.verbose=true`) brings them back, with INFO from every rank.
+`--verbose` (or `logging.verbose=true`) brings them back, with INFO from every rank. The start-up
+lines (which rank runs where: `ngdiff.start`) are INFO too, and come from every rank: a multi-rank
+log says where each process landed without a flag.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import os
 import sys
 
+START_LOGGER = "ngdiff.start"  # one line per rank at start-up, INFO on every rank
 NOISY_LOGGERS = ("datasets", "urllib3", "filelock", "httpx", "DeepSpeed", "absl", "accelerate")
 
 
@@ -23,6 +26,7 @@ def setup_logging(rank: int = 0, verbose: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger(START_LOGGER).setLevel(logging.INFO)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

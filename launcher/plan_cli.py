@@ -8,12 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
 
 from launcher.cli import split_config_and_overrides, subcommand
 from ngdiff.config import ConfigError, load_config
 
 UNITS = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
          "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}  # fmt: skip
+
+
+DEFAULT_GPU_MEMORY = "80GiB"
 
 
 def parse_bytes(text: str) -> int:
@@ -27,7 +31,11 @@ def parse_bytes(text: str) -> int:
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("items", nargs="*", metavar="[CONFIG] KEY=VALUE", help="YAML file, then dotted overrides")
     parser.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs) the run would use")
-    parser.add_argument("--gpu-memory", default="80GiB", help="memory of one accelerator (default 80GiB)")
+    parser.add_argument(
+        "--gpu-memory",
+        default=None,
+        help=f"memory of one accelerator (default {DEFAULT_GPU_MEMORY}, an 80 GB A100/H100)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     parser.add_argument(
         "--model-config",
@@ -43,7 +51,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
     if args.world_size < 1:
         raise ConfigError(f"--world-size must be at least 1, got {args.world_size}")
-    capacity = parse_bytes(args.gpu_memory)
+    capacity = parse_bytes(args.gpu_memory or DEFAULT_GPU_MEMORY)
+    capacity_note = "" if args.gpu_memory else " (the default; set yours with --gpu-memory, e.g. --gpu-memory 40GiB)"
     config_path, overrides = split_config_and_overrides(args.items)
     cfg = load_config(config_path, overrides, check_sources=False)
     if cfg.parallel.backend == "single" and args.world_size > 1:
@@ -51,11 +60,11 @@ def run_plan(args: argparse.Namespace) -> int:
             f"parallel.backend=single runs one process; --world-size {args.world_size} needs ddp, fsdp or zero3"
         )
     shape, source = read_shape(cfg, args.model_config)
-    result = plan(shape, settings_from_config(cfg, args.world_size), capacity)
+    result = plan(shape, settings_from_config(cfg, args.world_size, shape.hidden), capacity)
     if args.json:
         print(json.dumps({"model": source, **result.as_dict()}, indent=1))
     else:
-        print(render(result, source))
+        print(render(result, source, capacity_note))
     return 0
 
 
@@ -95,11 +104,80 @@ def read_hf_config(cfg, model_config: str):
         check_model_source("model.path", cfg.model.path)
     except ModelSourceError as err:
         raise ConfigError(str(err)) from None
+    if Path(cfg.model.path).expanduser().is_dir():
+        with loading_from("model.path", cfg.model.path):
+            return AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    try:  # a hub name whose config.json is cached: no network
+        return AutoConfig.from_pretrained(
+            cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError):
+        pass
+    unreachable = hub_unreachable()
+    if unreachable:  # fail at once, not after the hub client's retries
+        raise ConfigError(
+            f"model.path={cfg.model.path}: its config.json is not cached and {unreachable}; plan from a shape "
+            f"instead: --model-config {' | '.join(LLAMA2_CONFIGS)} | path/to/config.json"
+        )
     with loading_from("model.path", cfg.model.path):
         return AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
 
 
-def render(result, source: str) -> str:
+def hub_unreachable(timeout: float = 3.0) -> str:
+    """Why the Hugging Face hub cannot be asked (offline mode, or its endpoint refuses or does not answer
+    within `timeout` seconds), or '' when it answers."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set (no hub access)"
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as err:
+        return f"the hub at {constants.ENDPOINT} cannot be reached ({err.strerror or err})"
+    return ""
+
+
+def explain(name: str, result) -> str:
+    """What one line of the table holds, in this run's terms (the formulas: ngdiff/memory_plan.py)."""
+    from ngdiff.memory_plan import activation_bytes, format_bytes, micro_tokens
+
+    s, shape = result.settings, result.shape
+    sharded = s.backend in ("fsdp", "zero3")
+    share = f"1/{s.world_size} shard" if sharded else "full copy"
+    if name == "parameters":
+        return f"weights, {share}" + (" + the blocks gathered for compute" if sharded else "")
+    if name == "gradients":
+        return f"gradient, {share}" + (" + buffers in flight" if s.backend != "single" else "")
+    if name == "stash":
+        return f"NGDiff's copy of the retain gradient ({s.stash_dtype}{', in host memory' if s.stash_offload else ''})"
+    if name == "optimizer_state":
+        if s.optimizer == "adamw":
+            return "AdamW's two moments"
+        return "SGD momentum buffer" if s.momentum > 0 else "none: plain SGD keeps no state"
+    if name == "autolr_copy":
+        return "AutoLR's copy of the weights for its probes" if s.autolr else "none: autolr.enabled=false"
+    if name == "reference_model":
+        return "frozen reference (NPO, KL)" if s.reference else "none: the objectives need no reference"
+    if name == "activations":
+        held, counted = activation_bytes(shape, s), result.per_rank_bytes["activations"]
+        how = (
+            "block inputs + one recomputed block (gradient checkpointing)" if s.gradient_checkpointing else "all layers"
+        )
+        text = f"{micro_tokens(s)} tokens/micro-batch, {how}: {format_bytes(held)}"
+        if counted == 0:
+            return text + ", freed while the backward makes the gradients: none above them"
+        if counted < held:
+            return text + f", {format_bytes(counted)} above the gradients the backward makes as it frees them"
+        return text
+    return ""
+
+
+def render(result, source: str, capacity_note: str = "") -> str:
     from ngdiff.memory_plan import format_bytes, micro_tokens
 
     s = result.settings
@@ -108,14 +186,20 @@ def render(result, source: str) -> str:
         f"{micro_tokens(s)} tokens per micro-batch (max_length {s.max_length}), "
         f"gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}",
         "",
-        f"{'per rank':<18}{'bytes':>14}",
+        f"{'per rank':<18}{'bytes':>14}   what",
     ]
     for name, value in result.per_rank_bytes.items():
-        lines.append(f"{name:<18}{format_bytes(value):>14}")
-    lines.append(f"{'total':<18}{format_bytes(result.total_bytes):>14}   of {format_bytes(result.capacity_bytes)}")
+        lines.append(f"{name:<18}{format_bytes(value):>14}   {explain(name, result)}")
+    lines.append(
+        f"{'total':<18}{format_bytes(result.total_bytes):>14}   of {format_bytes(result.capacity_bytes)}{capacity_note}"
+    )
     if result.host_bytes:
         held = ", ".join(f"{k} {format_bytes(v)}" for k, v in result.host_bytes.items())
         lines.append(f"in host memory: {held}")
+    lines.append(
+        "not counted: loading peaks, the CUDA context, allocator fragmentation; step time: not estimated "
+        "(docs/benchmarks.md has measured step times)"
+    )
     lines.append("")
     if result.fits:
         lines.append("fits")

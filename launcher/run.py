@@ -24,7 +24,7 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: b
 
     ctx = init_distributed(cfg.parallel.timeout_minutes)
     setup_logging(ctx.rank, verbose)
-    logging.getLogger("ngdiff.start").warning(
+    logging.getLogger("ngdiff.start").info(
         "rank %d/%d on %s, backend %s, %d torch threads",
         ctx.rank,
         ctx.world_size,

@@ -20,7 +20,7 @@ def build_sinks(cfg, ctx) -> list[MetricsSink]:
     install_log_redaction()
     job = SlurmJob.from_env()
     if job is not None:
-        log.warning("rank %d/%d: %s", ctx.rank, ctx.world_size, job.describe())
+        log.info("rank %d/%d: %s", ctx.rank, ctx.world_size, job.describe())
     if not ctx.is_main or not cfg.logging.wandb:
         return []
     from launcher.wandb_sink import WandbSink

@@ -77,8 +77,10 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "adamw"
-    lr: float = 1e-5
+    # NGDiff's direction under plain SGD with AutoLR fitting the step: the setting AutoLR's fit is valid in
+    # and the one the study validated (docs/autolr.md, docs/study.md); AutoLR moves the lr from here
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05
     weight_decay: float = 0.0
     momentum: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -91,7 +93,7 @@ class OptimConfig:
 
 @dataclass
 class AutoLRConfig:
-    enabled: bool = False
+    enabled: bool = True  # the paper's method: NGDiff + AutoLR (use it with optim.name=sgd)
     every: int = 4
     probe_points: tuple[float, ...] = (-1.0, 0.0, 1.0)
     probe_loss: Literal["retain", "combined"] = "retain"
@@ -106,13 +108,13 @@ class AutoLRConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 0  # 0: derive from epochs over the forget set
-    epochs: float = 1.0
+    epochs: float = 5.0  # TOFU's unlearning length (5 epochs of forget10 in configs/tofu_ngdiff.yaml)
     forget_batch_size: int = 8  # global, over all ranks and accumulation steps
     retain_batch_size: int = 8
     micro_batch_size: int = 0  # per rank; 0 means the whole per-rank batch at once
     seed: int = 42
     precision: Literal["fp32", "bf16"] = "fp32"
-    save_every: int = 0
+    save_every: int = 50  # steps between checkpoints (0: none but the one a stop signal writes); resumable
     resume: Literal["never", "auto"] = "never"
     resume_changed_data: bool = False  # resume although a data file's rows changed since the run started
     log_every: int = 1

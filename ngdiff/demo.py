@@ -50,6 +50,17 @@ UNLEARN_OVERRIDES = [
 ]
 QUICK_SPEC = TinyLlamaSpec(vocab_size=600, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 TARGET_FORGET_LOSS = 2.5  # stopping rule: the mean forget-answer NLL at which the pairs are no longer recited
+# the demo's targets, as fractions of the fine-tuned model's scores: forget ROUGE-L recall at most half of it,
+# retain ROUGE-L recall at least 80% of it
+FORGET_AT_MOST = 0.5
+RETAIN_AT_LEAST = 0.8
+# the full demo on an idle 2-core machine (measured, README "Set-up"): 1 min 54 s with AVX-512, 6 min 53 s on
+# AVX2 only; a loaded machine takes longer
+EXPECTED_TIME = "about 2 min (AVX-512) to 7 min (AVX2 only) on an idle 2-core CPU, longer under load"
+QUICK_NOTICE = (
+    "quick: a smoke test of the demo's path (a smaller model, 2 fine-tuning epochs, 4 unlearning steps, 8 questions "
+    "per side, 8 new tokens); its numbers show that every stage runs, not that unlearning works: they need not fall"
+)
 # what the demo writes in its folder besides the unlearning run (its splits, models and report): removed
 # with it on --overwrite, and made here before the run reads them
 DEMO_ENTRIES = ("data", "base", "finetuned", "report.json")
@@ -88,12 +99,38 @@ def evaluate(
     }
 
 
+def targets(before: dict[str, float]) -> dict[str, str]:
+    """The demo's target per ROUGE-L metric, in the words the table and the verdict print."""
+    return {
+        "forget_rougeL_recall": f"<= {FORGET_AT_MOST * before['forget_rougeL_recall']:.3f}",
+        "retain_rougeL_recall": f">= {RETAIN_AT_LEAST * before['retain_rougeL_recall']:.3f}",
+    }
+
+
 def format_table(before: dict[str, float], after: dict[str, float]) -> str:
-    lines = [f"{'metric':<24}{'before':>10}{'after':>10}{'ratio':>10}"]
+    """Before, after and, for the two ROUGE-L recalls, the target (half the forget, 80% of the retain score)."""
+    goal = targets(before)
+    lines = [f"{'metric':<24}{'before':>10}{'after':>10}{'target':>12}"]
     for key in before:
-        ratio = after[key] / before[key] if before[key] else float("nan")
-        lines.append(f"{key:<24}{before[key]:>10.3f}{after[key]:>10.3f}{ratio:>10.2f}")
+        lines.append(f"{key:<24}{before[key]:>10.3f}{after[key]:>10.3f}{goal.get(key, ''):>12}")
     return "\n".join(lines)
+
+
+def verdict(before: dict[str, float], after: dict[str, float], quick: bool = False) -> tuple[str, str]:
+    """("PASS" | "FAIL" | "SMOKE", the demo's last line): did unlearning meet the targets."""
+    f0, f1 = before["forget_rougeL_recall"], after["forget_rougeL_recall"]
+    r0, r1 = before["retain_rougeL_recall"], after["retain_rougeL_recall"]
+    goal = targets(before)
+    scores = (
+        f"forget ROUGE-L {f0:.3f} -> {f1:.3f} (target {goal['forget_rougeL_recall']}), "
+        f"retain {r0:.3f} -> {r1:.3f} (target {goal['retain_rougeL_recall']})"
+    )
+    if quick:
+        checked = "targets not expected (run `ngdiff demo` to test them)"
+        return "SMOKE", f"demo --quick: SMOKE TEST done, {scores}; {checked}"
+    passed = f1 <= FORGET_AT_MOST * f0 and r1 >= RETAIN_AT_LEAST * r0
+    outcome = "PASS" if passed else "FAIL"
+    return outcome, f"demo: {outcome} {scores}"
 
 
 def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, quick: bool = False) -> dict[str, Any]:
@@ -110,6 +147,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     ]
     if quick:  # a smoke test of the same path: a smaller model, a short run, no stopping rule
         overrides += ["train.max_steps=4", "train.stop_forget_loss=0"]
+    overrides.append("train.save_every=0")  # the demo is not resumed: no checkpoints beside its final model
     # every key is validated now; the model and the data splits it names are made below, so their paths
     # cannot be checked yet
     cfg = load_config(None, overrides, check_sources=False)
@@ -133,6 +171,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     write_rows(data_dir / "forget_perturbed.jsonl", with_companions(forget))
     write_rows(data_dir / "retain_perturbed.jsonl", with_companions(retain))
 
+    log.info(QUICK_NOTICE if quick else f"the demo takes {EXPECTED_TIME}")
     log.info("building a tiny Llama and training its tokenizer on %d TOFU pairs", len(rows))
     spec = QUICK_SPEC if quick else TinyLlamaSpec()
     base = build_tiny_model(out / "base", [f"{r['question']} {r['answer']}" for r in rows], spec)
@@ -160,25 +199,36 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     log.info("scoring the unlearned model on the same questions")
     after = evaluate(out / "final", forget, retain_eval, new_tokens, "after")
 
+    outcome_word, verdict_line = verdict(before, after, quick)
     report = {
         "before": before,
         "after": after,
         "steps": outcome.trainer.step_index,
         "final_lr": outcome.trainer.lr,
+        "quick": quick,
         "targets": {
-            "forget_rougeL_recall_at_most_half": after["forget_rougeL_recall"] <= 0.5 * before["forget_rougeL_recall"],
+            "forget_rougeL_recall_at_most_half": after["forget_rougeL_recall"]
+            <= FORGET_AT_MOST * before["forget_rougeL_recall"],
             "retain_rougeL_recall_at_least_80pct": after["retain_rougeL_recall"]
-            >= 0.8 * before["retain_rougeL_recall"],
+            >= RETAIN_AT_LEAST * before["retain_rougeL_recall"],
         },
+        "verdict": outcome_word,
         "seconds": round(time.time() - started, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    print("\nNGDiff + AutoLR unlearning of 2 TOFU authors from a tiny Llama (CPU)\n")
+    title = "smoke test of " if quick else ""
+    print(f"\n{title}NGDiff + AutoLR unlearning of 2 TOFU authors from a tiny Llama (CPU)\n")
     print(format_table(before, after))
-    print(f"\nsteps {report['steps']}, final lr {report['final_lr']:.2e}, {report['seconds']} s")
+    print(f"\nsteps {report['steps']}, final lr {report['final_lr']:.2e}, {format_seconds(report['seconds'])}")
     print(next_steps(out))
+    print(verdict_line)
     run_lock.release()
     return report
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 def next_steps(out: Path) -> str:

@@ -75,18 +75,21 @@ def finetune(
     total = cfg.epochs * stream.batches_per_epoch
     objective = NLL()
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="fine-tuning", unit="step", dynamic_ncols=True)
     for step in range(total):
         (batch,) = stream.next()
         backend.zero_grad()
         loss = objective.loss_sum(backend.model, batch) / objective.count(batch)
         backend.backward(loss, last_micro_batch=True)
         backend.step(warmup_cosine(step, total, cfg.warmup_steps, cfg.lr))
-        if bar is not None:
+        if progress and bar is None:
+            # the bar starts after the first step, whose one-time set-up costs many steps' time, and its ETA
+            # is the mean rate so far (smoothing=0): an estimate from step 1 alone overstates the time many-fold
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=1, desc="fine-tuning", unit="step", dynamic_ncols=True, smoothing=0)
+        elif bar is not None:
             bar.update(1)
+        if bar is not None:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     if bar is not None:
         bar.close()

@@ -370,20 +370,31 @@ def _settings_delta(overrides: dict[str, Any], settings: PlanSettings) -> dict[s
 
 
 # ------------------------------------------------------------------------------------ from a run config
-def settings_from_config(cfg: Any, world_size: int) -> PlanSettings:
-    """The memory-relevant part of an ExperimentConfig (ngdiff/config.py)."""
+def settings_from_config(cfg: Any, world_size: int, hidden_size: int | None = None) -> PlanSettings:
+    """The memory-relevant part of an ExperimentConfig (ngdiff/config.py). A DeepSpeed size given as
+    "auto" is read as the zero3 backend fills it from the model's `hidden_size` (parallel/zero3.py
+    `bucket_sizes`), or as DeepSpeed's default when the size is unknown."""
     import json
     from pathlib import Path
 
     from ngdiff.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
+    from parallel.zero3 import bucket_sizes
 
     forget = FORGET_OBJECTIVES[cfg.method.forget_objective]
     retain = RETAIN_OBJECTIVES[cfg.method.retain_objective]
     bucket, max_live = DEEPSPEED_REDUCE_BUCKET, DEEPSPEED_MAX_LIVE
     if cfg.parallel.deepspeed_config:
         zero = json.loads(Path(cfg.parallel.deepspeed_config).read_text()).get("zero_optimization", {})
-        bucket = int(float(zero.get("reduce_bucket_size", bucket)))
-        max_live = int(float(zero.get("stage3_max_live_parameters", max_live)))
+        sized = bucket_sizes(hidden_size)
+
+        def size(key: str, default: int) -> int:
+            value = zero.get(key, default)
+            if value == "auto":
+                value = sized[key] if sized[key] is not None else default
+            return int(float(value))
+
+        bucket = size("reduce_bucket_size", bucket)
+        max_live = size("stage3_max_live_parameters", max_live)
     return PlanSettings(
         backend=cfg.parallel.backend,
         world_size=world_size,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ngdiff.combiners import FORGET
 from ngdiff.data.overlap import warn_about_overlap
 from ngdiff.finite import require_finite_weights
 from ngdiff.lora import AdaptersDisabled, WithAdapters
@@ -41,11 +42,27 @@ class RunOutcome:
     final_dir: Path | None
 
 
+FEW_STEPS = 20  # fewer steps than this leave AutoLR (every 4 steps) a handful of fits: rarely a finished unlearning
+
+
 def total_steps(cfg: ExperimentConfig, tasks: Sequence[Task]) -> int:
     """train.max_steps, else train.epochs over the first forget set."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.epochs * steps_per_epoch(tasks)))
+
+
+def few_steps_warning(cfg: ExperimentConfig, tasks: Sequence[Task], steps: int) -> str:
+    """The warning a run gets when `train.epochs` over a small forget set gives very few steps ("" if not)."""
+    if cfg.train.max_steps > 0 or steps >= FEW_STEPS:
+        return ""
+    forget = next(task for task in tasks if task.role == FORGET)
+    return (
+        f"only {steps} unlearning step{'s' if steps != 1 else ''}: train.epochs={cfg.train.epochs:g} over "
+        f"{len(forget.stream.examples)} forget records at train.forget_batch_size={cfg.train.forget_batch_size}; "
+        f"for a longer run set train.max_steps (e.g. train.max_steps={FEW_STEPS * 2}), more train.epochs or a "
+        "smaller train.forget_batch_size"
+    )
 
 
 def trainer_order(cfg: ExperimentConfig) -> tuple[float, ...]:
@@ -106,11 +123,16 @@ def build_trainer(
         reference = backend.prepare_frozen(model_factory(reference_path, cfg.model.trust_remote_code, key=key))
 
     evaluate = evaluate_factory(backend, tokenizer) if evaluate_factory is not None else None
+    if max_steps is None:
+        max_steps = total_steps(cfg, tasks)
+        warning = few_steps_warning(cfg, tasks, max_steps)
+        if warning and ctx.is_main:
+            log.warning("%s", warning)
     return Trainer(
         cfg,
         backend,
         tasks,
-        max_steps=total_steps(cfg, tasks) if max_steps is None else max_steps,
+        max_steps=max_steps,
         reference=reference,
         sinks=sinks,
         evaluate=evaluate,

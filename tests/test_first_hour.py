@@ -126,3 +126,14 @@ def test_eval_of_a_run_on_tofu_names_the_run_s_own_splits(tmp_path):
     (run / "config.yaml").write_text("data:\n  forget: locuslab/TOFU:forget10\n")
     assert own_splits_hint(run / "final", "forget10") is None  # trained on a hub split: nothing to suggest
     assert own_splits_hint(run, "forget01") is None  # not a run's final/
+
+
+def test_plot_legends_are_words_and_the_run_s_stop_threshold_and_starting_lr_are_read(tmp_path):
+    from ngdiff.plots import run_settings, words
+
+    assert words("loss_forget") == "forget loss" and words("grad_norm_retain") == "retain gradient norm"
+    assert words("cos_retain_forget") == "cosine of the retain and forget gradients"
+    assert words("w_forget_b") == "weight of forget b" and words("lr") == "learning rate"
+    assert run_settings(tmp_path) == (0.0, None)  # no config.yaml: nothing drawn
+    (tmp_path / "config.yaml").write_text("train:\n  stop_forget_loss: 2.5\noptim:\n  lr: 0.05\n")
+    assert run_settings(tmp_path) == (2.5, 0.05)

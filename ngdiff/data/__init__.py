@@ -66,7 +66,7 @@ def encode_task(
     """
     if data_cfg.format == "tofu":
         q, a = data_cfg.question_key, data_cfg.answer_key
-        rows = load_records(source, (q, a), what)
+        rows = load_format_records(data_cfg, source, what)
 
         def encode(question: str, answer: str) -> Encoded:
             return encode_qa(tokenizer, question, answer, data_cfg.max_length, data_cfg.prompt_template)
@@ -79,10 +79,34 @@ def encode_task(
             return drawn
         encoded = [encode(row[q], row[a]) for row in rows]
     else:
-        rows = load_records(source, (data_cfg.text_key,), what)
+        rows = load_format_records(data_cfg, source, what)
         encoded = [encode_text(tokenizer, row[data_cfg.text_key], data_cfg.max_length) for row in rows]
     check_answer_tokens(encoded, data_cfg, source, what)
     return encoded
+
+
+def format_fields(data_cfg: DataConfig, data_format: str) -> tuple[str, ...]:
+    """The fields each record of `data_format` must hold, under the configured key names."""
+    if data_format == "tofu":
+        return data_cfg.question_key, data_cfg.answer_key
+    return (data_cfg.text_key,)
+
+
+def load_format_records(data_cfg: DataConfig, source: str, what: str) -> list[dict]:
+    """The records of `source` with the fields `data.format` reads; when they lack them but hold the other
+    format's fields (Q/A records under `text`, or the reverse), the error names the format that fits."""
+    try:
+        return load_records(source, format_fields(data_cfg, data_cfg.format), what)
+    except DataError as err:
+        other = "text" if data_cfg.format == "tofu" else "tofu"
+        fields = format_fields(data_cfg, other)
+        try:
+            load_records(source, fields, what)
+        except DataError:
+            raise err from None
+        raise DataError(
+            f"{err}; its records hold the fields of data.format={other} ({', '.join(fields)}): set data.format={other}"
+        ) from None
 
 
 def check_answer_tokens(encoded: Sequence[Encoded], data_cfg: DataConfig, source: str, what: str) -> None:

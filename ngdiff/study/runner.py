@@ -27,6 +27,11 @@ log = logging.getLogger("ngdiff.study")
 DONE = "done.json"
 STUDY_FILE = "study.json"
 QUIET = ("logging.progress=false", "logging.wandb=false")
+# the run defaults the study's methods were written against (AdamW, AutoLR off, 1 epoch, no periodic
+# checkpoints): `ngdiff train`'s own defaults run NGDiff + AutoLR under SGD, so a method that names no
+# optimizer keeps its meaning only with these first (every study key overrides them)
+STUDY_RUN_DEFAULTS = ("optim.name=adamw", "optim.lr=1e-5", "autolr.enabled=false", "train.epochs=1",
+                      "train.save_every=0")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def run_config(
 ) -> ExperimentConfig:
     """The run's full config: world keys, the study's common keys and budget, the method, lr and seed.
     `check_sources=False` for placeholder paths (a CPU world's model and splits do not exist yet)."""
-    overrides = [*base, *spec.run_overrides(run), *QUIET, f"output_dir={output_dir}"]
+    overrides = [*STUDY_RUN_DEFAULTS, *base, *spec.run_overrides(run), *QUIET, f"output_dir={output_dir}"]
     return load_config(None, overrides, check_sources=check_sources)
 
 
