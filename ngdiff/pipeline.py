@@ -71,11 +71,7 @@ def build_trainer(
     with loading_from("model.path", cfg.model.path):
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     forget_objective, retain_objective = build_objectives(
-        cfg.method.forget_objective,
-        cfg.method.retain_objective,
-        cfg.method.npo_beta,
-        cfg.method.simnpo_beta,
-        cfg.method.simnpo_gamma,
+        cfg.method.forget_objective, cfg.method.retain_objective, method=cfg.method, seed=cfg.train.seed
     )
     tasks = build_tasks(cfg, tokenizer, ctx, forget_objective, retain_objective)
     if ctx.is_main:
