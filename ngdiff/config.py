@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class MethodConfig:
     ceu_ignore_first_n: int = 1
     rmu_layer: str = "model.layers.7"  # the decoder layer whose output RMU steers (a name or its suffix)
     rmu_steering_coeff: float = 2.0
+    rmu_trainable: tuple[str, ...] = ()  # regexes of the parameters RMU trains; empty: all (RMU.yaml's `.*`)
     # a multiplier per task on the combiner's weight: data.forget's files in order, then data.retain's
     task_weights: tuple[float, ...] = ()
 
@@ -347,6 +349,15 @@ def check_objective_data(config: ExperimentConfig) -> None:
     uses_rmu = "rmu" in (method.forget_objective, method.retain_objective)
     if uses_rmu and not method.rmu_layer.strip():
         raise ConfigError("method.rmu_layer must name the decoder layer RMU steers, e.g. model.layers.7")
+    if method.rmu_trainable and method.forget_objective != "rmu":
+        raise ConfigError(f"method.rmu_trainable applies to method.forget_objective=rmu, not {method.forget_objective}")
+    if method.rmu_trainable and config.model.lora.enabled:
+        raise ConfigError("method.rmu_trainable and model.lora.enabled both choose what trains; set one")
+    for pattern in method.rmu_trainable:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"method.rmu_trainable: {pattern!r} is not a regular expression ({err})") from None
 
 
 def validate(config: ExperimentConfig, check_sources: bool = True) -> None:

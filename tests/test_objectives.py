@@ -295,3 +295,28 @@ def test_dpo_reads_the_alternate_answer_field(tiny_model_dir, tmp_path):
 def test_objective_settings_are_refused_with_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["model.path=m", "data.forget=a:b", "data.retain=a:c", *overrides])
+
+
+def test_rmu_trains_only_the_named_parameters(tiny_model_dir, tofu_split, tmp_path):
+    """method.rmu_trainable: the other parameters are frozen before the backend wraps the model."""
+    from ngdiff.pipeline import run_training
+    from parallel.base import DistContext
+    from tests.conftest import tiny_run_overrides
+
+    overrides = [
+        "method.forget_objective=rmu",
+        "method.retain_objective=rmu",
+        "method.rmu_layer=model.layers.1",
+        r"method.rmu_trainable=model\.layers\.1\.mlp\..*",
+        "optim.name=sgd",
+        "optim.lr=0.5",
+        "train.max_steps=2",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    cfg = load_config(None, tiny_run_overrides(tiny_model_dir, tofu_split, *overrides))
+    trained = run_training(cfg, DistContext()).trainer.backend.model.state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    moved = {name for name, value in start.items() if not torch.equal(value, trained[name])}
+    assert moved == {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    with pytest.raises(ConfigError, match=r"applies to method\.forget_objective=rmu"):
+        load_config(None, tiny_run_overrides(tiny_model_dir, tofu_split, "method.rmu_trainable=.*"))

@@ -1,10 +1,12 @@
-"""RMU (Li et al., 2024, WMDP): steer one decoder layer's activations on the forget set toward a fixed
+r"""RMU (Li et al., 2024, WMDP): steer one decoder layer's activations on the forget set toward a fixed
 random direction, and keep them on the retain set where the frozen start had them.
 
 As open-unlearning's src/trainer/unlearn/rmu.py (borrowed from centerforaisafety/wmdp rmu/unlearn.py),
 configs/trainer/RMU.yaml: module_regex `model.layers.7`, steering_coeff 2, retain_loss_type EMBED_DIFF,
-and all parameters trained (`trainable_params_regex: [.*]`, that config's default; WMDP trains only
-layers 5-7's mlp.down_proj, which `method.rmu_trainable` selects here).
+and all parameters trained (`trainable_params_regex: [.*]`, that config's default). `method.rmu_trainable`
+names the ones to train instead (regexes on parameter names, as that key; WMDP's choice is
+`model\.layers\.(5|6|7)\.mlp\.down_proj\.weight`): the others are frozen before the backend wraps
+the model (`TrainOnly`), as rmu.py's create_optimizer leaves them out of the optimizer.
 
 The activations are the layer's output, caught by a forward hook held only during this objective's own
 forward: under FSDP2 and ZeRO-3 the hook sees the layer's ordinary (unsharded) output, and a gradient
@@ -18,11 +20,13 @@ same vector.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from ngdiff.errors import UserError
 from ngdiff.objectives.core import IGNORE, Objective
 
 RMU_SEED_OFFSET = 7919  # the direction's generator is seeded with train.seed + this (not the data's seeds)
@@ -106,3 +110,31 @@ class RMURetain(Objective):
         with torch.no_grad():
             frozen = layer_activations(reference, batch, self.layer)
         return per_sequence_mse(activations, frozen, batch["labels"]).sum()
+
+
+class TrainOnly:
+    """A model thunk (what backends call, like ngdiff.lora.WithAdapters) that freezes every parameter whose
+    name does not fully match one of `patterns` (RMU's trainable_params_regex), before the backend wraps the
+    model: the backends train only parameters with requires_grad (FSDP2 shards the frozen ones too, ZeRO-3
+    partitions them without optimizer state), so frozen ones get no gradient, no update, no stash."""
+
+    def __init__(self, build, patterns: tuple[str, ...]):
+        self.build, self.patterns = build, tuple(re.compile(p) for p in patterns)
+        self.path = getattr(build, "path", None)
+        self.trust_remote_code = getattr(build, "trust_remote_code", False)
+        if hasattr(build, "build_empty"):  # FSDP's shard-by-shard load from a meta model
+            self.build_empty = lambda: self.freeze(build.build_empty())
+
+    def __call__(self) -> nn.Module:
+        return self.freeze(self.build())
+
+    def freeze(self, model: nn.Module) -> nn.Module:
+        trained = 0
+        for name, param in model.named_parameters():
+            keep = any(p.fullmatch(name) for p in self.patterns)
+            param.requires_grad_(keep)
+            trained += keep
+        if not trained:
+            listed = ", ".join(p.pattern for p in self.patterns)
+            raise UserError(f"method.rmu_trainable ({listed}) matches no parameter of the model")
+        return model
