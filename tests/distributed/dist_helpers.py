@@ -123,7 +123,8 @@ def matrix_cases(split: dict[str, Path] | None = None) -> dict[str, list[str]]:
 # open-unlearning's objectives (ngdiff/objectives/): IdkDPO and UNDIAL read the sharded frozen reference,
 # RMU hooks a decoder layer of the trained and the frozen model (the tiny model has two)
 NEW_OBJECTIVES = {
-    "idkdpo": ["method.forget_objective=idkdpo"],
+    # DPO's forget gradient is 2/beta = 20 times NPO's scale: a smaller step keeps fp32 last bits from growing
+    "idkdpo": ["method.forget_objective=idkdpo", "optim.lr=0.01"],
     "wga": ["method.forget_objective=wga"],
     "satimp": ["method.forget_objective=satimp"],
     "undial": ["method.forget_objective=undial"],
@@ -141,7 +142,7 @@ NEW_OBJECTIVES = {
 def objective_cases() -> dict[str, list[str]]:
     """One case per new objective: GDiff, SGD, no AutoLR."""
     gdiff_sgd = ["method.combiner=gdiff", "optim.name=sgd", f"optim.lr={LR['sgd']}", "autolr.enabled=false"]
-    return {f"obj_{name}_gdiff_sgd": [*overrides, *gdiff_sgd] for name, overrides in NEW_OBJECTIVES.items()}
+    return {f"obj_{name}_gdiff_sgd": [*gdiff_sgd, *overrides] for name, overrides in NEW_OBJECTIVES.items()}
 
 
 def backend_cases(backend: str, split: dict[str, Path]) -> list[dict]:
