@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class DataConfig:
     text_key: str = "text"
     prompt_template: str = ""  # "", chat, llama2, phi or a string with {question} (ngdiff/data/tokenize.py)
     idk: str = ""  # refusal sentences for the idk forget objective; default: the bundled TOFU file
+    alternate_key: str = ""  # the forget records' field that DPO prefers to answer_key (forget_objective=dpo)
 
 
 @dataclass
@@ -71,6 +73,16 @@ class MethodConfig:
     npo_beta: float = 0.1
     simnpo_beta: float = 2.5  # official SimNPO code's default; open-unlearning's TOFU config uses 4.5
     simnpo_gamma: float = 0.0  # SimNPO's reward margin (open-unlearning calls it delta)
+    # open-unlearning's defaults (configs/trainer/<method>.yaml); see docs/methods.md
+    dpo_beta: float = 0.1  # dpo and idkdpo
+    wga_beta: float = 1.0
+    satimp_beta1: float = 5.0
+    satimp_beta2: float = 1.0
+    undial_beta: float = 10.0
+    ceu_ignore_first_n: int = 1
+    rmu_layer: str = "model.layers.7"  # the decoder layer whose output RMU steers (a name or its suffix)
+    rmu_steering_coeff: float = 2.0
+    rmu_trainable: tuple[str, ...] = ()  # regexes of the parameters RMU trains; empty: all (RMU.yaml's `.*`)
     # a multiplier per task on the combiner's weight: data.forget's files in order, then data.retain's
     task_weights: tuple[float, ...] = ()
 
@@ -319,6 +331,37 @@ FLOAT32_MAX = 3.4028234663852886e38  # the optimizers multiply float32 tensors b
 MAX_TIMEOUT_MINUTES = 7 * 24 * 60  # a collective waiting longer is hung; timedelta overflows far beyond
 
 
+def check_objective_data(config: ExperimentConfig) -> None:
+    """The data and names an objective needs beyond the defaults: DPO's alternate answers, RMU's layer."""
+    method, data = config.method, config.data
+    if method.forget_objective == "dpo" and not data.alternate_key:
+        raise ConfigError(
+            "method.forget_objective=dpo prefers each forget record's alternate answer: set data.alternate_key "
+            "to its field (or use idkdpo, which prefers a refusal from data.idk)"
+        )
+    if data.alternate_key and method.forget_objective != "dpo":
+        raise ConfigError(
+            f"data.alternate_key is read only by method.forget_objective=dpo, not {method.forget_objective}"
+        )
+    uses_pairs = method.forget_objective in ("dpo", "idkdpo")
+    if uses_pairs and data.format != "tofu":
+        raise ConfigError(
+            f"method.forget_objective={method.forget_objective} needs question/answer data (data.format=tofu)"
+        )
+    uses_rmu = "rmu" in (method.forget_objective, method.retain_objective)
+    if uses_rmu and not method.rmu_layer.strip():
+        raise ConfigError("method.rmu_layer must name the decoder layer RMU steers, e.g. model.layers.7")
+    if method.rmu_trainable and method.forget_objective != "rmu":
+        raise ConfigError(f"method.rmu_trainable applies to method.forget_objective=rmu, not {method.forget_objective}")
+    if method.rmu_trainable and config.model.lora.enabled:
+        raise ConfigError("method.rmu_trainable and model.lora.enabled both choose what trains; set one")
+    for pattern in method.rmu_trainable:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"method.rmu_trainable: {pattern!r} is not a regular expression ({err})") from None
+
+
 def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
     """Checks that need no model or data: names, signs, ranges, files that must exist."""
     from ngdiff.combiners import COMBINERS
@@ -349,6 +392,9 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
         "eval.batch_size": config.eval.batch_size,
         "method.npo_beta": config.method.npo_beta,
         "method.simnpo_beta": config.method.simnpo_beta,
+        "method.dpo_beta": config.method.dpo_beta,
+        "method.undial_beta": config.method.undial_beta,
+        "method.rmu_steering_coeff": config.method.rmu_steering_coeff,
     }
     for key, value in positive.items():
         if not value > 0:
@@ -367,6 +413,10 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
         "train.save_every": config.train.save_every,
         "eval.every": config.eval.every,
         "eval.max_items": config.eval.max_items,
+        "method.wga_beta": config.method.wga_beta,
+        "method.satimp_beta1": config.method.satimp_beta1,
+        "method.satimp_beta2": config.method.satimp_beta2,
+        "method.ceu_ignore_first_n": config.method.ceu_ignore_first_n,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -410,6 +460,7 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
             f"method.retain_objective=none leaves no retain gradient for method.combiner={config.method.combiner}; "
             "use combiner ga or a retain objective"
         )
+    check_objective_data(config)
     if config.autolr.enabled and config.method.retain_objective == "none" and config.autolr.probe_loss == "retain":
         raise ConfigError("autolr.probe_loss=retain needs a retain objective (method.retain_objective is none)")
     try:

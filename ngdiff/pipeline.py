@@ -24,6 +24,7 @@ from ngdiff.metrics_log import JsonlSink, MetricsSink, jsonable
 from ngdiff.model_source import loading_from
 from ngdiff.modeling import load_tokenizer, model_factory
 from ngdiff.objectives import build_objectives
+from ngdiff.objectives.representation import TrainOnly
 from ngdiff.tasks import Task, build_tasks, steps_per_epoch
 from ngdiff.trainer import StepResult, Trainer
 from parallel import build_backend
@@ -88,11 +89,7 @@ def build_trainer(
     with loading_from("model.path", cfg.model.path):
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     forget_objective, retain_objective = build_objectives(
-        cfg.method.forget_objective,
-        cfg.method.retain_objective,
-        cfg.method.npo_beta,
-        cfg.method.simnpo_beta,
-        cfg.method.simnpo_gamma,
+        cfg.method.forget_objective, cfg.method.retain_objective, method=cfg.method, seed=cfg.train.seed
     )
     tasks = build_tasks(cfg, tokenizer, ctx, forget_objective, retain_objective)
     if ctx.is_main:
@@ -112,6 +109,8 @@ def build_trainer(
     build = build_model or model_factory(cfg.model.path, cfg.model.trust_remote_code)
     if cfg.model.lora.enabled:
         build = WithAdapters(build, cfg.model.lora, cfg.train.seed)
+    if cfg.method.rmu_trainable:
+        build = TrainOnly(build, cfg.method.rmu_trainable)
     backend.prepare(build, cfg.model.gradient_checkpointing)
     reference = None
     needs_reference = any(task.objective is not None and task.objective.needs_reference for task in tasks)

@@ -63,7 +63,8 @@ def build_tasks(
     retain_objective: Objective | None,
 ) -> list[Task]:
     """Tokenize every file and wrap it in its stream; retain tasks first. Fails on the first bad file."""
-    refusals = getattr(forget_objective, "uses_refusals", False)
+    alternates = forget_objective.alternates
+    refusals = alternates in ("refusals", "refusal_pairs")
     common = dict(
         rank=ctx.rank, world_size=ctx.world_size, micro_batch=cfg.train.micro_batch_size, pad_id=tokenizer.pad_token_id
     )
@@ -76,7 +77,8 @@ def build_tasks(
             seed = stream_seed(cfg.train.seed, role, index)
             key = f"data.{role}" if len(sources) == 1 else f"data.{role}[{index}]"
             refusals_from = cfg.data.idk if role == FORGET and refusals else None
-            examples = encode_task(cfg.data, tokenizer, source, key, refusals_from, seed=seed)
+            pairs = alternates if role == FORGET else ""
+            examples = encode_task(cfg.data, tokenizer, source, key, refusals_from, seed=seed, alternates=pairs)
             stream = TaskStream(examples, batch, seed=seed, name=role, label=name, **common)
             tasks.append(Task(name, role, stream, objective, source))
     return tasks

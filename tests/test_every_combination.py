@@ -1,16 +1,20 @@
 """Every forget objective with every combiner unlearns: a few SGD steps raise the forget-set NLL.
 
 The README promises that every combination works; this is the end-to-end check of the sign convention
-(ngdiff/objectives.py) through each combiner's weights (ngdiff/combiners.py) and the trainer.
+(ngdiff/objectives/) through each combiner's weights (ngdiff/combiners.py) and the trainer.
 
 Each step sees the whole forget set (batch 16 = the set), so what is measured is what is optimised:
 every combiner's direction d has <d, g_F> < 0 to first order (MGDA's min-norm point included:
 <d*, -g_F> >= |d*|^2), and NLL, NPO and SimNPO's gradients all point along the answers' NLL gradient,
-so the forget NLL rises. IdK is different in principle: it does not push the true answers' NLL up, it
-pulls the refusals' NLL down (the true answers only lose once the refusal displaces them), and on a
-small model learning any text of the same frame first lowers the true answers' NLL too (measured:
-idk + gdiff/imtlg/lossnorm/mgda/pcgrad/rlw lower it at lr 0.05). For IdK the test checks what it
-optimises: the refusal NLL of the pairs it trained on falls.
+so the forget NLL rises; so do open-unlearning's: DPO and IdkDPO (the original answer loses to its
+alternate), WGA and SatImp (reweighted NLL), UNDIAL and CE-U (targets without the true token) and PDU
+(flattened logits), each entering as the quantity forgetting raises (ngdiff/objectives/__init__.py).
+RMU moves an activation, not the answers' NLL: for it the test checks what it optimises, the (negated)
+distance of the steered layer's output to its random target rises. IdK is different in principle: it
+does not push the true answers' NLL up, it pulls the refusals' NLL down (the true answers only lose once
+the refusal displaces them), and on a small model learning any text of the same frame first lowers the
+true answers' NLL too (measured: idk + gdiff/imtlg/lossnorm/mgda/pcgrad/rlw lower it at lr 0.05).
+For IdK the test checks what it optimises: the refusal NLL of the pairs it trained on falls.
 
 The combined direction is clipped to norm 1 (optim.max_grad_norm) so that every combiner takes a step of
 the same bounded length and the test is about direction: unclipped, idk + pcgrad (no conflict, so the
@@ -19,6 +23,8 @@ three steps, refusal NLL 4.47 -> 6.10), a step-size effect, not a sign error.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -29,9 +35,13 @@ from ngdiff.config import DataConfig, load_config
 from ngdiff.data import collate, encode_task
 from ngdiff.finetune import FinetuneConfig, finetune
 from ngdiff.modeling import load_tokenizer
-from ngdiff.objectives import FORGET_OBJECTIVES, NLL
+from ngdiff.objectives import FORGET_OBJECTIVES, NLL, build_objectives
 from ngdiff.pipeline import run_training
 from parallel.base import DistContext
+from tests.conftest import write_jsonl
+
+# what the tiny model (2 layers) and the test's data need beyond the defaults
+OBJECTIVE_OVERRIDES = {"dpo": ("data.alternate_key=alternate",), "rmu": ("method.rmu_layer=model.layers.1",)}
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +68,34 @@ def learned_model_dir(tiny_model_dir, tofu_split, tmp_path_factory):
     )
 
 
-def forget_nll(model, examples, pad_id: int) -> float:
+def forget_nll(model, examples, pad_id: int, objective=None) -> float:
+    objective = objective or NLL()
     batch = collate(examples, pad_id)
     with torch.no_grad():
-        return float(NLL().loss_sum(model, batch) / NLL().count(batch))
+        return float(objective.loss_sum(model, batch) / objective.count(batch))
 
 
-@pytest.mark.slow  # 32 short runs: about a minute on an idle machine
+@pytest.fixture(scope="module")
+def forget_with_alternates(tofu_split, tmp_path_factory):
+    """The forget set, each record also holding another author's answer (DPO's preferred alternate)."""
+    forget = [json.loads(line) for line in tofu_split["forget"].read_text().splitlines()]
+    retain = [json.loads(line) for line in tofu_split["retain"].read_text().splitlines()]
+    rows = [{**row, "alternate": other["answer"]} for row, other in zip(forget, retain, strict=False)]
+    return write_jsonl(tmp_path_factory.mktemp("dpo") / "forget.jsonl", rows)
+
+
+@pytest.mark.slow  # 96 short runs: about three minutes on an idle machine
 @pytest.mark.parametrize("combiner", sorted(COMBINERS))
 @pytest.mark.parametrize("objective", sorted(FORGET_OBJECTIVES))
-def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp_path, objective, combiner):
+def test_a_few_sgd_steps_raise_the_forget_nll(
+    learned_model_dir, tofu_split, forget_with_alternates, tmp_path, objective, combiner
+):
+    forget = forget_with_alternates if objective == "dpo" else tofu_split["forget"]
     cfg = load_config(
         None,
         [
             f"model.path={learned_model_dir}",
-            f"data.forget={tofu_split['forget']}",
+            f"data.forget={forget}",
             f"data.retain={tofu_split['retain']}",
             f"method.combiner={combiner}",
             f"method.forget_objective={objective}",
@@ -84,6 +107,7 @@ def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp
             "train.retain_batch_size=8",
             "logging.progress=false",
             f"output_dir={tmp_path / 'run'}",
+            *OBJECTIVE_OVERRIDES.get(objective, ()),
         ],
     )
     tokenizer = load_tokenizer(str(learned_model_dir))
@@ -93,9 +117,20 @@ def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp
     else:
         examples = encode_task(cfg.data, tokenizer, cfg.data.forget[0], "forget")
     before = forget_nll(AutoModelForCausalLM.from_pretrained(learned_model_dir), examples, tokenizer.pad_token_id)
+    if objective == "rmu":  # RMU moves an activation, not the NLL: the distance to its target must fall
+        rmu = build_objectives("rmu", "nll", method=cfg.method, seed=cfg.train.seed)[0]
+        before = forget_nll(
+            AutoModelForCausalLM.from_pretrained(learned_model_dir), examples, tokenizer.pad_token_id, rmu
+        )
     outcome = run_training(cfg, DistContext())
-    after = forget_nll(outcome.trainer.backend.model, examples, tokenizer.pad_token_id)
-    if objective == "idk":
+    after = forget_nll(
+        outcome.trainer.backend.model, examples, tokenizer.pad_token_id, rmu if objective == "rmu" else None
+    )
+    if objective == "rmu":
+        assert after > before, (
+            f"rmu + {combiner}: minus the distance to the steering vector {before:.4f} -> {after:.4f}"
+        )
+    elif objective == "idk":
         assert after < before, f"idk + {combiner}: refusal NLL {before:.4f} -> {after:.4f}"
     else:
         assert after > before, f"{objective} + {combiner}: forget NLL {before:.4f} -> {after:.4f}"

@@ -36,10 +36,19 @@ class DrawnRefusals(Sequence[Encoded]):
     epoch 0's draw.
     """
 
-    def __init__(self, encode: Callable[[str, str], Encoded], questions: list[str], refusals: list[str], seed: int):
+    def __init__(
+        self,
+        encode: Callable[[str, str], Encoded],
+        questions: list[str],
+        refusals: list[str],
+        seed: int,
+        answers: list[str] | None = None,
+    ):
+        """`answers`: keep each question's own answer and pair the refusal with it as its alternate (IdkDPO)."""
         if not refusals:
             raise DataError("data.idk: the refusal file holds no sentences")
         self.encode, self.questions, self.refusals, self.seed = encode, questions, refusals, seed
+        self.answers = answers
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -53,31 +62,54 @@ class DrawnRefusals(Sequence[Encoded]):
         return random.Random(f"idk:{self.seed}:{epoch}:{index}").choice(self.refusals)
 
     def draw(self, index: int, epoch: int) -> Encoded:
-        return self.encode(self.questions[index], self.refusal(index, epoch))
+        refused = self.encode(self.questions[index], self.refusal(index, epoch))
+        if self.answers is None:
+            return refused
+        return with_alternate(self.encode(self.questions[index], self.answers[index]), refused)
+
+
+def with_alternate(original: Encoded, alternate: Encoded) -> Encoded:
+    return Encoded(original.input_ids, original.labels, alternate)
 
 
 def encode_task(
-    data_cfg: DataConfig, tokenizer, source: str, what: str, refusals_from: str | None = None, seed: int = 0
+    data_cfg: DataConfig,
+    tokenizer,
+    source: str,
+    what: str,
+    refusals_from: str | None = None,
+    seed: int = 0,
+    alternates: str = "",
 ) -> Sequence[Encoded]:
     """Read and tokenize one task's set; fail early on empty sets and on a `max_length` too short.
 
     `refusals_from`: answer every question with a refusal from that file (IdkNLL), drawn per access
-    from (`seed`, epoch, index): see `DrawnRefusals`.
+    from (`seed`, epoch, index): see `DrawnRefusals`. `alternates` (an objective's `alternates`):
+    "refusal_pairs" keeps the answers and pairs each with such a refusal (IdkDPO); "alternate_key" pairs
+    each answer with the record's `data.alternate_key` field (DPO).
     """
     if data_cfg.format == "tofu":
         q, a = data_cfg.question_key, data_cfg.answer_key
-        rows = load_format_records(data_cfg, source, what)
+        alt = data_cfg.alternate_key if alternates == "alternate_key" else ""
+        rows = load_format_records(data_cfg, source, what, (alt,) if alt else ())
 
         def encode(question: str, answer: str) -> Encoded:
             return encode_qa(tokenizer, question, answer, data_cfg.max_length, data_cfg.prompt_template)
 
         if refusals_from is not None:
             refusals = load_lines(refusals_from or TOFU_DIR / "idontknow.jsonl")
-            drawn = DrawnRefusals(encode, [row[q] for row in rows], refusals, seed)
+            answers = [row[a] for row in rows] if alternates == "refusal_pairs" else None
+            drawn = DrawnRefusals(encode, [row[q] for row in rows], refusals, seed, answers)
             # the prompt alone decides whether a record keeps an answer token, so one refusal checks all
             check_answer_tokens([encode(row[q], refusals[0]) for row in rows], data_cfg, source, what)
+            if answers is not None:
+                check_answer_tokens([encode(row[q], row[a]) for row in rows], data_cfg, source, what)
             return drawn
         encoded = [encode(row[q], row[a]) for row in rows]
+        if alt:
+            paired = [encode(row[q], row[alt]) for row in rows]
+            check_answer_tokens(paired, data_cfg, source, f"{what} ({alt})")
+            encoded = [with_alternate(e, p) for e, p in zip(encoded, paired, strict=True)]
     else:
         rows = load_format_records(data_cfg, source, what)
         encoded = [encode_text(tokenizer, row[data_cfg.text_key], data_cfg.max_length) for row in rows]
@@ -92,11 +124,12 @@ def format_fields(data_cfg: DataConfig, data_format: str) -> tuple[str, ...]:
     return (data_cfg.text_key,)
 
 
-def load_format_records(data_cfg: DataConfig, source: str, what: str) -> list[dict]:
-    """The records of `source` with the fields `data.format` reads; when they lack them but hold the other
-    format's fields (Q/A records under `text`, or the reverse), the error names the format that fits."""
+def load_format_records(data_cfg: DataConfig, source: str, what: str, extra: tuple[str, ...] = ()) -> list[dict]:
+    """The records of `source` with the fields `data.format` reads (and `extra` ones, e.g. DPO's alternate
+    answer); when they lack them but hold the other format's fields (Q/A records under `text`, or the
+    reverse), the error names the format that fits."""
     try:
-        return load_records(source, format_fields(data_cfg, data_cfg.format), what)
+        return load_records(source, (*format_fields(data_cfg, data_cfg.format), *extra), what)
     except DataError as err:
         other = "text" if data_cfg.format == "tofu" else "tofu"
         fields = format_fields(data_cfg, other)

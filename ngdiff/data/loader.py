@@ -20,7 +20,16 @@ MicroBatch = dict[str, torch.Tensor]
 
 
 def collate(examples: Sequence[Encoded], pad_id: int) -> MicroBatch:
-    """Right-pad to the longest example; padded positions are masked out of attention and loss."""
+    """Right-pad to the longest example; padded positions are masked out of attention and loss. Examples
+    with an alternate answer (DPO) add its batch under `alt_`-prefixed keys."""
+    batch = pad_examples(examples, pad_id)
+    if examples[0].alternate is not None:
+        alternates = pad_examples([e.alternate for e in examples], pad_id)  # type: ignore[misc]
+        batch.update({f"alt_{key}": value for key, value in alternates.items()})
+    return batch
+
+
+def pad_examples(examples: Sequence[Encoded], pad_id: int) -> MicroBatch:
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)

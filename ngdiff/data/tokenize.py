@@ -27,6 +27,7 @@ from ngdiff.objectives import IGNORE
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    alternate: Encoded | None = None  # the same question with another answer (DPO's preferred one)
 
     @property
     def answer_tokens(self) -> int:

@@ -105,6 +105,7 @@ def matrix_cases(split: dict[str, Path] | None = None) -> dict[str, list[str]]:
         f"optim.lr={LR['sgd']}",
         "autolr.enabled=false",
     ]
+    cases.update(objective_cases())
     # activation checkpointing recomputes the forward inside backward: same gradients, sharded or not
     cases["ngdiff_sgd_ckpt"] = [*cases["ngdiff_sgd"], "model.gradient_checkpointing=true"]
     for name in ("ngdiff_sgd", "mgda_sgd", "pcgrad_adamw_autolr"):
@@ -117,6 +118,31 @@ def matrix_cases(split: dict[str, Path] | None = None) -> dict[str, list[str]]:
         "train.micro_batch_size=2",
     ]
     return cases
+
+
+# open-unlearning's objectives (ngdiff/objectives/): IdkDPO and UNDIAL read the sharded frozen reference,
+# RMU hooks a decoder layer of the trained and the frozen model (the tiny model has two)
+NEW_OBJECTIVES = {
+    # DPO's forget gradient is 2/beta = 20 times NPO's scale: a smaller step keeps fp32 last bits from growing
+    "idkdpo": ["method.forget_objective=idkdpo", "optim.lr=0.01"],
+    "wga": ["method.forget_objective=wga"],
+    "satimp": ["method.forget_objective=satimp"],
+    "undial": ["method.forget_objective=undial"],
+    "ceu": ["method.forget_objective=ceu"],
+    "pdu": ["method.forget_objective=pdu"],
+    "rmu": [
+        "method.forget_objective=rmu",
+        "method.retain_objective=rmu",
+        "method.rmu_layer=model.layers.1",
+        "method.rmu_trainable=model.layers.1.*",  # the other parameters frozen: FSDP2 and ZeRO-3 accept them
+    ],
+}
+
+
+def objective_cases() -> dict[str, list[str]]:
+    """One case per new objective: GDiff, SGD, no AutoLR."""
+    gdiff_sgd = ["method.combiner=gdiff", "optim.name=sgd", f"optim.lr={LR['sgd']}", "autolr.enabled=false"]
+    return {f"obj_{name}_gdiff_sgd": [*gdiff_sgd, *overrides] for name, overrides in NEW_OBJECTIVES.items()}
 
 
 def backend_cases(backend: str, split: dict[str, Path]) -> list[dict]:

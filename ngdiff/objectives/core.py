@@ -1,4 +1,6 @@
-"""Per-task objectives. Each returns a *sum* over its units (tokens or sequences) and says how many
+"""The objectives ngdiff started with (NLL, IdK, NPO, SimNPO, KL) and the helpers every objective shares.
+
+Each returns a *sum* over its units (tokens or sequences) and says how many
 units a batch holds, so the trainer can normalise by the count of the whole global batch: one rank and
 N ranks, with or without accumulation, then compute the same gradient.
 
@@ -21,6 +23,9 @@ IGNORE = -100
 class Objective(ABC):
     needs_reference: bool = False  # a frozen copy of the starting model (NPO, KL)
     unit: str = "tokens"
+    # the forget data it reads: "" the answers; "refusals" refusals instead (IdK); "refusal_pairs" each
+    # answer with a refusal as its alternate (IdkDPO); "alternate_key" each answer with data.alternate_key's
+    alternates: str = ""
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Units this batch contributes to the normaliser."""
@@ -77,7 +82,7 @@ class IdkNLL(NLL):
     Learning the refusal is a loss to *decrease*, so its negation is the forget quantity.
     """
 
-    uses_refusals = True
+    alternates = "refusals"
 
     def loss_sum(self, model, batch, reference=None):
         return -super().loss_sum(model, batch)
@@ -152,25 +157,3 @@ class KLToReference(Objective):
             ref_logprobs = torch.log_softmax(logits_of(reference, batch).float(), dim=-1)
         kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
         return (kl * batch["attention_mask"]).sum()
-
-
-FORGET_OBJECTIVES = {"nll": NLL, "npo": NPO, "simnpo": SimNPO, "idk": IdkNLL}
-RETAIN_OBJECTIVES = {"nll": NLL, "kl": KLToReference, "none": None}
-
-
-def build_objectives(
-    forget: str, retain: str, npo_beta: float = 0.1, simnpo_beta: float = 2.5, simnpo_gamma: float = 0.0
-) -> tuple[Objective, Objective | None]:
-    if forget not in FORGET_OBJECTIVES:
-        raise ValueError(f"unknown forget objective {forget!r}; choose one of: {', '.join(FORGET_OBJECTIVES)}")
-    if retain not in RETAIN_OBJECTIVES:
-        raise ValueError(f"unknown retain objective {retain!r}; choose one of: {', '.join(RETAIN_OBJECTIVES)}")
-    forget_cls = FORGET_OBJECTIVES[forget]
-    if forget_cls is NPO:
-        forget_obj = NPO(beta=npo_beta)
-    elif forget_cls is SimNPO:
-        forget_obj = SimNPO(beta=simnpo_beta, gamma=simnpo_gamma)
-    else:
-        forget_obj = forget_cls()
-    retain_cls = RETAIN_OBJECTIVES[retain]
-    return forget_obj, (retain_cls() if retain_cls is not None else None)
