@@ -71,6 +71,9 @@ class MethodConfig:
     npo_beta: float = 0.1
     simnpo_beta: float = 2.5  # official SimNPO code's default; open-unlearning's TOFU config uses 4.5
     simnpo_gamma: float = 0.0  # SimNPO's reward margin (open-unlearning calls it delta)
+    blur_gamma: float = 1.0  # combiner blur: the forget progress <d, h_F> = gamma |h_F|^2
+    cagrad_c: float = 0.5  # combiner cagrad (TorchJD): radius of the ball around the mean gradient
+    fairgrad_alpha: float = 1.0  # combiner fairgrad (TorchJD): the alpha of alpha-fairness
     # a multiplier per task on the combiner's weight: data.forget's files in order, then data.retain's
     task_weights: tuple[float, ...] = ()
 
@@ -332,6 +335,11 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
             raise ConfigError(f"unknown {key} {value!r}{hint}; choose one of: {', '.join(known)}")
 
     choose("method.combiner", config.method.combiner, COMBINERS)
+    from ngdiff.torchjd_adapter import missing_requirement
+
+    unavailable = missing_requirement(config.method.combiner, len(config.data.forget) + len(config.data.retain))
+    if unavailable:
+        raise ConfigError(unavailable)
     choose("method.forget_objective", config.method.forget_objective, FORGET_OBJECTIVES)
     choose("method.retain_objective", config.method.retain_objective, RETAIN_OBJECTIVES)
     choose("parallel.backend", config.parallel.backend, BACKENDS)
@@ -359,6 +367,9 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
         "train.stop_forget_loss": config.train.stop_forget_loss,
         "optim.warmup_steps": config.optim.warmup_steps,
         "optim.warmup_epochs": config.optim.warmup_epochs,
+        "method.blur_gamma": config.method.blur_gamma,
+        "method.cagrad_c": config.method.cagrad_c,
+        "method.fairgrad_alpha": config.method.fairgrad_alpha,
         "train.max_steps": config.train.max_steps,
         "train.epochs": config.train.epochs,
         "train.micro_batch_size": config.train.micro_batch_size,
