@@ -22,7 +22,8 @@ torchjd is imported on the first step that uses one of these combiners, never ot
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,23 @@ def missing_requirement(name: str, n_tasks: int) -> str | None:
     return None
 
 
+@contextmanager
+def module_subclassing_as_defined() -> Iterator[None]:
+    """DeepSpeed's zero.Init, once entered and left, leaves on nn.Module an `__init_subclass__` (object's, bound
+    to Module) that does not chain along the MRO: a class that is both a Module and a typing.Generic
+    (TorchJD's Weighting) then lacks `__parameters__` and fails to define. TorchJD is imported with
+    nn.Module's inherited one; what DeepSpeed left is put back after."""
+    module = torch.nn.Module
+    leftover = module.__dict__.get("__init_subclass__")
+    if leftover is not None:
+        delattr(module, "__init_subclass__")
+    try:
+        yield
+    finally:
+        if leftover is not None:
+            module.__init_subclass__ = leftover
+
+
 def task_order(stats: TaskStats, spec: WeightingSpec) -> list[int]:
     """The weighting's rows as trainer task indices (the trainer's order, PCD's primary first)."""
     order = list(range(stats.k))
@@ -116,7 +134,8 @@ class TorchJDCombiner:
             problem = missing_requirement(self.name, n_tasks)
             if problem:
                 raise UserError(problem)
-            import torchjd.aggregation
+            with module_subclassing_as_defined():
+                import torchjd.aggregation
 
             self._weighting, self._built_for = self.spec.build(torchjd.aggregation, opts), opts
         return self._weighting

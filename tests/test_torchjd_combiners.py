@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +218,19 @@ def test_krum_with_two_tasks_is_a_config_error():
         None, ["method.combiner=krum", "data.forget=a.jsonl,c.jsonl", "data.retain=b.jsonl"], check_sources=False
     )
     assert config.method.combiner == "krum"
+
+
+def test_torchjd_imports_after_deepspeed_left_its_init_subclass_on_module():
+    """After a zero.Init context, nn.Module keeps a non-chaining `__init_subclass__` (DeepSpeed restores it as
+    an attribute); TorchJD's Module + Generic classes must still define (a fresh process: TorchJD unimported)."""
+    script = (
+        "import torch\n"
+        "torch.nn.Module.__init_subclass__ = torch.nn.Module.__init_subclass__  # what DeepSpeed's exit leaves\n"
+        "from ngdiff.combiners import TaskStats, get_combiner, CombinerOptions\n"
+        "print(get_combiner('upgrad')(TaskStats.two(2.0, 3.0, 0.5, 1.0, 1.0), CombinerOptions()))\n"
+        "assert '__init_subclass__' in vars(torch.nn.Module)  # DeepSpeed's leftover put back\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("(0.62")
