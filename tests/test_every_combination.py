@@ -64,8 +64,14 @@ def forget_nll(model, examples, pad_id: int) -> float:
         return float(NLL().loss_sum(model, batch) / NLL().count(batch))
 
 
-@pytest.mark.slow  # 32 short runs: about a minute on an idle machine
-@pytest.mark.parametrize("combiner", sorted(COMBINERS))
+# krum (TorchJD's Krum) needs at least 3 tasks (n_byzantine + 3 rows) and these runs have two; it is a
+# robust-aggregation rule that picks one task's gradient, which with one retain and two forget tasks may be
+# the retain gradient alone: it is not expected to unlearn, only to run (tests/distributed: k3_krum_sgd)
+TWO_TASK_COMBINERS = sorted(set(COMBINERS) - {"krum"})
+
+
+@pytest.mark.slow  # 84 short runs: a few minutes on an idle machine
+@pytest.mark.parametrize("combiner", TWO_TASK_COMBINERS)
 @pytest.mark.parametrize("objective", sorted(FORGET_OBJECTIVES))
 def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp_path, objective, combiner):
     cfg = load_config(
@@ -110,7 +116,7 @@ def test_lossnorm_divides_by_the_magnitude_of_the_forget_quantity(loss_forget):
     assert w[0] == pytest.approx(1 / 1.5)
 
 
-@pytest.mark.parametrize("combiner", sorted(COMBINERS))
+@pytest.mark.parametrize("combiner", TWO_TASK_COMBINERS)
 @pytest.mark.parametrize("loss_forget", [0.7, -13.9])
 def test_every_combiner_pushes_the_forget_quantity_up_whatever_its_sign(combiner, loss_forget):
     """w_F <= 0 whether the forget quantity is an NLL (> 0) or NPO/SimNPO/IdK's negated loss (< 0)."""
