@@ -32,7 +32,7 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def run_launch(cmd: list[str], log: Path, timeout: float = 600) -> None:
+def run_launch(cmd: list[str], log: Path, timeout: float = 1200) -> None:
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=launch_env(), cwd=REPO, timeout=timeout)
     if proc.returncode != 0:
