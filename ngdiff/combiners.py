@@ -29,6 +29,21 @@ Sources, and where they are departed from:
   `alpha = h_1 U^T (D U^T)^-1`, in Gram terms. Not implemented: IMTL-L, the learned loss scales
   `exp(s_i) L_i - s_i` that file also applies (a trainable parameter per task); here the losses
   enter unscaled.
+- BLUR (Reisizadeh et al., EACL 2026; hadireisizadeh/BLURLLMUnlearning `MUSE/baselines/baselines/iterative.py`,
+  `unlearn_method='BLO_forget_lower'`, the default): there `param.grad = remain_grad + xi * forget_grad`,
+  `xi = gama - <remain_grad, forget_grad> / |forget_grad|^2`, where forget_grad is the gradient of the
+  forget *objective* (-L_F for GA, the NPO loss for NPO): ngdiff's task gradient h_F = -g_F. So
+  `d = g_R + (gamma - <g_R, h_F>/|h_F|^2) h_F`, i.e. `w_R = 1`, `w_F = -(gamma + <g_R, g_F>/|g_F|^2)`:
+  the retain gradient's component orthogonal to h_F plus gamma h_F (forget progress <d, h_F> = gamma |h_F|^2
+  whatever the retain gradient). The reference sums the dot products of each rank's local gradients;
+  here they are the global batch's (the all-reduced Gram). Several sets: g_R, h_F are each role's mean.
+- GRU (Wang et al., 2025; open-unlearning PR #83, `src/trainer/unlearn/gru.py`): the unlearning gradient
+  h_F, and when it conflicts with the retain gradient r (<h_F, r> < 0) its projection onto r's normal
+  plane, `d = h_F - min(0, <h_F, r>)/|r|^2 r`; the retain gradient only steers, it is not descended.
+  Departure: the reference smooths r as an EMA over steps, `r_t = gamma_gru g_R,t + (1 - gamma_gru)
+  r_(t-1)` (gamma_gru = 0.8). <h_F, r_t> involves past steps' gradients, which no Gram matrix of this
+  step holds: it needs a persistent full-size (sharded) buffer. Here r = g_R of this step, i.e. the
+  reference with the EMA off (its search space's "gamma = N/A"). Several sets: each role's mean.
 Each is tested against its definition on explicit vectors (tests/test_combiners.py, tests/test_tasks.py).
 """
 
@@ -100,6 +115,14 @@ def direction_norm_sq(weights: Sequence[float], stats: TaskStats) -> float:
 class CombinerOptions:
     gdiff_coefficient: float = 0.5
     seed: int = 0
+    blur_gamma: float = 1.0  # BLUR's gamma (the reference's `gama`, default 1.0)
+    cagrad_c: float = 0.5  # TorchJD CAGrad's c
+    fairgrad_alpha: float = 1.0  # TorchJD FairGrad's alpha
+
+
+def step_seed(opts: CombinerOptions, step: int) -> int:
+    """The seed of a randomised combiner at `step`: from (seed, step) alone, so every rank draws alike."""
+    return opts.seed * 1_000_003 + step
 
 
 Combiner = Callable[[TaskStats, CombinerOptions], Weights]
@@ -161,7 +184,7 @@ def loss_normalization(s: TaskStats, opts: CombinerOptions) -> Weights:
 @register("rlw")
 def random_loss_weighting(s: TaskStats, opts: CombinerOptions) -> Weights:
     """softmax(z), z ~ N(0, I_k), drawn from (seed, step) alone so every rank draws the same weights."""
-    generator = torch.Generator().manual_seed(opts.seed * 1_000_003 + s.step)
+    generator = torch.Generator().manual_seed(step_seed(opts, s.step))
     weights = torch.softmax(torch.randn(s.k, generator=generator, dtype=torch.float64), dim=0)
     return signed(s, weights.tolist())
 
@@ -236,7 +259,7 @@ def projected_conflicting_gradients(s: TaskStats, opts: CombinerOptions) -> Weig
     the normal plane of each h_j it conflicts with (<., h_j> < 0), j in a random order drawn from
     (seed, step) so every rank draws the same one; d is the sum of the projected copies."""
     H = s.task_gram()
-    generator = torch.Generator().manual_seed(opts.seed * 1_000_003 + s.step)
+    generator = torch.Generator().manual_seed(step_seed(opts, s.step))
     lambdas = np.zeros(s.k)
     for i in range(s.k):
         coefficients = np.zeros(s.k)
@@ -270,8 +293,42 @@ def impartial_gradients(s: TaskStats, opts: CombinerOptions) -> Weights:
     return signed(s, [1.0 - float(alpha.sum()), *alpha.tolist()])
 
 
+def role_means(s: TaskStats) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients over h of each role's mean task gradient: (retain r, forget f), 1/n on the role's tasks."""
+    retain = np.array([1.0 if role == RETAIN else 0.0 for role in s.roles])
+    forget = 1.0 - retain
+    return retain / retain.sum(), forget / forget.sum()
+
+
+@register("blur")
+def bilevel_unlearning(s: TaskStats, opts: CombinerOptions) -> Weights:
+    """BLUR: d = r + (gamma - <r, f>/|f|^2) f, r the retain gradient, f the forget task gradient h_F."""
+    H = s.task_gram()
+    r, f = role_means(s)
+    xi = opts.blur_gamma - float(r @ H @ f) / guarded(float(f @ H @ f), "|h_F|^2 (BLUR)")
+    return signed(s, r + xi * f)
+
+
+@register("gru")
+def gradient_rectified_unlearning(s: TaskStats, opts: CombinerOptions) -> Weights:
+    """GRU without its EMA: d = f, or f projected onto the normal plane of r when <f, r> < 0."""
+    H = s.task_gram()
+    r, f = role_means(s)
+    dot = float(f @ H @ r)
+    scale = -dot / guarded(float(r @ H @ r), "|g_R|^2 (GRU)") if dot < 0 else 0.0
+    return signed(s, f + scale * r)
+
+
 def get_combiner(name: str) -> Combiner:
+    """The combiner called `name`; a stateful one (see ngdiff/torchjd_adapter.py) as a fresh instance, so
+    two trainers in one process never share its state."""
     try:
-        return COMBINERS[name]
+        combiner = COMBINERS[name]
     except KeyError:
         raise ValueError(f"unknown combiner {name!r}; choose one of: {', '.join(sorted(COMBINERS))}") from None
+    return combiner.fresh() if hasattr(combiner, "fresh") else combiner
+
+
+from ngdiff.torchjd_adapter import register_torchjd_weightings  # noqa: E402  (it needs the names above)
+
+register_torchjd_weightings(register)

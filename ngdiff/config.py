@@ -83,6 +83,9 @@ class MethodConfig:
     rmu_layer: str = "model.layers.7"  # the decoder layer whose output RMU steers (a name or its suffix)
     rmu_steering_coeff: float = 2.0
     rmu_trainable: tuple[str, ...] = ()  # regexes of the parameters RMU trains; empty: all (RMU.yaml's `.*`)
+    blur_gamma: float = 1.0  # combiner blur: the forget progress <d, h_F> = gamma |h_F|^2
+    cagrad_c: float = 0.5  # combiner cagrad (TorchJD): radius of the ball around the mean gradient
+    fairgrad_alpha: float = 1.0  # combiner fairgrad (TorchJD): the alpha of alpha-fairness
     # a multiplier per task on the combiner's weight: data.forget's files in order, then data.retain's
     task_weights: tuple[float, ...] = ()
 
@@ -377,6 +380,11 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
             raise ConfigError(f"unknown {key} {value!r}{hint}; choose one of: {', '.join(known)}")
 
     choose("method.combiner", config.method.combiner, COMBINERS)
+    from ngdiff.torchjd_adapter import missing_requirement
+
+    unavailable = missing_requirement(config.method.combiner, len(config.data.forget) + len(config.data.retain))
+    if unavailable:
+        raise ConfigError(unavailable)
     choose("method.forget_objective", config.method.forget_objective, FORGET_OBJECTIVES)
     choose("method.retain_objective", config.method.retain_objective, RETAIN_OBJECTIVES)
     choose("parallel.backend", config.parallel.backend, BACKENDS)
@@ -407,6 +415,9 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
         "train.stop_forget_loss": config.train.stop_forget_loss,
         "optim.warmup_steps": config.optim.warmup_steps,
         "optim.warmup_epochs": config.optim.warmup_epochs,
+        "method.blur_gamma": config.method.blur_gamma,
+        "method.cagrad_c": config.method.cagrad_c,
+        "method.fairgrad_alpha": config.method.fairgrad_alpha,
         "train.max_steps": config.train.max_steps,
         "train.epochs": config.train.epochs,
         "train.micro_batch_size": config.train.micro_batch_size,

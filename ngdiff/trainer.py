@@ -172,7 +172,10 @@ class Trainer:
         self.evaluate = evaluate
         self.tokenizer = tokenizer
         self.combine = get_combiner(cfg.method.combiner)
-        self.combiner_options = CombinerOptions(cfg.method.gdiff_coefficient, cfg.train.seed)
+        method = cfg.method
+        self.combiner_options = CombinerOptions(
+            method.gdiff_coefficient, cfg.train.seed, method.blur_gamma, method.cagrad_c, method.fairgrad_alpha
+        )
         self.autolr = AutoLR(cfg.autolr, backend, max_steps, cfg.optim.name)
         self.lr = cfg.optim.lr  # the base lr; AutoLR, when on, maintains it
         self.warmup_steps = warmup_steps_of(cfg.optim.warmup_steps, cfg.optim.warmup_epochs, steps_per_epoch(tasks))
@@ -399,6 +402,8 @@ class Trainer:
             "lr": self.lr,
             **{f"{task.name}_stream": task.stream.state_dict() for task in self.tasks},
             "autolr": self.autolr.state_dict(),
+            # a stateful combiner's state (TorchJD's GradVac, PCD: see ngdiff/torchjd_adapter.py)
+            **({"combiner": self.combine.state_dict()} if hasattr(self.combine, "state_dict") else {}),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -408,3 +413,5 @@ class Trainer:
             task.stream.load_state_dict(state[f"{task.name}_stream"])
         if "autolr" in state:  # checkpoints written before the acceptance rate was logged lack it
             self.autolr.load_state_dict(state["autolr"])
+        if "combiner" in state and hasattr(self.combine, "load_state_dict"):
+            self.combine.load_state_dict(state["combiner"])

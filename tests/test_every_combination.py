@@ -84,9 +84,21 @@ def forget_with_alternates(tofu_split, tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("dpo") / "forget.jsonl", rows)
 
 
-@pytest.mark.slow  # 96 short runs: about three minutes on an idle machine
-@pytest.mark.parametrize("combiner", sorted(COMBINERS))
-@pytest.mark.parametrize("objective", sorted(FORGET_OBJECTIVES))
+# krum (TorchJD's Krum) needs at least 3 tasks (n_byzantine + 3 rows) and these runs have two; it is a
+# robust-aggregation rule that picks one task's gradient, which with one retain and two forget tasks may be
+# the retain gradient alone: it is not expected to unlearn, only to run (tests/distributed: k3_krum_sgd)
+TWO_TASK_COMBINERS = sorted(set(COMBINERS) - {"krum"})
+# Every objective meets every core combiner; every other combiner (BLUR, GRU, TorchJD's weightings) meets
+# the two forget objectives of different shape (token NLL, sequence-level NPO). The full product (12 x 19)
+# would take CI a quarter of an hour for no other path through the code.
+CORE_COMBINERS = ("ga", "gdiff", "imtlg", "lossnorm", "mgda", "ngdiff", "pcgrad", "rlw")
+PAIRS = [(o, c) for o in sorted(FORGET_OBJECTIVES) for c in CORE_COMBINERS] + [
+    (o, c) for c in TWO_TASK_COMBINERS if c not in CORE_COMBINERS for o in ("nll", "npo")
+]
+
+
+@pytest.mark.slow  # 120 short runs: a few minutes on an idle machine
+@pytest.mark.parametrize(("objective", "combiner"), PAIRS)
 def test_a_few_sgd_steps_raise_the_forget_nll(
     learned_model_dir, tofu_split, forget_with_alternates, tmp_path, objective, combiner
 ):
@@ -145,7 +157,7 @@ def test_lossnorm_divides_by_the_magnitude_of_the_forget_quantity(loss_forget):
     assert w[0] == pytest.approx(1 / 1.5)
 
 
-@pytest.mark.parametrize("combiner", sorted(COMBINERS))
+@pytest.mark.parametrize("combiner", TWO_TASK_COMBINERS)
 @pytest.mark.parametrize("loss_forget", [0.7, -13.9])
 def test_every_combiner_pushes_the_forget_quantity_up_whatever_its_sign(combiner, loss_forget):
     """w_F <= 0 whether the forget quantity is an NLL (> 0) or NPO/SimNPO/IdK's negated loss (< 0)."""

@@ -18,6 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 BACKENDS = ("ddp", "fsdp", "zero3")
 COMBINERS = ("ngdiff", "gdiff", "mgda", "pcgrad")
+# the other Gram-matrix combiners (ngdiff/combiners.py, ngdiff/torchjd_adapter.py): one case each (SGD, no
+# AutoLR), not the product above, whose cost is per combiner; krum needs 3 tasks: it runs in the k = 3 block
+GRAM_COMBINERS = ("blur", "gru", "upgrad", "dualproj", "cagrad", "aligned_mtl", "fairgrad", "gradvac", "pcd")
+GRAM_COMBINERS += ("torchjd_mgda", "torchjd_pcgrad", "torchjd_imtlg")
 LR = {"sgd": 0.05, "adamw": 1e-4}  # small AdamW lr: Adam turns last-bit gradient noise into O(lr) moves
 STEPS = 4
 
@@ -28,7 +32,7 @@ def launch_env() -> dict[str, str]:
     return env
 
 
-def run_launch(cmd: list[str], log: Path, timeout: float = 600) -> None:
+def run_launch(cmd: list[str], log: Path, timeout: float = 1200) -> None:
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=launch_env(), cwd=REPO, timeout=timeout)
     if proc.returncode != 0:
@@ -86,7 +90,8 @@ def two_forget_sets(split: dict[str, Path] | None) -> list[str]:
 
 def matrix_cases(split: dict[str, Path] | None = None) -> dict[str, list[str]]:
     """case name -> overrides (without the backend): every combiner x optimizer x AutoLR on/off, and k = 3
-    tasks (two forget sets) for NGDiff, MGDA and PCGrad. The names do not depend on `split`; running the
+    tasks (two forget sets) for NGDiff, MGDA and PCGrad; one SGD case per GRAM_COMBINERS combiner, and
+    k = 3 for TorchJD's UPGrad and Krum. The names do not depend on `split`; running the
     k = 3 cases needs it (their data.forget)."""
     cases = {}
     for combiner, optim, autolr in product(COMBINERS, LR, (False, True)):
@@ -110,6 +115,11 @@ def matrix_cases(split: dict[str, Path] | None = None) -> dict[str, list[str]]:
     cases["ngdiff_sgd_ckpt"] = [*cases["ngdiff_sgd"], "model.gradient_checkpointing=true"]
     for name in ("ngdiff_sgd", "mgda_sgd", "pcgrad_adamw_autolr"):
         cases[f"k3_{name}"] = [*cases[name], *two_forget_sets(split)]
+    sgd = cases["ngdiff_sgd"][1:]
+    for combiner in GRAM_COMBINERS:
+        cases[f"{combiner}_sgd"] = [f"method.combiner={combiner}", *sgd]
+    for combiner in ("upgrad", "krum"):
+        cases[f"k3_{combiner}_sgd"] = [f"method.combiner={combiner}", *sgd, *two_forget_sets(split)]
     # global batch 8 in micro-batches of 2: 1 rank x 4 accumulation steps vs 2 ranks x 2
     cases["accum"] = [
         *cases["ngdiff_adamw_autolr"],
@@ -166,6 +176,11 @@ def backend_cases(backend: str, split: dict[str, Path]) -> list[dict]:
             "count_collectives": True,
         }
     )
+    # a stateful, randomised TorchJD weighting (GradVac: RNG seeded per step, EMA in the checkpoint): killed
+    # after step 3, resumed; and its step's collectives counted (the weighting adds none)
+    gradvac = [f"parallel.backend={backend}", *matrix_cases()["gradvac_sgd"]]
+    cases.append({"name": f"{backend}_gradvac_resume", "overrides": [*gradvac, "train.save_every=2"], "crash_after": 3})
+    cases.append({"name": f"{backend}_gradvac_count", "overrides": gradvac, "count_collectives": True})
     cases.append(
         {
             "name": f"{backend}_k3_count",

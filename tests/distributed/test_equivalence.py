@@ -65,6 +65,18 @@ def test_one_small_all_reduce_per_step(dist_runs, backend):
     assert [numel for numel, _ in log["ours_all_reduce"]] == [14] * STEPS + [1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stateful_torchjd_weighting_resumes_and_adds_nothing_to_the_all_reduce(dist_runs, backend):
+    """GradVac (randomised: seeded per step; stateful: its EMA of cosines is in the checkpoint) resumed after a
+    crash equals the uninterrupted run, and its step still has the one all-reduce of the same 9 numbers."""
+    uninterrupted, _ = load_result(dist_runs, f"{backend}_gradvac_sgd")
+    resumed, log = load_result(dist_runs, f"{backend}_gradvac_resume")
+    assert log["crashed_at"] == 3 and len(log["steps"]) == STEPS - 2
+    assert max_abs_diff(uninterrupted, resumed) <= 1e-6
+    _, log = load_result(dist_runs, f"{backend}_gradvac_count")
+    assert [numel for numel, _ in log["ours_all_reduce"]] == [9] * STEPS + [1]
+
+
 def test_data_would_catch_rank_local_normalisation(dist_runs):
     """The two ranks see different token counts and gradient norms: a rank-local mean differs."""
     for backend in BACKENDS:
