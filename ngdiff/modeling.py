@@ -115,13 +115,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 
 
 def build_tiny_model(
-    output_dir: str | Path, texts: Iterable[str], spec: TinyLlamaSpec = TinyLlamaSpec(), seed: int = 0
+    output_dir: str | Path,
+    texts: Iterable[str],
+    spec: TinyLlamaSpec = TinyLlamaSpec(),
+    seed: int = 0,
+    tokenizer=None,
 ) -> Path:
-    """Write a randomly initialised small Llama and its tokenizer as an ordinary HF model directory."""
+    """Write a randomly initialised small Llama and its tokenizer as an ordinary HF model directory
+    (the tokenizer trained on `texts`, unless one is given)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     output_dir = Path(output_dir)
-    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    tokenizer = tokenizer if tokenizer is not None else train_tokenizer(texts, spec.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,

@@ -8,6 +8,7 @@ retain model's evaluations) and every `runs/*/` folder; writes `results.jsonl`, 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ from typing import Any
 import yaml
 
 from ngdiff.metrics_log import read_jsonl
+from ngdiff.study.health import unranked_summary, world_health
 from ngdiff.study.plots import autolr_plot, lr_plot, pareto_grid_plot, pareto_plot
 from ngdiff.study.results import best_cells, collect, lr_cells, summary_markdown, write_results
 from ngdiff.study.runner import DONE, STUDY_FILE, run_folder
 from ngdiff.study.spec import StudyError, SummaryRule
 from ngdiff.study.world import WORLD_FILE
+
+log = logging.getLogger("ngdiff.study")
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,12 @@ def make_report(study_dir: str | Path) -> Report:
     finished = [r.run_id for r in expected if (run_folder(study_dir / "runs", r) / DONE).is_file()]
     missing = [r.run_id for r in expected if r.run_id not in finished]
     files = [write_results(rows, study_dir / "results.jsonl")]
-    summary = summary_markdown(rows, rule, target, reference, methods, missing)
+    health = world_health(world)  # an unhealthy world ranks nothing (ngdiff.study.health)
+    if health.healthy:
+        summary = summary_markdown(rows, rule, target, reference, methods, missing)
+    else:
+        log.warning(health.line)
+        summary = unranked_summary(health, world, len(missing))
     (study_dir / "summary.md").write_text(summary)
     files.append(study_dir / "summary.md")
     if rows:

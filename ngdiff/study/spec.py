@@ -59,6 +59,18 @@ class EvalItems:
 
 
 @dataclass(frozen=True)
+class CalibrationBounds:
+    """Bounds the CPU world's calibration figures must meet (ngdiff.study.calibration); unset: unchecked.
+    Ranges are [low, high]; the others are maxima."""
+
+    d_target_retain: tuple[float, ...] = ()  # target-vs-retain-model KS distance on the forget split
+    retain_forget_rougeL: tuple[float, ...] = ()  # the retain model's forget ROUGE-L recall
+    utility_gap_max: float | None = None  # |target utility - retain-model utility|
+    unseen_token_share_max: float | None = None  # evaluation-answer tokens never seen in training
+    truncated_share_max: float | None = None  # forget answers longer than max_new_tokens
+
+
+@dataclass(frozen=True)
 class WorldSpec:
     """`cpu`: built here from the bundled TOFU files; `cluster`: the user's target and retain model."""
 
@@ -67,12 +79,15 @@ class WorldSpec:
     max_new_tokens: int = 48  # greedy generation length of every evaluation
     # cpu world
     forget_split: str = "forget01"  # bundled <split>.jsonl and <split>_perturbed.jsonl: the forget authors
+    forget_authors: tuple[int, ...] = ()  # only these authors of the split (0 = its first), e.g. [2, 3]
+    second_retain_seed: int = -1  # >= 0: a second retain model, fine-tuned with this seed (forget ceiling)
     retain_authors: int = 10  # the first N TOFU authors (covered by the bundled retain_perturbed.jsonl)
     knowledge: tuple[str, ...] = ("real_authors", "world_facts")  # fine-tuned, never in the retain set
     knowledge_items: int = 0  # fine-tune on N evenly spaced items of each knowledge set (0: all of them)
     model: ModelShape = field(default_factory=ModelShape)
     finetune: FinetuneShape = field(default_factory=FinetuneShape)
     eval_items: EvalItems = field(default_factory=EvalItems)
+    calibration: CalibrationBounds = field(default_factory=CalibrationBounds)  # checked after the build
     # cluster world
     benchmark: str = "tofu"  # tofu | muse
     target: str = ""  # the model to unlearn (folder or hub name)

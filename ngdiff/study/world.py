@@ -22,6 +22,17 @@ from typing import Any
 
 from ngdiff import TOFU_DIR
 from ngdiff.locks import FolderLock, Holder, try_lock
+from ngdiff.study.calibration import (
+    answer_lengths,
+    assert_calibrated,
+    calibration_figures,
+    check_bounds,
+    train_world_tokenizer,
+    training_token_ids,
+    truncated_share,
+    unseen_token_share,
+)
+from ngdiff.study.health import world_health
 from ngdiff.study.spec import StudyError, StudySpec, WorldSpec
 
 log = logging.getLogger("ngdiff.study")
@@ -103,29 +114,86 @@ def check_world(world: WorldSpec) -> None:
     for name in world.knowledge:
         if name not in KNOWLEDGE_FILES:
             raise StudyError(f"world.knowledge names {name!r}; choose from {', '.join(KNOWLEDGE_FILES)}")
+    forget_authors(world)  # the selection is valid and disjoint from the retain authors
+    if world.second_retain_seed < -1:
+        raise StudyError(f"world.second_retain_seed must be a seed >= 0 (or -1: none), got {world.second_retain_seed}")
+    check_bounds(world.calibration)
+
+
+def split_authors(split: str) -> range:
+    """The TOFU author indices (0..199 in full.jsonl) of a bundled forget split: its rows are the last
+    ones of full.jsonl (resources/tofu/PROVENANCE.md)."""
+    full = sum(1 for line in (TOFU_DIR / "full.jsonl").open() if line.strip()) // QUESTIONS_PER_AUTHOR
+    rows = sum(1 for line in (TOFU_DIR / f"{split}.jsonl").open() if line.strip())
+    return range(full - rows // QUESTIONS_PER_AUTHOR, full)
+
+
+def forget_authors(world: WorldSpec) -> list[int]:
+    """Positions (in the split) of the world's forget authors: `world.forget_authors`, or all of them."""
+    authors = split_authors(world.forget_split)
+    chosen = list(world.forget_authors) or list(range(len(authors)))
+    where = f"world.forget_authors={list(world.forget_authors)}"
+    if any(not isinstance(a, int) or isinstance(a, bool) for a in chosen) or len(set(chosen)) != len(chosen):
+        raise StudyError(f"{where} must list distinct author positions (integers)")
+    if not all(0 <= a < len(authors) for a in chosen):
+        raise StudyError(f"{where}: {world.forget_split} has {len(authors)} authors (positions 0..{len(authors) - 1})")
+    overlap = sorted(authors[a] for a in chosen if authors[a] < world.retain_authors)
+    if overlap:
+        raise StudyError(
+            f"world: the forget authors {overlap} of {world.forget_split} are also among the first "
+            f"{world.retain_authors} retain authors; lower world.retain_authors"
+        )
+    return chosen
+
+
+TOKENIZER_RECIPE = "byte-level BPE on the fine-tuning text only, pruned to the tokens that text uses"
+RECIPE_FILE = "recipe.json"  # written before the build: a half-built world is never reused by another recipe
+
+
+def world_recipe(spec: StudySpec, data_cfg) -> dict[str, Any]:
+    """What a world is cached by: its spec, less where it lives and the calibration bounds (checked on
+    every load, so changing a bound needs no rebuild), plus the formatting and the tokenizer's recipe."""
+    defaults = asdict(WorldSpec())
+    recipe = {k: v for k, v in asdict(spec.world).items() if k not in ("cache_dir", "calibration")}
+    for key in ("forget_authors", "second_retain_seed"):  # worlds cached before these keys existed still match
+        if recipe[key] == defaults[key]:
+            del recipe[key]
+    if data_cfg.prompt_template:  # the CPU world is fine-tuned, and every world evaluated, with it
+        recipe["prompt_template"] = data_cfg.prompt_template
+    if spec.world.kind == "cpu":
+        recipe["tokenizer"] = TOKENIZER_RECIPE
+    return json.loads(json.dumps(recipe))
+
+
+def _same_recipe(path: Path, recipe: dict[str, Any], folder: Path) -> None:
+    if path.is_file() and json.loads(path.read_text()).get("recipe") != recipe:
+        raise StudyError(
+            f"{folder} holds a world built from a different recipe; point world.cache_dir elsewhere or delete it"
+        )
 
 
 def load_or_build(spec: StudySpec, study_dir: Path, data_cfg, progress: bool = True) -> World:
-    """The cached world if its recipe matches, else build it now."""
+    """The cached world if its recipe matches, else build it now; a CPU world must meet its calibration
+    bounds (world.calibration), whether just built or cached."""
     folder = world_folder(spec, study_dir)
-    recipe = {k: v for k, v in asdict(spec.world).items() if k != "cache_dir"}  # a world may move
-    if data_cfg.prompt_template:  # the CPU world is fine-tuned, and every world evaluated, with it
-        recipe["prompt_template"] = data_cfg.prompt_template
+    recipe = world_recipe(spec, data_cfg)
     marker = folder / WORLD_FILE
+    _same_recipe(marker, recipe, folder)
     if marker.is_file():
-        saved = json.loads(marker.read_text())
-        if saved.get("recipe") != json.loads(json.dumps(recipe)):
-            raise StudyError(
-                f"{folder} holds a world built from a different recipe; point world.cache_dir elsewhere or delete it"
-            )
-        return _world_from_record(folder, saved)
-    folder.mkdir(parents=True, exist_ok=True)
-    if spec.world.kind == "cpu":
-        record = build_cpu_world(spec.world, folder, data_cfg, progress)
+        record = json.loads(marker.read_text())
     else:
-        record = prepare_cluster_world(spec.world, folder, data_cfg)
-    record["recipe"] = recipe
-    marker.write_text(json.dumps(record, indent=1))
+        _same_recipe(folder / RECIPE_FILE, recipe, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RECIPE_FILE).write_text(json.dumps({"recipe": recipe}, indent=1))
+        if spec.world.kind == "cpu":
+            record = build_cpu_world(spec.world, folder, data_cfg, progress)
+        else:
+            record = prepare_cluster_world(spec.world, folder, data_cfg)
+        record["recipe"] = recipe
+        record["health"] = world_health(record).to_json()
+        marker.write_text(json.dumps(record, indent=1))
+    if spec.world.kind == "cpu":
+        assert_calibrated(record.get("calibration", {}), spec.world.calibration, str(marker))
     return _world_from_record(folder, record)
 
 
@@ -142,11 +210,13 @@ def _world_from_record(folder: Path, record: dict[str, Any]) -> World:
 def cpu_world_data(world: WorldSpec) -> dict[str, list[dict[str, Any]]]:
     """The CPU world's row sets: training sets of both models, the unlearning sets, the evaluation sets."""
     full = read_jsonl(TOFU_DIR / "full.jsonl")
-    forget = read_jsonl(TOFU_DIR / f"{world.forget_split}.jsonl")
-    forget_questions = {r["question"] for r in forget}
+    authors = forget_authors(world)
+
+    def of_forget_authors(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [r for i, r in enumerate(rows) if i // QUESTIONS_PER_AUTHOR in authors]
+
+    forget = of_forget_authors(read_jsonl(TOFU_DIR / f"{world.forget_split}.jsonl"))
     retain = full[: world.retain_authors * QUESTIONS_PER_AUTHOR]
-    if forget_questions & {r["question"] for r in retain}:
-        raise StudyError(f"world: {world.forget_split} overlaps the first {world.retain_authors} authors")
     knowledge = [
         r
         for name in world.knowledge
@@ -156,7 +226,7 @@ def cpu_world_data(world: WorldSpec) -> dict[str, list[dict[str, Any]]]:
     items = world.eval_items
     evaluation = {
         f"{world.forget_split}_perturbed.jsonl": evenly_spaced(
-            read_jsonl(TOFU_DIR / f"{world.forget_split}_perturbed.jsonl"), items.forget
+            of_forget_authors(read_jsonl(TOFU_DIR / f"{world.forget_split}_perturbed.jsonl")), items.forget
         ),
         "retain_perturbed.jsonl": evenly_spaced(retain_perturbed, items.retain),
         "real_authors_perturbed.jsonl": evenly_spaced(
@@ -176,18 +246,8 @@ def cpu_world_data(world: WorldSpec) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def tokenizer_corpus(sets: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Every text the models will read or be scored on (so no answer falls apart into bytes)."""
-    texts = []
-    for rows in sets.values():
-        for r in rows:
-            texts.append(f"{r['question']} {r['answer']}")
-            texts += [r[k] for k in ("paraphrased_answer",) if k in r]
-            texts += list(r.get("perturbed_answer", []))
-    return texts
-
-
 WORLD_MODELS = {"target": "target_train", "retain_model": "reference_train"}  # model folder -> training set
+SECOND_RETAIN = "retain_model_2"  # trained like the retain model with world.second_retain_seed
 BUILT = ".built"
 
 
@@ -247,28 +307,54 @@ def build_cpu_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = T
     spec = TinyLlamaSpec(
         shape.vocab_size, shape.hidden_size, shape.num_layers, shape.num_heads, shape.intermediate_size
     )
+    template = data_cfg.prompt_template
     base = folder / "base"
-    build_each({"base": base}, lambda _: build_tiny_model(base, tokenizer_corpus(sets), spec, seed=world.finetune.seed))
+
+    def build_base(_: str) -> None:
+        tokenizer = train_world_tokenizer(sets["target_train"], shape.vocab_size, template)
+        build_tiny_model(base, [], spec, seed=world.finetune.seed, tokenizer=tokenizer)
+
+    build_each({"base": base}, build_base)
     tokenizer = load_tokenizer(str(base))
     ft = world.finetune
-    ft_cfg = FinetuneConfig(
-        epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr, warmup_steps=ft.warmup_steps, seed=ft.seed
-    )
+    models = dict(WORLD_MODELS)
+    seeds = dict.fromkeys(models, ft.seed)
+    if world.second_retain_seed >= 0:
+        models[SECOND_RETAIN] = "reference_train"
+        seeds[SECOND_RETAIN] = world.second_retain_seed
 
     def fine_tune(name: str) -> None:
-        train = WORLD_MODELS[name]
+        train = models[name]
         log.warning("world: fine-tuning the %s (%d pairs, %d epochs)", name, len(sets[train]), ft.epochs)
         examples = encode_task(data_cfg, tokenizer, str(data_dir / f"{train}.jsonl"), f"world {train}")
-        finetune(base, tokenizer, examples, folder / name, ft_cfg, progress=progress)
+        cfg = FinetuneConfig(
+            epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr, warmup_steps=ft.warmup_steps, seed=seeds[name]
+        )
+        finetune(base, tokenizer, examples, folder / name, cfg, progress=progress)
 
-    build_each({name: folder / name for name in WORLD_MODELS}, fine_tune)
+    build_each({name: folder / name for name in models}, fine_tune)
 
     reference = folder / "reference_eval"
-    template = data_cfg.prompt_template
     reference_metrics = evaluate_model(folder / "retain_model", world, eval_dir, reference, None, None, 0, template)
     target_metrics = evaluate_model(
         folder / "target", world, eval_dir, folder / "target_eval", reference, None, 0, template
     )
+    forget_eval = sets[f"{world.forget_split}_perturbed.jsonl"]
+    lengths = answer_lengths(tokenizer, forget_eval, template)
+    seen = training_token_ids(tokenizer, sets["target_train"], template)
+    calibration = calibration_figures(
+        target_metrics,
+        reference_metrics,
+        unseen_token_share(tokenizer, seen, forget_eval, template),
+        truncated_share(lengths, world.max_new_tokens),
+    )
+    second: dict[str, float] = {}
+    if world.second_retain_seed >= 0:  # what a perfect unlearning (a retrain) would reach
+        second = evaluate_model(
+            folder / SECOND_RETAIN, world, eval_dir, folder / "second_retain_eval", reference, None, 0, template
+        )
+        calibration["d_retain_retain"] = second.get("forget_ks_statistic")
+        calibration["forget_quality_ceiling"] = second.get("forget_quality")
     overrides = [
         f"model.path={folder / 'target'}",
         f"data.forget={data_dir / 'forget.jsonl'}",
@@ -287,12 +373,19 @@ def build_cpu_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = T
         "reference_train_pairs": len(sets["reference_train"]),
         "eval_items": {k: len(v) for k, v in sets.items() if k.endswith(".jsonl")},
         "parameters": _parameter_count(folder / "target"),
+        "vocabulary": len(tokenizer),
+        "forget_answer_tokens": {
+            "median": sorted(lengths)[len(lengths) // 2] if lengths else 0,
+            "max": max(lengths, default=0),
+        },
         "build_seconds": round(time.time() - started, 1),
     }
     return {
         "overrides": overrides,
         "target_metrics": target_metrics,
         "reference_metrics": reference_metrics,
+        **({"second_retain_metrics": second} if second else {}),
+        "calibration": calibration,
         "info": info,
     }
 

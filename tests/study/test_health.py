@@ -1,0 +1,56 @@
+"""The summary refuses to rank methods on an unhealthy world (hand-made world.json files, no training)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import yaml
+
+from launcher.study_cli import CONFIG_DIR
+from ngdiff.study.health import world_health
+from ngdiff.study.report import make_report
+from ngdiff.study.spec import parse_study, spec_to_dict
+
+HEALTHY = {
+    "target_metrics": {"forget_rougeL_recall": 0.8, "forget_ks_statistic": 0.6, "model_utility": 0.5},
+    "reference_metrics": {"forget_rougeL_recall": 0.3, "model_utility": 0.5},
+}
+UNHEALTHY = {
+    "target_metrics": {"forget_rougeL_recall": 0.0, "forget_ks_statistic": 0.1, "model_utility": 0.0},
+    "reference_metrics": {"forget_rougeL_recall": 0.0, "model_utility": 0.0},
+}
+
+
+def study_folder(tmp_path, world):
+    spec = parse_study(yaml.safe_load((CONFIG_DIR / "quick.yaml").read_text()), "quick.yaml")
+    (tmp_path / "study.json").write_text(json.dumps(spec_to_dict(spec)))
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "world.json").write_text(json.dumps({"overrides": [], **world}))
+    return tmp_path
+
+
+def test_health_reasons_in_words():
+    assert world_health(HEALTHY).healthy
+    reasons = world_health(UNHEALTHY).reasons
+    assert len(reasons) == 3
+    assert (
+        "did not learn its forget set" in reasons[0] and "barely differ" in reasons[1] and "utility is 0" in reasons[2]
+    )
+    assert world_health({"target_metrics": {}, "reference_metrics": {}}).healthy  # nothing to check: MUSE
+
+
+def test_a_healthy_world_is_ranked(tmp_path):
+    make_report(study_folder(tmp_path, HEALTHY))
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| method | best lr |" in summary and "World unhealthy" not in summary
+
+
+def test_an_unhealthy_world_ranks_nothing_and_warns(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="ngdiff.study"):
+        make_report(study_folder(tmp_path, UNHEALTHY))
+    summary = (tmp_path / "summary.md").read_text()
+    line = world_health(UNHEALTHY).line
+    assert line.startswith("World unhealthy: the target did not learn") and line.endswith("; methods are not ranked")
+    assert f"{line}." in summary and "best lr" not in summary
+    assert line in caplog.text
