@@ -122,7 +122,7 @@ def _register_optional() -> None:
     """Import the modules that add subcommands (kept optional so a broken extra never hides train)."""
     import importlib
 
-    subcommand_modules = ("eval_cli", "plan_cli", "plot_cli", "slurm", "study_cli")
+    subcommand_modules = ("attack_cli", "eval_cli", "plan_cli", "plot_cli", "slurm", "study_cli")
     for module in (f"launcher.{name}" for name in subcommand_modules):
         try:
             importlib.import_module(module)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -28,7 +29,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face model folder (e.g. a run's final/)")
     parser.add_argument(
         "--reference",
-        help="TOFU: a retain-only model's evaluation output or legacy eval_log_forget.json (forget quality); "
+        help="TOFU: a retain-only model's evaluation output, legacy eval_log_forget.json or open-unlearning "
+        "TOFU_EVAL.json (forget quality, PrivLeak); "
         "MUSE: a retrained model's AUC or evaluation output (PrivLeak)",
     )
     parser.add_argument("--split", default="forget01", help="TOFU forget split: forget01, forget05 or forget10")
@@ -38,6 +40,23 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "paraphrased/perturbed answers are read from FILE_perturbed.jsonl beside it when present",
     )
     parser.add_argument("--retain", help="your retain split, like --forget")
+    parser.add_argument(
+        "--holdout",
+        help="question/answer rows the model never saw, for membership inference of the forget set "
+        "(default for a TOFU split: its matching holdout split, forget01 -> holdout01)",
+    )
+    parser.add_argument(
+        "--reference-model",
+        help="TOFU: a model never trained on the forget set (e.g. the retain model): the Reference attack, "
+        "and PrivLeak's reference AUC when --reference holds none",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object of the metrics on stdout")
+    parser.add_argument(
+        "--format",
+        choices=["ngdiff", "open-unlearning"],
+        default="ngdiff",
+        help="open-unlearning: also write TOFU_EVAL.json and TOFU_SUMMARY.json in its format",
+    )
     parser.add_argument("--output", help="folder for items.json, aggregate.json, summary.md (default: MODEL/eval_*)")
     parser.add_argument("--data-dir", help="folder with the benchmark files (default: the bundled copies)")
     parser.add_argument(
@@ -73,14 +92,12 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     if not args.model:
         raise UserError("ngdiff eval needs --model DIR")
+    if args.benchmark == "muse" and (args.holdout or args.reference_model or args.format != "ngdiff"):
+        raise UserError("--holdout, --reference-model and --format open-unlearning are for TOFU-style splits")
     model_dir = Path(args.model)
-    from ngdiff.lora import is_adapter_folder
-
-    if not (model_dir / "config.json").is_file() and not is_adapter_folder(model_dir):
-        raise UserError(f"--model {model_dir}: not a model folder (no config.json) nor a PEFT adapter folder")
-    from ngdiff.modeling import check_tokenizer_files
-
-    check_tokenizer_files(model_dir, "--model", args.trust_remote_code)
+    check_model_folder(model_dir, "--model", args.trust_remote_code)
+    if args.reference_model:
+        check_model_folder(Path(args.reference_model), "--reference-model", args.trust_remote_code)
     from ngdiff.data.tokenize import check_prompt_template
 
     try:
@@ -92,6 +109,16 @@ def run_eval(args: argparse.Namespace) -> int:
         if value < 0 or (value == 0 and name != "max_items"):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     return evaluate_command(args, model_dir)
+
+
+def check_model_folder(model_dir: Path, flag: str, trust_remote_code: bool) -> None:
+    """A Hugging Face model (or PEFT adapter) folder with its tokenizer, else one clear error naming `flag`."""
+    from ngdiff.lora import is_adapter_folder
+    from ngdiff.modeling import check_tokenizer_files
+
+    if not (model_dir / "config.json").is_file() and not is_adapter_folder(model_dir):
+        raise UserError(f"{flag} {model_dir}: not a model folder (no config.json) nor a PEFT adapter folder")
+    check_tokenizer_files(model_dir, flag, trust_remote_code)
 
 
 def forget_quality_command(args: argparse.Namespace) -> int:
@@ -134,6 +161,10 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
             read_custom_rows(tofu_set, path, 1)
         for tofu_set in [] if custom else tofu_sets(args.split):
             load_rows(tofu_set, args.data_dir, 1)
+        if args.holdout:
+            from ngdiff.eval.tofu import load_holdout
+
+            load_holdout(args.holdout, 1)
         if not custom and (hint := own_splits_hint(model_dir, args.split)):
             log.warning(hint)
     spec = BenchmarkSpec(
@@ -146,6 +177,8 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
         prompt_template=args.prompt_template,
         reference=load_reference(args.benchmark, args.reference),
         custom=custom,
+        holdout=args.holdout or None,
+        reference_auc=privleak_reference(args),
     )
 
     ctx = init_distributed()
@@ -160,8 +193,13 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
 
         tokenizer = load_tokenizer(str(model_dir), args.trust_remote_code)
         ed = EvalDist(ctx.rank, ctx.world_size, sharded)
+        reference_model = load_model(args, Path(args.reference_model), ctx)[0] if args.reference_model else None
+        if args.benchmark == "tofu":
+            spec = dataclasses.replace(spec, gradnorm=not sharded)
         start = time.perf_counter()
-        items, metrics = run_benchmark(model, tokenizer, spec, ed=ed, progress=ctx.is_main)
+        items, metrics = run_benchmark(
+            model, tokenizer, spec, ed=ed, progress=ctx.is_main and not args.json, reference_model=reference_model
+        )
         seconds = time.perf_counter() - start
         if ctx.is_main:
             meta = {
@@ -178,14 +216,52 @@ def evaluate_command(args: argparse.Namespace, model_dir: Path) -> int:
                 from ngdiff.eval.tofu import missing_metrics
 
                 meta["not computed"] = missing_metrics(items, metrics)
+                meta["holdout"] = args.holdout or ("TOFU's matching holdout split" if not custom else "none")
+                meta["reference model"] = args.reference_model or "none"
             write_outputs(output, args.benchmark, items, metrics, meta)
-            print((output / "summary.md").read_text())
-            print(f"per-item records, aggregate metrics and this summary: {output}/{{items,aggregate,summary}}")
+            if args.format == "open-unlearning":
+                from ngdiff.eval.open_unlearning_format import write_open_unlearning
+
+                write_open_unlearning(output, items, metrics)
+            if args.json:
+                print(json.dumps(json_result(metrics, meta.get("not computed") or {})))
+            else:
+                print((output / "summary.md").read_text())
+                print(f"per-item records, aggregate metrics and this summary: {output}/{{items,aggregate,summary}}")
         if ctx.distributed:
             torch.distributed.barrier()
         return 0
     finally:
         shutdown_distributed()
+
+
+JSON_KEYS = (  # always present in `--json` (null when not computed: `not_computed` says why)
+    "mia_loss_auc",
+    "mia_zlib_auc",
+    "mia_mink_auc",
+    "mia_minkpp_auc",
+    "mia_gradnorm_auc",
+    "mia_reference_auc",
+    "privleak",
+    "extraction_strength",
+    "exact_memorization",
+    "forget_para_rougeL_recall",
+)
+
+
+def json_result(metrics: dict[str, float], not_computed: dict[str, str]) -> dict[str, Any]:
+    """`--json`'s object: every metric, the headline keys (null when absent) and why any is absent."""
+    from ngdiff.eval.report import _clean
+
+    return _clean({**dict.fromkeys(JSON_KEYS), **metrics, "not_computed": not_computed})
+
+
+def privleak_reference(args: argparse.Namespace) -> float | None:
+    if args.benchmark != "tofu":
+        return None
+    from ngdiff.eval.open_unlearning_format import load_privleak_reference
+
+    return load_privleak_reference(args.reference)
 
 
 def own_splits_hint(model_dir: Path, split: str) -> str | None:

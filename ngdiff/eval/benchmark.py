@@ -42,6 +42,9 @@ class BenchmarkSpec:
     prompt_template: str = ""  # TOFU only
     reference: Reference = None
     custom: Sequence[tuple[Any, Path]] = ()  # TOFU: (TofuSet, path) pairs from `tofu.custom_sets`
+    holdout: str | Path | None = None  # TOFU: holdout rows for membership inference (None: the split's own)
+    gradnorm: bool = False  # TOFU: the GradNorm attack (a backward pass per item: unsharded, outside training)
+    reference_auc: float | None = None  # TOFU: a retain model's logged Min-K% AUC, PrivLeak's reference
 
 
 def run_benchmark(
@@ -52,8 +55,10 @@ def run_benchmark(
     ed: EvalDist = ONE_PROCESS,
     autocast: Callable | None = None,
     progress: bool = False,
+    reference_model=None,
 ) -> Results:
-    """(per-item records by set, aggregate metrics) of `model` on `spec`, on every rank of `ed`."""
+    """(per-item records by set, aggregate metrics) of `model` on `spec`, on every rank of `ed`
+    (`reference_model`: TOFU's Reference attack and PrivLeak's retain-model AUC)."""
     common: dict[str, Any] = dict(
         data_dir=spec.data_dir, max_items=spec.max_items, batch_size=spec.batch_size, ed=ed, autocast=autocast
     )
@@ -69,6 +74,10 @@ def run_benchmark(
             prompt_template=spec.prompt_template,
             custom=spec.custom,
             progress=progress,
+            holdout=spec.holdout,
+            gradnorm=spec.gradnorm,
+            reference_model=reference_model,
+            reference_auc=spec.reference_auc,
             **common,
         )
     if spec.benchmark == "muse":

@@ -19,20 +19,31 @@ from typing import Any
 
 from ngdiff.errors import UserError
 from ngdiff.eval.benchmark import BenchmarkSpec, load_reference, run_benchmark
+from ngdiff.eval.open_unlearning_format import load_privleak_reference
 from ngdiff.eval.report import write_outputs
 from ngdiff.eval.sharding import EvalDist
 from ngdiff.eval.tofu import FORGET_SPLITS
 
 log = logging.getLogger("ngdiff.eval")
 
-_TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
+_TOFU_SETS = ("forget", "retain", "real_authors", "world_facts", "forget_para")
+_TOFU_MIA = (  # against the split's holdout; GradNorm and Reference are `ngdiff eval`'s only (see mia.py)
+    "mia_loss_auc",
+    "mia_zlib_auc",
+    "mia_mink_auc",
+    "mia_minkpp_auc",
+    "privleak",
+    "privleak_reference_auc",
+    "extraction_strength",
+    "exact_memorization",
+)
 _TOFU_STATS = ("answer_loss", "rougeL_recall", "rouge1_recall", "prob", "truth_ratio")
 
 
 def metric_names(benchmark: str, with_reference: bool) -> list[str]:
     """The names `evaluate` returns for a benchmark (what `eval.best_metric` may name)."""
     if benchmark == "tofu":
-        names = [f"{s}_{m}" for s in _TOFU_SETS for m in _TOFU_STATS] + ["model_utility"]
+        names = [f"{s}_{m}" for s in _TOFU_SETS for m in _TOFU_STATS] + ["model_utility", *_TOFU_MIA]
         return names + (["forget_quality", "forget_ks_statistic"] if with_reference else [])
     if benchmark == "muse":
         return ["verbmem_f", "knowmem_f", "knowmem_r", "privleak_auc"] + (["privleak"] if with_reference else [])
@@ -80,6 +91,7 @@ def evaluation_factory(cfg) -> Callable[[Any, Any], Callable[[int], dict[str, An
         max_new_tokens=ecfg.max_new_tokens,
         prompt_template=cfg.data.prompt_template,
         reference=load_reference(ecfg.benchmark, ecfg.reference),
+        reference_auc=load_privleak_reference(ecfg.reference) if ecfg.benchmark == "tofu" else None,
     )
     best = BestMetric.parse(ecfg.best_metric, metric_names(ecfg.benchmark, bool(ecfg.reference)))
     output_dir = Path(cfg.output_dir)

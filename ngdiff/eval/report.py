@@ -16,6 +16,15 @@ LABELS = {
     "knowmem_r": "KnowMem on retain (ROUGE-L F1 x100)",
     "privleak": "PrivLeak (%)",
     "privleak_auc": "Min-40% AUC forget vs holdout",
+    "privleak_reference_auc": "PrivLeak reference: retain model's Min-40% AUC",
+    "mia_loss_auc": "MIA LOSS AUC (forget vs holdout)",
+    "mia_zlib_auc": "MIA ZLib AUC",
+    "mia_mink_auc": "MIA Min-40% AUC",
+    "mia_minkpp_auc": "MIA Min-40%++ AUC",
+    "mia_gradnorm_auc": "MIA GradNorm AUC",
+    "mia_reference_auc": "MIA Reference AUC",
+    "extraction_strength": "Extraction strength (forget)",
+    "exact_memorization": "Exact memorisation (forget)",
 }
 
 
@@ -29,7 +38,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
-SET_LABELS = {"forget": "Forget", "retain": "Retain", "real_authors": "Real authors", "world_facts": "World facts"}
+SET_LABELS = {
+    "forget_para": "Forget (paraphrased questions)",
+    "forget": "Forget",
+    "retain": "Retain",
+    "real_authors": "Real authors",
+    "world_facts": "World facts",
+}
 METRIC_LABELS = {
     "answer_loss": "answer loss",
     "rougeL_recall": "ROUGE-L recall",

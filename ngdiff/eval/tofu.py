@@ -6,6 +6,10 @@ use the training format (`ngdiff.data.tokenize`, with the run's `data.prompt_tem
 evaluated is what was trained.
 TOFU's four evaluation sets: the forget split's `*_perturbed` file, `retain_perturbed`, `real_authors`
 and `world_facts` (the latter two compare the gold answer itself with the perturbed ones).
+Beside them, as open-unlearning's TOFU suite (configs/eval/tofu.yaml): the forget set asked with its
+`paraphrased_question`s (set `forget_para`: ROUGE and truth ratio, open-unlearning's `question_key:
+paraphrased_question`), and membership inference / memorisation of the forget set against a holdout
+set (`ngdiff.eval.mia`; sets `mia_forget`, `mia_holdout`): TOFU's matching holdout split by default.
 """
 
 from __future__ import annotations
@@ -48,6 +52,28 @@ class TofuSet:
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 DS_SIZE = 300  # TOFU's eval_everything.yaml `ds_size`: the published logs score the first 300 items of each set
 MAX_NEW_TOKENS = 200  # TOFU's eval generation length (`generation.max_length: 200`)
+
+
+def holdout_file(split: str, data_dir: str | Path | None = None) -> Path:
+    """TOFU's holdout split matching a forget split (forget01 -> holdout01: authors the TOFU models never saw)."""
+    return (Path(data_dir) if data_dir else TOFU_DIR) / f"{split.replace('forget', 'holdout')}.jsonl"
+
+
+def load_holdout(path: str | Path, max_items: int = 0) -> list[dict[str, Any]]:
+    """Question/answer rows of a holdout file (`--holdout`), the first `max_items` if > 0."""
+    from ngdiff.data import load_records
+
+    if not Path(path).is_file():
+        raise UserError(f"--holdout {path}: file not found")
+    rows = load_records(str(path), ("question", "answer"), "--holdout")
+    return rows[:max_items] if max_items > 0 else rows
+
+
+def paraphrased_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows asked with their `paraphrased_question` (empty when any row lacks one)."""
+    if not rows or not all(r.get("paraphrased_question") for r in rows):
+        return []
+    return [{**r, "question": r["paraphrased_question"]} for r in rows]
 
 
 def tofu_split_of(source: str) -> str | None:
@@ -219,20 +245,27 @@ def set_metrics(name: str, records: Sequence[dict[str, Any]], normalise_prob: bo
     out[f"{name}_prob"] = sum(probs) / len(probs)
     if "truth_ratio" in records[0]:
         ratios = [r["truth_ratio"] for r in records]
-        stat = forget_truth_ratio_stat if name == "forget" else retain_truth_ratio_stat
+        stat = forget_truth_ratio_stat if name.startswith("forget") else retain_truth_ratio_stat
         out[f"{name}_truth_ratio"] = stat(ratios)
     return out
 
 
 def aggregate(
-    items: dict[str, list[dict[str, Any]]], reference_ratios: Sequence[float] | None = None
+    items: dict[str, list[dict[str, Any]]],
+    reference_ratios: Sequence[float] | None = None,
+    reference_auc: float | None = None,
 ) -> dict[str, float]:
-    """All sets' numbers, model utility (when the three utility sets are present) and forget quality
-    (when reference truth ratios are given)."""
+    """All sets' numbers, model utility (when the three utility sets are present), forget quality
+    (when reference truth ratios are given), and the membership-inference / memorisation numbers (when
+    the items hold `mia_forget` and `mia_holdout`; `reference_auc`: PrivLeak's retain-model AUC)."""
+    from ngdiff.eval.mia import mia_metrics
+
     normalise = {s.name: s.normalise_prob for s in UTILITY_SETS}
     out: dict[str, float] = {}
     for name, records in items.items():
-        out.update(set_metrics(name, records, normalise.get(name, False)))
+        if not name.startswith("mia_"):
+            out.update(set_metrics(name, records, normalise.get(name, False)))
+    out.update(mia_metrics(items.get("mia_forget") or [], items.get("mia_holdout") or [], reference_auc))
     parts = [f"{s.name}_{m}" for s in UTILITY_SETS for m in ("rougeL_recall", "prob", "truth_ratio")]
     if all(p in out for p in parts):
         out["model_utility"] = model_utility([out[p] for p in parts])
@@ -258,13 +291,24 @@ def evaluate_tofu(
     prompt_template: str = "",
     custom: Sequence[tuple[TofuSet, Path]] = (),
     progress: bool = False,
+    holdout: str | Path | None = None,
+    gradnorm: bool = False,
+    reference_model=None,
+    reference_auc: float | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
     """(per-item records by set, aggregate metrics) for the forget split and the three utility sets,
-    or, when `custom` (from `custom_sets`) is given, for those sets only."""
+    or, when `custom` (from `custom_sets`) is given, for those sets only; plus the forget set asked with
+    paraphrased questions and, against `holdout` (default for a TOFU split: its matching holdout split),
+    the membership-inference and memorisation metrics (`mia_records`: `gradnorm`, `reference_model`)."""
     if custom:
         sets = [(tofu_set, read_custom_rows(tofu_set, path, max_items)) for tofu_set, path in custom]
     else:
         sets = [(tofu_set, load_rows(tofu_set, data_dir, max_items)) for tofu_set in tofu_sets(split)]
+        if holdout is None and holdout_file(split, data_dir).is_file():
+            holdout = holdout_file(split, data_dir)
+    forget_rows = next((rows for tofu_set, rows in sets if tofu_set.name == "forget"), [])
+    if para := paraphrased_rows(forget_rows):
+        sets.append((TofuSet("forget_para", "paraphrased_question", "paraphrased_answer", False), para))
     items: dict[str, list[dict[str, Any]]] = {}
     for tofu_set, rows in sets:
         items[tofu_set.name] = evaluate_rows(
@@ -279,7 +323,20 @@ def evaluate_tofu(
             prompt_template=prompt_template,
             progress=f"{tofu_set.name} ({tofu_set.file})" if progress else "",
         )
-    return items, aggregate(items, reference_ratios)
+    if holdout and forget_rows:
+        from ngdiff.eval.mia import mia_records
+
+        mia_args = dict(
+            prompt_template=prompt_template,
+            batch_size=batch_size,
+            ed=ed,
+            autocast=autocast,
+            gradnorm=gradnorm,
+            reference_model=reference_model,
+        )
+        items["mia_forget"] = mia_records(model, tokenizer, forget_rows, **mia_args)
+        items["mia_holdout"] = mia_records(model, tokenizer, load_holdout(holdout, max_items), **mia_args)
+    return items, aggregate(items, reference_ratios, reference_auc)
 
 
 def missing_metrics(items: dict[str, list[dict[str, Any]]], metrics: dict[str, float]) -> dict[str, str]:
@@ -297,6 +354,15 @@ def missing_metrics(items: dict[str, list[dict[str, Any]]], metrics: dict[str, f
             if "forget_truth_ratio" not in metrics
             else "needs --reference, the retain model's evaluation output or a TOFU log (eval_log_forget.json)"
         )
+    if forget and "mia_loss_auc" not in metrics:
+        reasons["mia_loss_auc"] = "membership inference needs a holdout set: --holdout FILE (question/answer rows)"
+    elif forget:
+        if "mia_gradnorm_auc" not in metrics:
+            reasons["mia_gradnorm_auc"] = "needs an unsharded model outside training (one backward pass per item)"
+        if "mia_reference_auc" not in metrics:
+            reasons["mia_reference_auc"] = "needs --reference-model DIR (e.g. the retain model)"
+    if forget and "forget_para_rougeL_recall" not in metrics:
+        reasons["forget_para_rougeL_recall"] = "the forget rows have no paraphrased_question"
     if "model_utility" not in metrics:
         reasons["model_utility"] = (
             "needs the retain, real_authors and world_facts sets with perturbed answers (`--split` evaluates them)"

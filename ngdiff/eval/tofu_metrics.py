@@ -84,10 +84,15 @@ def legacy_truth_ratios(log: dict) -> list[float]:
 
 def load_forget_truth_ratios(path: str | Path) -> list[float]:
     """Forget-set truth ratios from an evaluation output of ours (the folder or its `items.json`), a legacy
-    TOFU `eval_log_forget.json`, or TOFU's combined `eval_log_aggregated.json`-style file."""
+    TOFU `eval_log_forget.json`, TOFU's combined `eval_log_aggregated.json`-style file, or an
+    open-unlearning `TOFU_EVAL.json` (its retain models' published logs)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "items.json"
+        path = path / (
+            "items.json"
+            if (path / "items.json").is_file() or not (path / "TOFU_EVAL.json").is_file()
+            else "TOFU_EVAL.json"
+        )
     if not path.is_file():
         raise UserError(f"evaluation output not found: {path}")
     try:
@@ -100,7 +105,11 @@ def load_forget_truth_ratios(path: str | Path) -> list[float]:
         return legacy_truth_ratios(data)
     if isinstance(data, dict) and isinstance(data.get("forget"), list):
         return [float(item["truth_ratio"]) for item in data["forget"]]
+    from ngdiff.eval.open_unlearning_format import is_open_unlearning_log, reference_truth_ratios
+
+    if is_open_unlearning_log(data):
+        return reference_truth_ratios(data, str(path))
     raise UserError(
-        f"{path}: neither an `ngdiff eval --benchmark tofu` output (items.json with a forget list) "
-        "nor a legacy TOFU eval_log_forget.json"
+        f"{path}: neither an `ngdiff eval --benchmark tofu` output (items.json with a forget list), "
+        "a legacy TOFU eval_log_forget.json, nor an open-unlearning TOFU_EVAL.json"
     )

@@ -58,7 +58,7 @@ def test_own_splits_with_and_without_companions(one_process, tiny_model_dir, tmp
     own = ["--forget", str(tmp_path / "forget.jsonl"), "--retain", str(tmp_path / "retain.jsonl")]
     capsys.readouterr()
     items = run_eval(tiny_model_dir, tmp_path / "out", *own)
-    assert list(items) == ["forget", "retain"]
+    assert list(items) == ["forget", "retain", "forget_para"]  # the companion has paraphrased_question
     # the forget split read from its companion is TOFU's forget01 set: the same records as --split forget01
     assert_same_items(
         {"forget": json.loads((one_process / "items.json").read_text())["forget"]}, {"forget": items["forget"]}
