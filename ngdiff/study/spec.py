@@ -135,6 +135,7 @@ class Claim2Spec:
     target_gap: float
     worlds: tuple[str, ...]
     seeds: tuple[int, ...]
+    lrs: tuple[float, ...] = ()  # the claim's own lr grid (e.g. 3 decades); empty: each method's grid
 
 
 BASE_WORLD = "base"  # the label of the study's `world:` itself
@@ -237,11 +238,15 @@ class StudySpec:
             for name in stage.methods:
                 m = self.method(name)
                 lrs = m.lrs if stage.lrs == "grid" else ((selected[name],) if name in selected else ())
+                if stage.name == "claim2" and self.claim2 is not None and self.claim2.lrs:
+                    lrs = self.claim2.lrs
+                # an exploratory method is tuned on the selection's first seed only (no verdict uses it)
+                seeds = stage.seeds[:1] if name in self.exploratory and stage.name == "selection" else stage.seeds
                 out += [
                     RunSpec(name, lr, seed, m.overrides, stage.name, world)
                     for lr in lrs
                     for world in stage.worlds
-                    for seed in stage.seeds
+                    for seed in seeds
                 ]
         return out
 
@@ -561,7 +566,7 @@ def _comparisons(raw: Any, names: set[str], exploratory: tuple[str, ...], source
 def _claim2(raw: Any, names: set[str], worlds: _Worlds, source: str) -> Claim2Spec | None:
     if raw is None:
         return None
-    known = {"with", "without", "target_gap", "worlds", "seeds"}
+    known = {"with", "without", "target_gap", "worlds", "seeds", "lrs"}
     if not isinstance(raw, dict) or set(raw) - known or not {"with", "without", "target_gap"} <= set(raw):
         raise StudyError(f"{source}: claim2 must be a mapping of {', '.join(sorted(known))}, got {raw!r}")
     for role in ("with", "without"):
@@ -569,7 +574,8 @@ def _claim2(raw: Any, names: set[str], worlds: _Worlds, source: str) -> Claim2Sp
             raise StudyError(f"{source}: claim2.{role} names unknown method {raw[role]!r}")
     labels, seeds = _worlds_and_seeds(raw, "claim2", worlds, source)
     gap = _scalar(raw["target_gap"], float, "claim2.target_gap", source)
-    return Claim2Spec(str(raw["with"]), str(raw["without"]), gap, labels, seeds)
+    lrs = _positive_lrs(raw["lrs"], "claim2.lrs", source) if "lrs" in raw else ()
+    return Claim2Spec(str(raw["with"]), str(raw["without"]), gap, labels, seeds, lrs)
 
 
 def load_study(path: str | Path) -> StudySpec:
