@@ -124,8 +124,26 @@ def test_quick_study_end_to_end_then_resumes_without_redoing_anything(tmp_path, 
         assert mine[-1]["loss_forget"] is not None and mine[-1]["lr_now"] > 0
     summary = (out / "summary.md").read_text()
     assert all(f"| {m} |" in summary for m in methods)
-    for name in ("pareto.png", "lr.png", "autolr.png"):
+    for name in ("pareto.png", "pareto_all.png", "lr.png", "autolr.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert {(r["world"], r["stage"]) for r in rows} == {("base", "grid")}
+    assert all(r["ks_d"] == r["forget_ks_statistic"] for r in rows)
+    # every run keeps its end point's weights in bf16, and its selected point's (or names the target)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ngdiff.study.endpoints import endpoints
+
+    best_step = {e.method: e.best_step for e in endpoints(rows)}
+    for weights in sorted((out / "runs").glob("*/weights")):
+        end = AutoModelForCausalLM.from_pretrained(weights / "end")
+        assert next(end.parameters()).dtype == torch.bfloat16
+        point = json.loads((weights / "selected" / "point.json").read_text())
+        method = json.loads((weights.parent / "done.json").read_text())["method"]
+        assert point["step"] == best_step[method]  # the rule of the summary (smallest D above the floor)
+        if point["step"] > 0:
+            assert AutoModelForCausalLM.from_pretrained(weights / "selected").num_parameters() == end.num_parameters()
+    assert len(list((out / "runs").glob("*/weights/end"))) == 4
     world_mtime = (out / "world" / "world.json").stat().st_mtime
     capsys.readouterr()
     # again: every run is finished, the world is cached; nothing is redone and the report is the same

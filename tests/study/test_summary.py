@@ -215,3 +215,36 @@ def test_kept_weights_follow_the_best_qualifying_point(tmp_path):
     assert saved == ["5 bf16", "5 bf16", "15 bf16", "20 bf16", "20 bf16"]
     assert json.loads((folder / "point.json").read_text())["step"] == 20
     assert sorted(p.name for p in folder.parent.iterdir()) == ["selected"]  # no partial or old copy left
+
+
+def test_the_confirmation_runs_join_the_plan_once_the_selection_has_finished(tmp_path):
+    from ngdiff.study.runner import SELECTION_FILE, plan_study, replan, world_dir
+
+    spec = parse_study(study_raw())
+    study = tmp_path / "study"
+    plan = plan_study(spec, study)
+    assert {r.stage for r in plan.runs} == {"selection"}
+    for label in ("base", "w2"):  # the worlds' records, as a built world leaves them
+        folder = world_dir(spec, label, study)
+        folder.mkdir(parents=True)
+        target = {"forget_ks_statistic": D_TARGET, "forget_quality": 1e-6, "model_utility": U_TARGET}
+        (folder / "world.json").write_text(json.dumps({"target_metrics": target}))
+    assert world_dir(spec, "w2", study) == study / "worlds" / "w2"
+    for index, r in enumerate(plan.runs):
+        folder = plan.run_dir(r)
+        folder.mkdir(parents=True)
+        key = ("selection", r.method, r.lr, r.seed)
+        rows = [row for row in hand_rows() if (row["stage"], row["method"], row["lr"], row["seed"]) == key]
+        keep = ("step", "forget_ks_statistic", "forget_quality", "model_utility")
+        metrics = [{**{k: row[k] for k in keep}, "eval_seconds": 1.0} for row in rows if row["step"] > 0]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        done = {"method": r.method, "lr": r.lr, "seed": r.seed, "stage": r.stage, "world": r.world, "steps": 10,
+                "budget_epochs": 2.0}  # fmt: skip
+        if index < len(plan.runs) - 1:
+            (folder / "done.json").write_text(json.dumps(done))
+    assert len(replan(plan).runs) == len(plan.runs)  # one selection run unfinished: no confirmation yet
+    (folder / "done.json").write_text(json.dumps(done))
+    confirmed = [r for r in replan(plan).runs if r.stage == "confirmation"]
+    assert {(r.method, r.lr) for r in confirmed} == {("A", 1e-2), ("B", 1e-3)} and len(confirmed) == 16
+    saved = json.loads((study / SELECTION_FILE).read_text())
+    assert saved == {"endpoint": "best_gap", "fraction": 0.95, "lrs": {"A": 0.01, "B": 0.001, "X": 0.001}}
