@@ -3,6 +3,7 @@
     ngdiff study [CONFIG.yaml] [--quick] [--output-dir DIR]      run locally, one run after another
     ngdiff study CONFIG.yaml --slurm [--partition P --time T]    world job, one array job, report job
     ngdiff study report DIR                                      aggregate and plot what has finished
+    ngdiff study report --results FILE --config STUDY.yaml --out DIR    the same from a results.jsonl alone
 
 Every run's config is validated before the world is built; finished runs are skipped, so the same
 command resumes an interrupted study.
@@ -25,7 +26,7 @@ from ngdiff.errors import UserError
 log = logging.getLogger("ngdiff.study")
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "study"
-RAW_FILE = "study.yaml"  # the study config as given, kept in the study folder (the Slurm tasks read it)
+RAW_FILE = "study.yaml"  # the study config as given, kept in the study folder (ngdiff.study.report.RAW_FILE)
 ACTIONS = ("report", "world", "run-one")
 
 
@@ -42,6 +43,10 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="runs at a time, each a one-thread subprocess (default: 1, in process)"
     )
+    rebuild = parser.add_argument_group("report from a results file (no run folders needed)")
+    rebuild.add_argument("--results", default="", help="a study's results.jsonl, e.g. docs/study/results.jsonl")
+    rebuild.add_argument("--config", default="", help="its study YAML (default: study.yaml beside the results)")
+    rebuild.add_argument("--out", default="", help="where summary.md and the plots go (default: beside the results)")
     slurm = parser.add_argument_group("Slurm (one array job, a task per run)")
     slurm.add_argument("--slurm", action="store_true", help="submit instead of running here")
     slurm.add_argument("--partition", default="")
@@ -58,6 +63,10 @@ def run_study(args: argparse.Namespace) -> int:
     items = list(args.items)
     if items and items[0] in ACTIONS:
         action, rest = items[0], items[1:]
+        if action == "report" and args.results:
+            if rest:
+                raise UserError("ngdiff study report takes a study folder or --results FILE, not both")
+            return results_report_command(Path(args.results), args.config, args.out)
         if not rest:
             raise UserError(f"ngdiff study {action} needs the study folder")
         if action == "report":
@@ -87,7 +96,7 @@ def _setup_logging() -> None:
 
 
 def start_study(config: Path, args: argparse.Namespace) -> int:
-    from ngdiff.study.runner import claim_study_dir, plan_study, prepare_world, run_local
+    from ngdiff.study.runner import claim_study_dir, plan_study, prepare_worlds, replan, run_local
     from ngdiff.study.spec import load_study
 
     if args.workers < 1:
@@ -103,9 +112,16 @@ def start_study(config: Path, args: argparse.Namespace) -> int:
     started = time.time()
     pending = plan.pending()
     print(f"study {spec.name}: {len(plan.runs)} runs ({len(plan.runs) - len(pending)} already finished) in {study_dir}")
-    world = prepare_world(plan, progress=not args.no_progress)
+    worlds = prepare_worlds(plan, progress=not args.no_progress)
     world_seconds = time.time() - started
-    failed = run_local(plan, world, progress=not args.no_progress, workers=args.workers)
+    failed = run_local(plan, worlds, progress=not args.no_progress, workers=args.workers)
+    if spec.staged and not failed:  # the selection has finished: its lrs are known, the confirmation runs now
+        confirmation = replan(plan)
+        if len(confirmation.runs) > len(plan.runs):
+            print(
+                f"selection finished: {len(confirmation.runs) - len(plan.runs)} confirmation runs at the selected lrs"
+            )
+            failed = run_local(confirmation, worlds, progress=not args.no_progress, workers=args.workers)
     report_command(study_dir)
     print(f"world {world_seconds:.0f} s, study {time.time() - started:.0f} s in all")
     if failed:
@@ -124,6 +140,19 @@ def report_command(study_dir: Path) -> int:
     return 0
 
 
+def results_report_command(results: Path, config: str, out: str) -> int:
+    from ngdiff.study.report import report_from_results
+
+    config_path = Path(config) if config else results.parent / RAW_FILE
+    if not config_path.is_file():
+        raise UserError(f"{config_path}: no study config: name the study's YAML with --config")
+    report = report_from_results(results, config_path, Path(out) if out else results.parent)
+    print(f"{len(report.rows)} result rows from {results}")
+    for path in report.files:
+        print(f"  {path}")
+    return 0
+
+
 def _load_plan(study_dir: Path):
     from ngdiff.study.runner import plan_study
     from ngdiff.study.spec import load_study
@@ -135,16 +164,16 @@ def _load_plan(study_dir: Path):
 
 
 def world_command(study_dir: Path, progress: bool) -> int:
-    from ngdiff.study.runner import prepare_world
+    from ngdiff.study.runner import prepare_worlds
 
     _setup_logging()
-    prepare_world(_load_plan(study_dir), progress)
+    prepare_worlds(_load_plan(study_dir), progress=progress)
     return 0
 
 
 def run_one_command(study_dir: Path, index: int) -> int:
     """One run of the grid by its index (a Slurm array task); a finished run is skipped."""
-    from ngdiff.study.runner import DONE, prepare_world, run_one
+    from ngdiff.study.runner import DONE, prepare_worlds, run_one
 
     _setup_logging()
     plan = _load_plan(study_dir)
@@ -154,7 +183,7 @@ def run_one_command(study_dir: Path, index: int) -> int:
     if (plan.run_dir(run) / DONE).is_file():
         print(f"{run.run_id}: already finished")
         return 0
-    record = run_one(plan, prepare_world(plan, progress=False), run)
+    record = run_one(plan, prepare_worlds(plan, [run.world], progress=False)[run.world], run)
     print(f"{run.run_id}: {record}")
     return 0
 
@@ -227,6 +256,12 @@ def submit_study(plan, config: Path, args: argparse.Namespace) -> int:
     if not pending:
         print("every run has finished; nothing to submit (ngdiff study report DIR draws the pictures)")
         return 0
+    if plan.spec.staged and not any(run.stage == "confirmation" for run in plan.runs):
+        print(
+            "this submits the selection stage; once it has finished, the same command submits the confirmation "
+            "runs at the selected lrs",
+            file=sys.stderr,
+        )
     array = array_ranges(pending)
     if args.dry_run:
         for kind in ("world", "array", "report"):

@@ -1,14 +1,17 @@
-"""`ngdiff study report DIR`: aggregate the finished runs of a study folder and draw its pictures.
+"""`ngdiff study report DIR` (or `--results FILE --config STUDY.yaml --out DIR`): the study's results,
+summary and pictures.
 
-Reads `study.json` (the grid and the summary rule), the world's `world.json` (the target's and the
-retain model's evaluations) and every `runs/*/` folder; writes `results.jsonl`, `summary.md`,
-`pareto.png`, `lr.png` and, when any run used AutoLR, `autolr.png`.
+From a study folder: `study.yaml` (the study as given), every world's `world.json` (the target's and the
+retain model's evaluations) and every `runs/*/` folder give `results.jsonl`; then, from the rows alone,
+`summary.md` (ngdiff.study.summary), `pareto.png`, `pareto_all.png`, `lr.png` and, when any run used AutoLR,
+`autolr.png`. From a results file (e.g. a committed one) the same files are rebuilt without the runs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +21,13 @@ import yaml
 from ngdiff.metrics_log import read_jsonl
 from ngdiff.study.health import unranked_summary, world_health
 from ngdiff.study.plots import autolr_plot, lr_plot, pareto_grid_plot, pareto_plot
-from ngdiff.study.results import best_cells, collect, lr_cells, summary_markdown, write_results
-from ngdiff.study.runner import DONE, STUDY_FILE, run_folder
-from ngdiff.study.spec import StudyError, SummaryRule
-from ngdiff.study.world import WORLD_FILE
+from ngdiff.study.results import Row, _number, by_run, collect, read_results, write_results
+from ngdiff.study.runner import DONE, current_selection, run_folder, world_records
+from ngdiff.study.spec import StudyError, StudySpec, load_study
+from ngdiff.study.summary import analyse, reference_utility_of, summary_markdown
+
+RAW_FILE = "study.yaml"  # the study config as given, kept in the study folder
+GRID_STAGES = ("grid", "selection", "claim2")  # the stages that run whole lr grids
 
 log = logging.getLogger("ngdiff.study")
 
@@ -32,17 +38,6 @@ class Report:
     files: list[Path]
     finished: list[str]
     missing: list[str]
-
-
-def _runs(study: dict[str, Any]) -> list:
-    from ngdiff.study.spec import RunSpec
-
-    return [
-        RunSpec(m["name"], lr, seed, tuple(m["overrides"]))
-        for m in study["methods"]
-        for lr in m["lrs"]
-        for seed in m["seeds"]
-    ]
 
 
 def lr_paths(study_dir: Path) -> dict[tuple[str, float, int], list[tuple[int, float, float | None]]]:
@@ -66,66 +61,131 @@ def lr_paths(study_dir: Path) -> dict[tuple[str, float, int], list[tuple[int, fl
     return out
 
 
-def make_report(study_dir: str | Path) -> Report:
-    study_dir = Path(study_dir)
-    path = study_dir / STUDY_FILE
-    if not path.is_file():
-        raise StudyError(f"{study_dir} is not a study folder ({STUDY_FILE} missing)")
-    study = json.loads(path.read_text())
-    world_dir = Path(study["world"]["cache_dir"]) if study["world"]["cache_dir"] else study_dir / "world"
-    world_file = world_dir / WORLD_FILE
-    if not world_file.is_file():
-        raise StudyError(f"{world_file} missing: the study's world was never built")
-    world = json.loads(world_file.read_text())
-    target, reference = world["target_metrics"], world.get("reference_metrics", {})
-    rule = SummaryRule(**study["summary"])
-    methods = [m["name"] for m in study["methods"]]
+def lr_paths_from_rows(rows: Sequence[Row]) -> dict[tuple[str, float, int], list[tuple[int, float, float | None]]]:
+    """The same from the result rows (at the evaluation steps only): runs whose rows have an acceptance rate."""
+    out = {}
+    for (_stage, _world, method, lr, seed), points in by_run(rows).items():
+        if not any(p.get("autolr_accept_rate") is not None for p in points):
+            continue
+        path = [
+            (int(p["step"]), float(p["lr_now"]), _number(p.get("autolr_accept_rate")))
+            for p in points
+            if _number(p.get("lr_now")) is not None
+        ]
+        out[(method, lr, seed)] = path
+    return out
 
-    rows = collect(study_dir, target or None)
-    expected = _runs(study)
+
+def make_report(study_dir: str | Path) -> Report:
+    """results.jsonl from the finished runs of a study folder, then the summary and pictures from it."""
+    study_dir = Path(study_dir)
+    raw = study_dir / RAW_FILE
+    if not raw.is_file():
+        raise StudyError(f"{study_dir} is not a study folder ({RAW_FILE} missing)")
+    spec = load_study(raw)
+    records = world_records(spec, study_dir)
+    if not records:
+        raise StudyError(f"{study_dir}: no world.json: the study's world was never built")
+    starts = {}
+    for label, record in records.items():
+        start = dict(record.get("target_metrics") or {})
+        reference = _number((record.get("reference_metrics") or {}).get(spec.summary.utility_metric))
+        if start and reference is not None:
+            start["retain_model_utility"] = reference  # so the rows alone can draw the retain model
+        starts[label] = start
+    rows = collect(study_dir, starts)
+    expected = spec.runs(current_selection(spec, study_dir))
     finished = [r.run_id for r in expected if (run_folder(study_dir / "runs", r) / DONE).is_file()]
     missing = [r.run_id for r in expected if r.run_id not in finished]
     files = [write_results(rows, study_dir / "results.jsonl")]
-    health = world_health(world)  # an unhealthy world ranks nothing (ngdiff.study.health)
-    if health.healthy:
-        summary = summary_markdown(rows, rule, target, reference, methods, missing)
-    else:
+    unhealthy = [
+        (label, health) for label, health in ((k, world_health(w)) for k, w in records.items()) if not health.healthy
+    ]
+    if unhealthy:  # a world whose target learned nothing (or equals its retain model) ranks nothing
+        label, health = unhealthy[0]
         log.warning(health.line)
-        summary = unranked_summary(health, world, len(missing))
-    (study_dir / "summary.md").write_text(summary)
-    files.append(study_dir / "summary.md")
-    if rows:
-        cells = lr_cells(rows, rule, target.get(rule.utility_metric))
-        best_lr = {m: c.lr for m, c in best_cells(cells, rule).items()}
-        best_lr = {m: best_lr[m] for m in methods if m in best_lr}
-        files.append(
-            pareto_plot(
-                rows,
-                best_lr,
-                study_dir / "pareto.png",
-                target,
-                reference.get(rule.utility_metric),
-                rule.forget_metric,
-                rule.utility_metric,
-            )
-        )
-        target_utility = target.get(rule.utility_metric)
-        files.append(
-            pareto_grid_plot(
-                rows,
-                methods,
-                study_dir / "pareto_all.png",
-                target,
-                reference.get(rule.utility_metric),
-                rule.utility_fraction * target_utility if target_utility is not None else None,
-                rule.forget_metric,
-                rule.utility_metric,
-            )
-        )
-        files.append(
-            lr_plot(rows, study["lr_plot_methods"], study_dir / "lr.png", rule.forget_metric, rule.utility_metric)
-        )
-        paths = lr_paths(study_dir)
-        if paths:
-            files.append(autolr_plot(paths, study_dir / "autolr.png"))
+        summary = study_dir / "summary.md"
+        summary.write_text(unranked_summary(health, records[label], len(missing)))
+        return Report(rows, [*files, summary], finished, missing)
+    files += report_files(rows, spec, study_dir, missing, lr_paths(study_dir))
     return Report(rows, files, finished, missing)
+
+
+def report_from_results(results: Path, config: Path, out_dir: Path) -> Report:
+    """The summary and pictures rebuilt from a results.jsonl alone (no run folders, no worlds)."""
+    rows = read_results(results)
+    spec = load_study(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return Report(rows, report_files(rows, spec, out_dir, (), lr_paths_from_rows(rows)), [], [])
+
+
+def report_files(
+    rows: Sequence[Row],
+    spec: StudySpec,
+    out_dir: Path,
+    missing: Sequence[str] = (),
+    autolr_paths: dict | None = None,
+    n_boot: int = 10_000,
+) -> list[Path]:
+    """summary.md and the pictures of `rows` under `spec`'s declarations, written to `out_dir`."""
+    analysis = analyse(rows, spec, n_boot=n_boot)
+    reference = reference_utility_of(rows)
+    summary = out_dir / "summary.md"
+    summary.write_text(summary_markdown(analysis, missing, reference))
+    files = [summary]
+    if not rows or analysis.problem:
+        return files
+    labels = dict(spec.plot_labels)
+    confirmed = analysis.stage_points(analysis.verdict_stage)
+    pareto_stages = (analysis.verdict_stage,) if confirmed and spec.staged else (analysis.selection_stage,)
+    first = (confirmed or analysis.points)[0]
+    target = next(
+        (r for r in rows if int(r["step"]) == 0 and r.get("world", first.world) == first.world),
+        None,
+    )
+    floor = first.floor
+    selected = {m: analysis.selected[m] for m in [m.name for m in spec.methods] if m in analysis.selected}
+    files.append(
+        pareto_plot(
+            rows,
+            selected,
+            out_dir / "pareto.png",
+            target,
+            reference,
+            floor,
+            pareto_stages,
+            labels,
+            spec.summary.forget_metric,
+            spec.summary.utility_metric,
+        )
+    )
+    methods = [m.name for m in spec.methods]
+    files.append(
+        pareto_grid_plot(
+            rows,
+            methods,
+            out_dir / "pareto_all.png",
+            target,
+            reference,
+            floor,
+            GRID_STAGES,
+            labels,
+            spec.summary.forget_metric,
+            spec.summary.utility_metric,
+        )
+    )
+    files.append(
+        lr_plot(
+            rows,
+            spec.lr_plot_methods,
+            out_dir / "lr.png",
+            floor,
+            GRID_STAGES,
+            labels,
+            spec.summary.forget_metric,
+            spec.summary.utility_metric,
+        )
+    )
+    if autolr_paths:
+        files.append(autolr_plot(autolr_paths, out_dir / "autolr.png", labels))
+    return files

@@ -3,15 +3,22 @@
 
 A run is finished when its folder holds `done.json` (written after the run's final evaluation); an
 unfinished folder is started again from scratch (runs are short; a Slurm requeue does the same).
+
+A staged study runs its selection (and claim-2) runs first; once every selection run has finished, each
+method's lr is picked (`selection.json`, written once) and the confirmation runs join the grid at its end.
+Each run keeps its selected point's and its end point's weights in bf16 under `weights/` (unless the
+study says `keep_weights: false`), so later attacks and privacy metrics can score them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +26,15 @@ import yaml
 
 from ngdiff.config import ExperimentConfig, load_config
 from ngdiff.locks import clear_locked_folder, lock_output_dir
-from ngdiff.study.spec import RunSpec, StudyError, StudySpec, spec_to_dict
-from ngdiff.study.world import World, check_world, load_or_build, placeholder_overrides
+from ngdiff.study.spec import BASE_WORLD, RunSpec, StudyError, StudySpec, spec_to_dict
+from ngdiff.study.world import WORLD_FILE, World, check_world, load_or_build, placeholder_overrides
 
 log = logging.getLogger("ngdiff.study")
 
 DONE = "done.json"
 STUDY_FILE = "study.json"
+SELECTION_FILE = "selection.json"  # the lr each method's confirmation runs at, written once
+WEIGHTS = "weights"  # runs/<run>/weights/{selected,end}: bf16 safetensors
 QUIET = ("logging.progress=false", "logging.wandb=false")
 # the run defaults the study's methods were written against (AdamW, AutoLR off, 1 epoch, no periodic
 # checkpoints): `ngdiff train`'s own defaults run NGDiff + AutoLR under SGD, so a method that names no
@@ -83,6 +92,54 @@ def shared_folder_error(spec: StudySpec, runs: list[RunSpec]) -> StudyError | No
     return None
 
 
+def world_spec(spec: StudySpec, label: str, study_dir: Path) -> StudySpec:
+    """The study as one world sees it: `world` replaced by the labelled world, each in a folder of its own
+    (`<study>/world` for the study's own world, `<study>/worlds/<label>` for the others)."""
+    world = spec.world_spec(label)
+    if label != BASE_WORLD and not world.cache_dir:
+        world = replace(world, cache_dir=str(study_dir / "worlds" / label))
+    return replace(spec, world=world)
+
+
+def world_dir(spec: StudySpec, label: str, study_dir: Path) -> Path:
+    world = world_spec(spec, label, study_dir).world
+    return Path(world.cache_dir) if world.cache_dir else study_dir / "world"
+
+
+def world_records(spec: StudySpec, study_dir: Path) -> dict[str, dict[str, Any]]:
+    """world.json of every world already built, by label."""
+    labels = {BASE_WORLD, *(label for label, _ in spec.worlds)}
+    out = {}
+    for label in sorted(labels):
+        path = world_dir(spec, label, study_dir) / WORLD_FILE
+        if path.is_file():
+            out[label] = json.loads(path.read_text())
+    return out
+
+
+def current_selection(spec: StudySpec, study_dir: Path) -> dict[str, float] | None:
+    """Each method's selected lr once every selection run has finished (saved in selection.json the first
+    time, so the confirmation's lrs never move), else None. A study without stages has none."""
+    if not spec.staged:
+        return None
+    path = study_dir / SELECTION_FILE
+    if path.is_file():
+        return {k: float(v) for k, v in json.loads(path.read_text())["lrs"].items()}
+    selection = [r for r in spec.runs() if r.stage == "selection"]
+    if not all((run_folder(study_dir / "runs", r) / DONE).is_file() for r in selection):
+        return None
+    from ngdiff.study.endpoints import endpoints, of_stage, select_lrs
+    from ngdiff.study.results import collect
+    from ngdiff.study.summary import LOWER_IS_BETTER, rule_of
+
+    starts = {label: record["target_metrics"] for label, record in world_records(spec, study_dir).items()}
+    points = of_stage(endpoints(collect(study_dir, starts), rule_of(spec)), "selection")
+    field = spec.summary.select_on
+    lrs = select_lrs(points, field, field not in LOWER_IS_BETTER)
+    path.write_text(json.dumps({"endpoint": field, "fraction": spec.summary.utility_fraction, "lrs": lrs}, indent=1))
+    return lrs
+
+
 def run_config(
     spec: StudySpec, run: RunSpec, base: list[str], output_dir: Path, check_sources: bool = True
 ) -> ExperimentConfig:
@@ -95,7 +152,10 @@ def run_config(
 def plan_study(spec: StudySpec, study_dir: Path) -> Plan:
     """Check the world section and every run's config (with placeholder paths) before anything heavy."""
     check_world(spec.world)
-    runs = spec.runs()
+    for _label, world in spec.worlds:
+        check_world(world)
+    # every run the study can run: the confirmation's at each method's first lr stands in for the selected one
+    runs = spec.runs({m.name: m.lrs[0] for m in spec.methods})
     clash = shared_folder_error(spec, runs)
     if clash is not None:
         raise clash
@@ -108,7 +168,12 @@ def plan_study(spec: StudySpec, study_dir: Path) -> Plan:
             raise
         except Exception as err:  # ConfigError and friends: name the method
             raise StudyError(f"{spec.source}: method {run.method!r} (lr {run.lr:g}): {err}") from err
-    return Plan(spec, study_dir, runs)
+    return Plan(spec, study_dir, spec.runs(current_selection(spec, study_dir)))
+
+
+def replan(plan: Plan) -> Plan:
+    """The plan again: a staged study's confirmation runs join once its selection has finished."""
+    return Plan(plan.spec, plan.study_dir, plan.spec.runs(current_selection(plan.spec, plan.study_dir)))
 
 
 def claim_study_dir(plan: Plan) -> None:
@@ -129,10 +194,23 @@ def claim_study_dir(plan: Plan) -> None:
 
 
 def prepare_world(plan: Plan, progress: bool = True) -> World:
-    placeholders = placeholder_overrides(plan.spec)
+    """The study's own world (built now unless cached)."""
+    return prepare_worlds(plan, [BASE_WORLD], progress)[BASE_WORLD]
+
+
+def prepare_worlds(plan: Plan, labels: Iterable[str] | None = None, progress: bool = True) -> dict[str, World]:
+    """Every world the plan's runs use (or `labels`), by label, each built now unless cached. A staged
+    study's confirmation worlds are built with the selection's, so the study needs no second build step."""
+    spec = plan.spec
+    if labels is None:
+        labels = {r.world for r in spec.runs({m.name: m.lrs[0] for m in spec.methods})}
+    placeholders = placeholder_overrides(spec)
     # the formatting every run trains on (the paths are placeholders until the world exists)
-    data_cfg = load_config(None, [*placeholders, *plan.spec.common], check_sources=False).data
-    return load_or_build(plan.spec, plan.study_dir, data_cfg, progress)
+    data_cfg = load_config(None, [*placeholders, *spec.common], check_sources=False).data
+    return {
+        label: load_or_build(world_spec(spec, label, plan.study_dir), plan.study_dir, data_cfg, progress)
+        for label in sorted(labels)
+    }
 
 
 def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
@@ -149,20 +227,94 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
             return json.loads((out / DONE).read_text())
         _restart(cfg)
         started = time.time()
-        outcome = run_training(cfg, DistContext(), evaluate_factory=evaluation_factory(cfg))
+        factory = evaluation_factory(cfg)
+        if plan.spec.keep_weights and factory is not None:
+            rule = plan.spec.summary
+            factory = keep_selected_weights(
+                factory, out / WEIGHTS / "selected", world.target_metrics, rule.utility_fraction, rule.utility_metric
+            )
+        outcome = run_training(cfg, DistContext(), evaluate_factory=factory)
         record = {
             "method": run.method,
             "lr": run.lr,
             "seed": run.seed,
+            "stage": run.stage,
+            "world": run.world,
             "budget_epochs": plan.spec.budget_epochs,
             "steps": outcome.trainer.step_index,
             "final_lr": outcome.trainer.lr,
             "seconds": round(time.time() - started, 2),
         }
         if outcome.final_dir is not None:
-            shutil.rmtree(outcome.final_dir)  # the trajectory is the result; 80 copies of the weights are not
+            if plan.spec.keep_weights:  # the end point, already bf16 (export.dtype)
+                (out / WEIGHTS).mkdir(exist_ok=True)
+                if not (out / WEIGHTS / "selected").exists():  # no point beat the target: it is the selection
+                    _write_selected_is_target(out / WEIGHTS / "selected", world)
+                os.replace(outcome.final_dir, out / WEIGHTS / "end")
+            else:
+                shutil.rmtree(outcome.final_dir)  # the trajectory is the result
             (out / DONE).write_text(json.dumps(record, indent=1))
     return record
+
+
+def keep_selected_weights(
+    factory: Callable[[Any, Any], Callable[[int], dict[str, Any]]],
+    folder: Path,
+    target: dict[str, Any],
+    fraction: float,
+    utility_metric: str,
+) -> Callable[[Any, Any], Callable[[int], dict[str, Any]]]:
+    """The evaluation, plus: when a point keeps the utility floor and has a smaller KS distance than every
+    earlier qualifying point (the target's included), its weights replace `folder` (bf16), so the folder
+    always holds the run's selected point (ngdiff.study.endpoints' rule) at the cost of one export per
+    improvement, and never a half-written model (written beside it, then renamed)."""
+    best_d = target.get("forget_ks_statistic")
+    utility = target.get(utility_metric)
+    if best_d is None or utility is None:
+        return factory
+    floor = fraction * float(utility)
+
+    def wrapped(backend, tokenizer):
+        evaluate = factory(backend, tokenizer)
+        state = {"d": float(best_d)}
+
+        def run(step: int) -> dict[str, Any]:
+            metrics = evaluate(step)
+            d, u = metrics.get("forget_ks_statistic"), metrics.get(utility_metric)
+            if d is not None and u is not None and u >= floor and d < state["d"]:
+                state["d"] = float(d)
+                point = {"step": step, "forget_ks_statistic": d, utility_metric: u}
+                _export_atomically(backend, tokenizer, folder, point)
+            return metrics
+
+        return run
+
+    return wrapped
+
+
+def _export_atomically(backend, tokenizer, folder: Path, record: dict[str, Any]) -> None:
+    fresh, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+    for leftover in (fresh, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    backend.export_pretrained(fresh, tokenizer, "bf16")
+    backend.barrier()
+    if backend.ctx.is_main:
+        (fresh / "point.json").write_text(json.dumps(record, indent=1))
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(fresh, folder)
+        if old.exists():
+            shutil.rmtree(old)
+    backend.barrier()
+
+
+def _write_selected_is_target(folder: Path, world: World) -> None:
+    """No evaluation beat the target under the floor: the selected point is step 0, the world's target,
+    whose weights the world keeps already."""
+    folder.mkdir(parents=True)
+    model = next((o.split("=", 1)[1] for o in world.overrides if o.startswith("model.path=")), "")
+    (folder / "point.json").write_text(json.dumps({"step": 0, "target": model}, indent=1))
 
 
 def _restart(cfg: ExperimentConfig) -> None:
@@ -173,20 +325,24 @@ def _restart(cfg: ExperimentConfig) -> None:
     write_output_dir(cfg, overwrite=False)
 
 
-def priority(spec: StudySpec, run: RunSpec) -> tuple[int, int, int, int]:
+def priority(spec: StudySpec, run: RunSpec) -> tuple:
     """Local order: every method's first seed before any second seed, the lr.png methods first, so an
-    interrupted study has the widest comparison (the Slurm array keeps the grid's order)."""
-    method = next(m for m in spec.methods if m.name == run.method)
+    interrupted study has the widest comparison (the Slurm array keeps the grid's order); a staged study
+    runs its stages in order (selection, claim 2, confirmation) the same way."""
+    method = spec.method(run.method)
     names = [m.name for m in spec.methods]
-    return (
-        method.seeds.index(run.seed),
-        0 if run.method in spec.lr_plot_methods else 1,
-        names.index(run.method),
-        method.lrs.index(run.lr),
-    )
+    if spec.staged or run.stage == "claim2":
+        stage = next((s for s in spec.stages if s.name == run.stage), None)
+        seeds = stage.seeds if stage is not None else spec.claim2.seeds  # type: ignore[union-attr]
+        order = ["selection", "claim2", "confirmation"]
+        head: tuple = (order.index(run.stage) if run.stage in order else 0, seeds.index(run.seed))
+    else:
+        head = (0, method.seeds.index(run.seed))
+    lr_index = method.lrs.index(run.lr) if run.lr in method.lrs else 0
+    return (*head, 0 if run.method in spec.lr_plot_methods else 1, names.index(run.method), lr_index, run.world)
 
 
-def run_local(plan: Plan, world: World, progress: bool = True, workers: int = 1) -> list[str]:
+def run_local(plan: Plan, worlds: dict[str, World], progress: bool = True, workers: int = 1) -> list[str]:
     """Every pending run, with a progress bar over runs: one after another in this process, or
     `workers` at a time as `ngdiff study run-one` subprocesses of one thread each (on a few cores, two
     one-thread runs of a tiny model get more done than one two-thread run). Returns the failed runs."""
@@ -199,7 +355,7 @@ def run_local(plan: Plan, world: World, progress: bool = True, workers: int = 1)
     if workers <= 1:
         for run in pending:
             bar.set_postfix_str(run.run_id)
-            run_one(plan, world, run)
+            run_one(plan, worlds[run.world], run)
             bar.update(1)
     else:
         failed = _run_subprocesses(plan, pending, workers, bar)

@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +102,59 @@ class WorldSpec:
 
 @dataclass(frozen=True)
 class SummaryRule:
-    """Per run, the best evaluation point: the highest (or lowest) `forget_metric` among the points whose
-    `utility_metric` is at least `utility_fraction` x the target's. Step 0 (the target itself) always
-    qualifies, so every run has a best point."""
+    """Per run, the best evaluation point: the smallest KS distance D among the points whose
+    `utility_metric` is at least `utility_fraction` x the target's (ngdiff.study.endpoints). Step 0 (the
+    target itself) always qualifies, so every run has a best point. `select_on` is the endpoint whose
+    median picks each method's lr (higher is better unless it is a distance); `floors` are the utility
+    fractions of the floor-sensitivity table. `forget_metric` is the trajectory the plots draw."""
 
     forget_metric: str = "forget_quality"
     forget_mode: str = "max"
     utility_metric: str = "model_utility"
     utility_fraction: float = 0.95
+    select_on: str = "best_gap"
+    floors: tuple[float, ...] = (0.90, 0.95, 0.98)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a study: which worlds (labels of `StudySpec.worlds`) and seeds it runs, which methods,
+    and at which lrs: `grid` (every lr of the method's grid) or `selected` (the lr the selection stage
+    picked). `grid` is the stage of a study that declares no stages."""
+
+    name: str
+    worlds: tuple[str, ...]
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+    lrs: str = "grid"
+
+
+@dataclass(frozen=True)
+class ComparisonSpec:
+    """A declared comparison: `method` against `reference` on an endpoint (ngdiff.study.inference)."""
+
+    method: str = ""
+    reference: str = ""
+    endpoint: str = "best_gap"
+    direction: str = "greater"
+
+
+@dataclass(frozen=True)
+class Claim2Spec:
+    """Claim 2 (lr robustness): `with_method` (e.g. NGDiff + AutoLR) against `without` over their whole lr
+    grids, run as the `claim2` stage: the width in decades of the initial lrs whose end point keeps the
+    floor and reaches G >= `target_gap`, and a Brown-Forsythe test of the end-point G's spread."""
+
+    with_method: str
+    without: str
+    target_gap: float
+    worlds: tuple[str, ...]
+    seeds: tuple[int, ...]
+    lrs: tuple[float, ...] = ()  # the claim's own lr grid (e.g. 3 decades); empty: each method's grid
+
+
+BASE_WORLD = "base"  # the label of the study's `world:` itself
+STAGE_NAMES = ("selection", "confirmation")
 
 
 @dataclass(frozen=True)
@@ -128,6 +173,8 @@ class RunSpec:
     lr: float
     seed: int
     overrides: tuple[str, ...]
+    stage: str = "grid"
+    world: str = BASE_WORLD
 
     @property
     def folder_method(self) -> str:
@@ -136,8 +183,12 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        """The run's folder name: distinct lrs always give distinct names (see `lr_label`)."""
-        return f"{self.folder_method}__lr{lr_label(self.lr)}__s{self.seed}"
+        """The run's folder name: distinct lrs always give distinct names (see `lr_label`); a staged or
+        multi-world run's name starts with its stage and world."""
+        name = f"{self.folder_method}__lr{lr_label(self.lr)}__s{self.seed}"
+        if self.stage == "grid" and self.world == BASE_WORLD:
+            return name
+        return f"{self.stage}__{self.world}__{name}"
 
     @property
     def legacy_run_id(self) -> str:
@@ -167,10 +218,52 @@ class StudySpec:
     summary: SummaryRule
     lr_plot_methods: tuple[str, ...]
     source: str = ""
+    worlds: tuple[tuple[str, WorldSpec], ...] = ()  # (label, world) of every world a stage names
+    stages: tuple[StageSpec, ...] = ()  # empty: one `grid` stage (every method x lr x seed on `world`)
+    comparisons: tuple[ComparisonSpec, ...] = ()
+    exploratory: tuple[str, ...] = ()  # methods no verdict uses
+    claim2: Claim2Spec | None = None
+    keep_weights: bool = True  # each run keeps its selected and end point's weights (bf16)
+    plot_labels: tuple[tuple[str, str], ...] = ()  # (method, legend in words) beyond the shipped names
 
-    def runs(self) -> list[RunSpec]:
-        """The grid in a fixed order (method, lr, seed): the index of a run is its Slurm array task."""
-        return [RunSpec(m.name, lr, seed, m.overrides) for m in self.methods for lr in m.lrs for seed in m.seeds]
+    @property
+    def staged(self) -> bool:
+        return bool(self.stages)
+
+    def world_spec(self, label: str) -> WorldSpec:
+        return dict(self.worlds).get(label, self.world) if label != BASE_WORLD else self.world
+
+    def method(self, name: str) -> MethodSpec:
+        return next(m for m in self.methods if m.name == name)
+
+    def runs(self, selected: dict[str, float] | None = None) -> list[RunSpec]:
+        """The runs in a fixed order (stage, method, lr, world, seed): the index of a run is its Slurm array
+        task. A staged study's confirmation runs need the selection's lrs (`selected`, per method); until
+        they are known the list holds the selection (and claim-2) runs only, so indices never move."""
+        out = []
+        if not self.staged:
+            out = [RunSpec(m.name, lr, seed, m.overrides) for m in self.methods for lr in m.lrs for seed in m.seeds]
+        stages = list(self.stages)
+        if self.claim2 is not None:  # after the selection, before the confirmation (whose lrs come later)
+            c = self.claim2
+            stages.insert(1 if self.staged else 0, StageSpec("claim2", c.worlds, c.seeds, (c.with_method, c.without)))
+        for stage in stages:
+            if stage.lrs == "selected" and selected is None:
+                continue
+            for name in stage.methods:
+                m = self.method(name)
+                lrs = m.lrs if stage.lrs == "grid" else ((selected[name],) if name in selected else ())
+                if stage.name == "claim2" and self.claim2 is not None and self.claim2.lrs:
+                    lrs = self.claim2.lrs
+                # an exploratory method is tuned on the selection's first seed only (no verdict uses it)
+                seeds = stage.seeds[:1] if name in self.exploratory and stage.name == "selection" else stage.seeds
+                out += [
+                    RunSpec(name, lr, seed, m.overrides, stage.name, world)
+                    for lr in lrs
+                    for world in stage.worlds
+                    for seed in seeds
+                ]
+        return out
 
     def run_overrides(self, run: RunSpec) -> list[str]:
         """Every run gets the same budget and evaluation; the method's overrides come after the common ones."""
@@ -182,13 +275,17 @@ class StudySpec:
             *run.overrides,
             f"optim.lr={run.lr}",
             f"train.seed={run.seed}",
+            *(["export.dtype=bf16"] if self.keep_weights else []),
         ]
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self.world), sort_keys=True).encode()).hexdigest()[:16]
 
 
-_TOP = ("name", "world", "methods", "lrs", "seeds", "budget_epochs", "eval_every", "common", "summary", "plots")
+_TOP = (
+    "name", "world", "methods", "lrs", "seeds", "budget_epochs", "eval_every", "common", "summary", "plots",
+    "stages", "comparisons", "exploratory", "claim2", "keep_weights",
+)  # fmt: skip
 
 
 def _section(cls: type, raw: Any, key: str, source: str) -> Any:
@@ -307,13 +404,29 @@ def parse_study(raw: dict[str, Any], source: str = "study config") -> StudySpec:
         raise StudyError(f"{source}: summary.utility_fraction must lie in [0, 1], got {summary.utility_fraction}")
     methods = _methods(raw.get("methods"), seeds, lrs, source)
     plots = raw.get("plots") or {}
-    if not isinstance(plots, dict) or set(plots) - {"lr_methods"}:
-        raise StudyError(f"{source}: plots may only hold lr_methods (the methods of lr.png)")
+    if not isinstance(plots, dict) or set(plots) - {"lr_methods", "labels"}:
+        raise StudyError(f"{source}: plots may only hold lr_methods (the methods of lr.png) and labels")
+    labels = plots.get("labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise StudyError(f"{source}: plots.labels must map method names to legends in words")
     lr_methods = tuple(plots.get("lr_methods", [m.name for m in methods]))
     names = {m.name for m in methods}
     for name in lr_methods:
         if name not in names:
             raise StudyError(f"{source}: plots.lr_methods names unknown method {name!r}")
+    exploratory = _method_names(raw.get("exploratory", []), "exploratory", names, source)
+    worlds = _Worlds(raw.get("world") or {}, source)
+    stages = _stages(raw.get("stages"), names, exploratory, worlds, source)
+    comparisons = _comparisons(raw.get("comparisons"), names, exploratory, source)
+    claim2 = _claim2(raw.get("claim2"), names, worlds, source)
+    keep = raw.get("keep_weights", True)
+    if not isinstance(keep, bool):
+        raise StudyError(f"{source}: keep_weights must be true or false, got {keep!r}")
+    if summary.select_on not in _ENDPOINTS:
+        raise StudyError(f"{source}: summary.select_on '{summary.select_on}': choose one of {', '.join(_ENDPOINTS)}")
+    summary = replace(summary, floors=_numbers(list(summary.floors), "summary.floors", source, float))
+    if any(not 0 < f <= 1 for f in summary.floors):
+        raise StudyError(f"{source}: summary.floors must be fractions in (0, 1], got {list(summary.floors)}")
     return StudySpec(
         name=str(raw.get("name", Path(source).stem)),
         world=world,
@@ -326,7 +439,158 @@ def parse_study(raw: dict[str, Any], source: str = "study config") -> StudySpec:
         summary=summary,
         lr_plot_methods=lr_methods,
         source=source,
+        worlds=worlds.labelled(),
+        stages=stages,
+        comparisons=comparisons,
+        exploratory=exploratory,
+        claim2=claim2,
+        keep_weights=keep,
+        plot_labels=tuple((str(k), v) for k, v in labels.items()),
     )
+
+
+# --------------------------------------------------------------------------- stages, comparisons, claim 2
+
+# endpoints a selection or comparison may name (ngdiff.study.endpoints.NUMERIC_FIELDS less the p-values)
+_ENDPOINTS = (
+    "best_gap", "best_distance", "best_log10_quality", "best_utility", "area",
+    "end_gap", "end_distance", "end_log10_quality", "end_utility",
+)  # fmt: skip
+
+
+def _method_names(raw: Any, key: str, names: set[str], source: str) -> tuple[str, ...]:
+    if not isinstance(raw, (list, tuple)):
+        raise StudyError(f"{source}: {key} must be a list of method names, got {raw!r}")
+    for name in raw:
+        if name not in names:
+            guess = difflib.get_close_matches(str(name), names, n=1)
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            raise StudyError(f"{source}: {key} names unknown method {name!r}{hint}")
+    return tuple(raw)
+
+
+class _Worlds:
+    """Worlds named by a stage: a mapping of world keys merged into the study's `world:` (kept opaque here;
+    WorldSpec checks the keys). `{}` is the study's world itself (label `base`); a mapping may carry a
+    `name`, else the worlds are labelled w1, w2, ... in the order they first appear."""
+
+    def __init__(self, base: Any, source: str) -> None:
+        if not isinstance(base, dict):
+            raise StudyError(f"{source}: world must be a mapping, got {base!r}")
+        self.base, self.source = base, source
+        self.items: list[tuple[str, dict, WorldSpec]] = []
+
+    def label(self, raw: Any, key: str) -> str:
+        if not isinstance(raw, dict):
+            raise StudyError(f"{self.source}: {key} must be a mapping of world keys (e.g. {{}} for the study's world)")
+        raw = dict(raw)
+        name = raw.pop("name", None)
+        if not raw and name in (None, BASE_WORLD):
+            return BASE_WORLD
+        for label, overrides, _ in self.items:
+            if overrides == raw and name in (None, label):
+                return label
+        label = str(name) if name is not None else f"w{len(self.items) + 1}"
+        if label == BASE_WORLD or any(label == other for other, _, _ in self.items):
+            raise StudyError(f"{self.source}: {key}: two different worlds are both named {label!r}")
+        if not label.replace("-", "").replace("_", "").isalnum():
+            raise StudyError(f"{self.source}: {key}.name {label!r} may hold only letters, digits, - and _")
+        merged = _merge(self.base, raw)
+        if merged.get("cache_dir") and merged.get("cache_dir") == self.base.get("cache_dir"):
+            merged["cache_dir"] = f"{merged['cache_dir'].rstrip('/')}-{label}"  # a world of its own
+        self.items.append((label, raw, _section(WorldSpec, merged, key, self.source)))
+        return label
+
+    def labelled(self) -> tuple[tuple[str, WorldSpec], ...]:
+        return tuple((label, spec) for label, _, spec in self.items)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _worlds_and_seeds(raw: dict, key: str, worlds: _Worlds, source: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    listed = raw.get("worlds", [{}])
+    if not isinstance(listed, (list, tuple)) or not listed:
+        raise StudyError(f"{source}: {key}.worlds must be a non-empty list of world mappings ({{}}: the study's)")
+    labels = tuple(worlds.label(w, f"{key}.worlds[{i}]") for i, w in enumerate(listed))
+    if len(set(labels)) != len(labels):
+        raise StudyError(f"{source}: {key}.worlds lists a world twice")
+    if "seeds" not in raw:
+        raise StudyError(f"{source}: {key}.seeds is missing (the seeds this stage runs)")
+    return labels, _numbers(raw["seeds"], f"{key}.seeds", source, int)
+
+
+def _stages(raw: Any, names: set[str], exploratory: tuple[str, ...], worlds: _Worlds, source: str):
+    """`stages: {selection: {worlds, seeds}, confirmation: {worlds, seeds}}`: selection runs every method at
+    every lr of its grid; confirmation runs the verdict methods (not the exploratory ones) at the lr the
+    selection picked, on fresh seeds (and worlds)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or set(raw) != set(STAGE_NAMES):
+        raise StudyError(f"{source}: stages must be a mapping with exactly selection and confirmation, got {raw!r}")
+    out = []
+    for name in STAGE_NAMES:
+        body = raw[name]
+        key = f"stages.{name}"
+        if not isinstance(body, dict) or set(body) - {"worlds", "seeds"}:
+            raise StudyError(f"{source}: {key} must be a mapping of worlds and seeds, got {body!r}")
+        labels, seeds = _worlds_and_seeds(body, key, worlds, source)
+        methods = sorted(names) if name == "selection" else sorted(names - set(exploratory))
+        out.append(StageSpec(name, labels, seeds, tuple(methods), "grid" if name == "selection" else "selected"))
+    selection, confirmation = out
+    reused = {(w, s) for w in selection.worlds for s in selection.seeds}
+    reused &= {(w, s) for w in confirmation.worlds for s in confirmation.seeds}
+    if reused:
+        world, seed = sorted(reused)[0]
+        raise StudyError(
+            f"{source}: stages.confirmation reuses world {world!r} with seed {seed} of stages.selection: "
+            "confirm on fresh seeds (or worlds)"
+        )
+    return tuple(out)
+
+
+def _comparisons(raw: Any, names: set[str], exploratory: tuple[str, ...], source: str):
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise StudyError(f"{source}: comparisons must be a list of {{method, reference, endpoint, direction}}")
+    out = []
+    for i, body in enumerate(raw):
+        key = f"comparisons[{i}]"
+        item = _section(ComparisonSpec, body, key, source) if isinstance(body, dict) and body else None
+        if item is None or not item.method or not item.reference:
+            raise StudyError(f"{source}: {key} needs method and reference, got {body!r}")
+        for role in ("method", "reference"):
+            name = getattr(item, role)
+            if name not in names:
+                raise StudyError(f"{source}: {key}.{role} names unknown method {name!r}")
+            if name in exploratory:
+                raise StudyError(f"{source}: {key}.{role} names {name!r}, which is exploratory (no verdict uses it)")
+        if item.endpoint not in _ENDPOINTS:
+            raise StudyError(f"{source}: {key}.endpoint '{item.endpoint}': choose one of {', '.join(_ENDPOINTS)}")
+        if item.direction not in ("greater", "less"):
+            raise StudyError(f"{source}: {key}.direction must be greater or less, got {item.direction!r}")
+        out.append(item)
+    return tuple(out)
+
+
+def _claim2(raw: Any, names: set[str], worlds: _Worlds, source: str) -> Claim2Spec | None:
+    if raw is None:
+        return None
+    known = {"with", "without", "target_gap", "worlds", "seeds", "lrs"}
+    if not isinstance(raw, dict) or set(raw) - known or not {"with", "without", "target_gap"} <= set(raw):
+        raise StudyError(f"{source}: claim2 must be a mapping of {', '.join(sorted(known))}, got {raw!r}")
+    for role in ("with", "without"):
+        if raw[role] not in names:
+            raise StudyError(f"{source}: claim2.{role} names unknown method {raw[role]!r}")
+    labels, seeds = _worlds_and_seeds(raw, "claim2", worlds, source)
+    gap = _scalar(raw["target_gap"], float, "claim2.target_gap", source)
+    lrs = _positive_lrs(raw["lrs"], "claim2.lrs", source) if "lrs" in raw else ()
+    return Claim2Spec(str(raw["with"]), str(raw["without"]), gap, labels, seeds, lrs)
 
 
 def load_study(path: str | Path) -> StudySpec:

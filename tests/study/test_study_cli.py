@@ -4,6 +4,7 @@ the report command and the Slurm scripts."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -29,14 +30,26 @@ def write(tmp_path: Path, raw: dict) -> Path:
 
 
 def test_shipped_configs_validate_every_run(tmp_path):
-    default = plan_study(load_study(CONFIG_DIR / "default.yaml"), tmp_path / "d")
+    spec = load_study(CONFIG_DIR / "default.yaml")
+    default = plan_study(spec, tmp_path / "d")
     methods = {r.method for r in default.runs}
-    assert len(methods) == 14
-    for method in methods:  # every method: at least 4 lrs spanning at least two decades
-        lrs = sorted({r.lr for r in default.runs if r.method == method})
-        assert len(lrs) >= 4 and lrs[-1] / lrs[0] >= 100 * (1 - 1e-9)
-    for method in ("gdiff", "npo", "ngdiff", "ngdiff+autolr"):
-        assert {r.seed for r in default.runs if r.method == method} == {0, 1, 2}
+    assert len(methods) == 15 and spec.eval_every == 5
+    for method in methods:  # every method: 5 lrs x3.16 apart, two decades
+        lrs = sorted({r.lr for r in default.runs if r.method == method and r.stage == "selection"})
+        assert len(lrs) == 5 and lrs[-1] / lrs[0] == pytest.approx(100, rel=0.01)
+        assert all(b / a == pytest.approx(10**0.5, rel=0.01) for a, b in itertools.pairwise(lrs))
+    verdict_methods = {name for c in spec.comparisons for name in (c.method, c.reference)}
+    assert verdict_methods == {"gdiff", "gdiff-sgd", "npo", "ngdiff", "ngdiff-adamw", "ngdiff+autolr"}
+    assert not verdict_methods & set(spec.exploratory) and methods == verdict_methods | set(spec.exploratory)
+    every = spec.runs({m.name: m.lrs[0] for m in spec.methods})
+    tuning = {m: sum(r.method == m and r.stage == "selection" for r in every) for m in verdict_methods}
+    assert set(tuning.values()) == {10}  # equal tuning budgets: 5 lrs x 2 seeds
+    for method in verdict_methods:  # >= 4 seeds on each of >= 2 worlds at the selected lr
+        confirmed = [(r.world, r.seed) for r in every if r.method == method and r.stage == "confirmation"]
+        worlds = {w for w, _ in confirmed}
+        assert len(worlds) >= 2 and all(sum(w == x for x, _ in confirmed) >= 4 for w in worlds)
+    claim2 = {r.lr for r in every if r.stage == "claim2"}
+    assert max(claim2) / min(claim2) == pytest.approx(1000, rel=0.01)
     quick = plan_study(load_study(QUICK), tmp_path / "q")
     assert len({r.method for r in quick.runs}) >= 4
     assert not (tmp_path / "d").exists() and not (tmp_path / "q").exists()  # validation builds nothing
@@ -111,8 +124,26 @@ def test_quick_study_end_to_end_then_resumes_without_redoing_anything(tmp_path, 
         assert mine[-1]["loss_forget"] is not None and mine[-1]["lr_now"] > 0
     summary = (out / "summary.md").read_text()
     assert all(f"| {m} |" in summary for m in methods)
-    for name in ("pareto.png", "lr.png", "autolr.png"):
+    for name in ("pareto.png", "pareto_all.png", "lr.png", "autolr.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert {(r["world"], r["stage"]) for r in rows} == {("base", "grid")}
+    assert all(r["ks_d"] == r["forget_ks_statistic"] for r in rows)
+    # every run keeps its end point's weights in bf16, and its selected point's (or names the target)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ngdiff.study.endpoints import endpoints
+
+    best_step = {e.method: e.best_step for e in endpoints(rows)}
+    for weights in sorted((out / "runs").glob("*/weights")):
+        end = AutoModelForCausalLM.from_pretrained(weights / "end")
+        assert next(end.parameters()).dtype == torch.bfloat16
+        point = json.loads((weights / "selected" / "point.json").read_text())
+        method = json.loads((weights.parent / "done.json").read_text())["method"]
+        assert point["step"] == best_step[method]  # the rule of the summary (smallest D above the floor)
+        if point["step"] > 0:
+            assert AutoModelForCausalLM.from_pretrained(weights / "selected").num_parameters() == end.num_parameters()
+    assert len(list((out / "runs").glob("*/weights/end"))) == 4
     world_mtime = (out / "world" / "world.json").stat().st_mtime
     capsys.readouterr()
     # again: every run is finished, the world is cached; nothing is redone and the report is the same
@@ -130,7 +161,7 @@ def test_local_order_runs_every_first_seed_before_extra_seeds_and_the_lr_plot_me
     order = sorted(spec.runs(), key=lambda run: priority(spec, run))
     first_seed = [r for r in spec.runs() if r.seed == 0]
     assert order[: len(first_seed)] == sorted(first_seed, key=lambda run: priority(spec, run))
-    head = {r.method for r in order[: 4 * len(spec.lr_plot_methods)]}
+    head = {r.method for r in order[: len(spec.lrs) * len(spec.lr_plot_methods)]}
     assert head == set(spec.lr_plot_methods)
     assert sorted(order, key=lambda r: r.run_id) == sorted(spec.runs(), key=lambda r: r.run_id)  # nothing lost
 
