@@ -9,8 +9,10 @@ import yaml
 
 from launcher.study_cli import CONFIG_DIR
 from ngdiff.study.health import world_health
-from ngdiff.study.report import make_report
-from ngdiff.study.spec import parse_study, spec_to_dict
+from ngdiff.study.report import RAW_FILE, make_report
+from ngdiff.study.runner import BASE_WORLD, world_dir
+from ngdiff.study.spec import parse_study
+from ngdiff.study.world import WORLD_FILE
 
 HEALTHY = {
     "target_metrics": {"forget_rougeL_recall": 0.8, "forget_ks_statistic": 0.6, "model_utility": 0.5},
@@ -23,10 +25,12 @@ UNHEALTHY = {
 
 
 def study_folder(tmp_path, world):
-    spec = parse_study(yaml.safe_load((CONFIG_DIR / "quick.yaml").read_text()), "quick.yaml")
-    (tmp_path / "study.json").write_text(json.dumps(spec_to_dict(spec)))
-    (tmp_path / "world").mkdir()
-    (tmp_path / "world" / "world.json").write_text(json.dumps({"overrides": [], **world}))
+    raw = (CONFIG_DIR / "quick.yaml").read_text()
+    spec = parse_study(yaml.safe_load(raw), "quick.yaml")
+    (tmp_path / RAW_FILE).write_text(raw)
+    folder = world_dir(spec, BASE_WORLD, tmp_path)
+    folder.mkdir(parents=True)
+    (folder / WORLD_FILE).write_text(json.dumps({"overrides": [], **world}))
     return tmp_path
 
 
@@ -43,7 +47,7 @@ def test_health_reasons_in_words():
 def test_a_healthy_world_is_ranked(tmp_path):
     make_report(study_folder(tmp_path, HEALTHY))
     summary = (tmp_path / "summary.md").read_text()
-    assert "| method | best lr |" in summary and "World unhealthy" not in summary
+    assert "Per run, the best point is" in summary and "World unhealthy" not in summary  # the ranking's rule
 
 
 def test_an_unhealthy_world_ranks_nothing_and_warns(tmp_path, caplog):
@@ -52,5 +56,5 @@ def test_an_unhealthy_world_ranks_nothing_and_warns(tmp_path, caplog):
     summary = (tmp_path / "summary.md").read_text()
     line = world_health(UNHEALTHY).line
     assert line.startswith("World unhealthy: the target did not learn") and line.endswith("; methods are not ranked")
-    assert f"{line}." in summary and "best lr" not in summary
+    assert f"{line}." in summary and "Per run, the best point is" not in summary
     assert line in caplog.text
