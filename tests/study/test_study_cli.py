@@ -33,8 +33,10 @@ def test_shipped_configs_validate_every_run(tmp_path):
     spec = load_study(CONFIG_DIR / "default.yaml")
     default = plan_study(spec, tmp_path / "d")
     methods = {r.method for r in default.runs}
-    assert len(methods) == 15 and spec.eval_every == 5
-    for method in methods:  # every method: 5 lrs x3.16 apart, two decades
+    assert len(methods) == 31 and spec.eval_every == 5
+    screened = {m.name for m in spec.methods if len(m.lrs) == 2}  # the exploratory screen of the other methods
+    assert len(screened) == 16 and screened <= set(spec.exploratory)
+    for method in methods - screened:  # every other method: 5 lrs x3.16 apart, two decades
         lrs = sorted({r.lr for r in default.runs if r.method == method and r.stage == "selection"})
         assert len(lrs) == 5 and lrs[-1] / lrs[0] == pytest.approx(100, rel=0.01)
         assert all(b / a == pytest.approx(10**0.5, rel=0.01) for a, b in itertools.pairwise(lrs))
