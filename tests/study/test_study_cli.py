@@ -124,10 +124,20 @@ def test_quick_study_end_to_end_then_resumes_without_redoing_anything(tmp_path, 
             assert 0.0 <= r["forget_quality"] <= 1.0 and 0.0 <= r["model_utility"] <= 1.0
             assert {"lr", "seed", "forget_rougeL_recall", "retain_rougeL_recall"} <= set(r)
         assert mine[-1]["loss_forget"] is not None and mine[-1]["lr_now"] > 0
+    # the quick world's target learns too little to rank anything on (its health check says so): the
+    # summary refuses, draws nothing, and says why
+    world = json.loads((out / "world" / "world.json").read_text())
+    assert not world["health"]["healthy"]
     summary = (out / "summary.md").read_text()
+    assert "World unhealthy: the target did not learn its forget set" in summary
+    assert not any(f"| {m} |" in summary for m in methods) and not (out / "pareto.png").exists()
+    # the rows alone (no world) still give the whole report: the tables and every picture
+    rebuilt = tmp_path / "rebuilt"
+    assert main(["study", "report", "--results", str(out / "results.jsonl"), "--out", str(rebuilt)]) == 0
+    summary = (rebuilt / "summary.md").read_text()
     assert all(f"| {m} |" in summary for m in methods)
     for name in ("pareto.png", "pareto_all.png", "lr.png", "autolr.png"):
-        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+        assert (rebuilt / name).read_bytes()[:4] == b"\x89PNG"
     assert {(r["world"], r["stage"]) for r in rows} == {("base", "grid")}
     assert all(r["ks_d"] == r["forget_ks_statistic"] for r in rows)
     # every run keeps its end point's weights in bf16, and its selected point's (or names the target)
