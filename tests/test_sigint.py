@@ -22,6 +22,27 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 6  # the signal comes within ~0.02 s of step 1's line; a step of the tiny model takes longer
 
 
+def train_then_ctrl_c(overrides: list[str], out: Path, env: dict[str, str]) -> tuple[Path, str]:
+    """`ngdiff train` in a child process, Ctrl-C once its first step is logged; its metrics file and stderr.
+    The run must end by itself (exit 0), without a traceback."""
+    cmd = [sys.executable, "-m", "launcher", "train", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate() if proc.poll() else ""
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    return metrics, stderr
+
+
 def test_ctrl_c_checkpoints_exits_cleanly_and_the_printed_command_resumes(tiny_model_dir, tofu_split, tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -34,21 +55,7 @@ def test_ctrl_c_checkpoints_exits_cleanly_and_the_printed_command_resumes(tiny_m
         "train.save_every=0",  # the stop's checkpoint is written all the same
         "logging.progress=false",
     ]
-    cmd = [sys.executable, "-m", "launcher", "train", *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        metrics = out / "metrics.jsonl"
-        deadline = time.monotonic() + 240
-        while not (metrics.is_file() and metrics.read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate() if proc.poll() else ""
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    metrics, stderr = train_then_ctrl_c(overrides, out, env)
     assert "received SIGINT: checkpointing after the current step (Ctrl-C again aborts at once)" in stderr
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     (checkpoint,) = (out / "checkpoints").glob("step_*")
@@ -72,21 +79,7 @@ def test_ctrl_c_with_the_default_config_checkpoints_and_prints_the_resume_comman
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     overrides = [f"model.path={tiny_model_dir}", f"data.forget={tofu_split['forget']}",
                  f"data.retain={tofu_split['retain']}", f"output_dir={out}", "logging.progress=false"]  # fmt: skip
-    cmd = [sys.executable, "-m", "launcher", "train", *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        metrics = out / "metrics.jsonl"
-        deadline = time.monotonic() + 240
-        while not (metrics.is_file() and metrics.read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate() if proc.poll() else ""
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    metrics, stderr = train_then_ctrl_c(overrides, out, env)
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert (config["optim"]["name"], config["autolr"]["enabled"], config["train"]["save_every"]) == ("sgd", True, 50)
     (checkpoint,) = (out / "checkpoints").glob("step_*")
