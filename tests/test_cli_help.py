@@ -130,7 +130,7 @@ def test_plan_explains_its_lines_and_its_capacity(capsys):
     )
     assert "freed while the backward makes the gradients: none above them" in lines["activations"]
     assert lines["total"].endswith("of 80.00 GiB (the default; set yours with --gpu-memory, e.g. --gpu-memory 40GiB)")
-    assert lines["optimizer_state"].endswith("AdamW's two moments")
+    assert lines["optimizer_state"].endswith("none: plain SGD keeps no state")  # the config's SGD + AutoLR
     assert "step time: not estimated" in lines["not"]
     assert main([*args, "--gpu-memory", "40GiB"]) == 0
     assert "of 40.00 GiB\n" in capsys.readouterr().out

@@ -80,7 +80,8 @@ def test_study_array_job_runs_every_run_and_reports(cluster):
     assert "#SBATCH --array=0-3" in (study / "slurm" / "array.sbatch").read_text()
     rows = [json.loads(line) for line in (study / "results.jsonl").read_text().splitlines()]
     assert {(r["method"], r["lr"]) for r in rows} == {("ga", 1e-3), ("ga", 1e-2), ("gdiff", 1e-3), ("gdiff", 1e-2)}
-    assert (study / "pareto.png").is_file() and "| gdiff |" in (study / "summary.md").read_text()
+    # the report job ran: on this tiny world (its target learns too little) the summary refuses to rank
+    assert "World unhealthy" in (study / "summary.md").read_text() and (study / "results.jsonl").is_file()
 
     # a requeued task finds its run finished and leaves it alone
     task = f"{jobs['array']}_1"
