@@ -473,7 +473,10 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
         )
     check_objective_data(config)
     if config.autolr.enabled and config.method.retain_objective == "none" and config.autolr.probe_loss == "retain":
-        raise ConfigError("autolr.probe_loss=retain needs a retain objective (method.retain_objective is none)")
+        raise ConfigError(
+            "autolr.probe_loss=retain needs a retain objective (method.retain_objective is none): "
+            "set autolr.probe_loss=combined, or autolr.enabled=false (AutoLR is on by default)"
+        )
     try:
         check_prompt_template(config.data.prompt_template)
     except ValueError as err:

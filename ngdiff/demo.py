@@ -171,7 +171,10 @@ def run_demo(output_dir: str | Path = "outputs/demo", overwrite: bool = False, q
     write_rows(data_dir / "forget_perturbed.jsonl", with_companions(forget))
     write_rows(data_dir / "retain_perturbed.jsonl", with_companions(retain))
 
-    log.info(QUICK_NOTICE if quick else f"the demo takes {EXPECTED_TIME}")
+    if quick:  # on stdout beside the results it qualifies, whatever the logging set-up
+        print(QUICK_NOTICE, flush=True)
+    else:
+        log.info(f"the demo takes {EXPECTED_TIME}")
     log.info("building a tiny Llama and training its tokenizer on %d TOFU pairs", len(rows))
     spec = QUICK_SPEC if quick else TinyLlamaSpec()
     base = build_tiny_model(out / "base", [f"{r['question']} {r['answer']}" for r in rows], spec)

@@ -48,7 +48,8 @@ def tofu_rows(n: int = 400) -> list[dict]:
 
 
 def tiny_run_overrides(model_dir: Path, split: dict[str, Path], *extra: str) -> list[str]:
-    """The overrides of a run of the tiny model on the small TOFU split: batches of 4, no progress bar."""
+    """The overrides of a run of the tiny model on the small TOFU split: batches of 4, no progress bar, and
+    AutoLR off (plain steps that the tests compare with formulas; the tests of AutoLR turn it on)."""
     return [
         f"model.path={model_dir}",
         f"data.forget={split['forget']}",
@@ -56,6 +57,7 @@ def tiny_run_overrides(model_dir: Path, split: dict[str, Path], *extra: str) -> 
         "train.forget_batch_size=4",
         "train.retain_batch_size=4",
         "logging.progress=false",
+        "autolr.enabled=false",
         *extra,
     ]
 

@@ -22,7 +22,7 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
     assert (out / "final" / "model.safetensors").is_file()
     captured = capsys.readouterr()
     printed = captured.out
-    assert "quick: a smoke test of the demo's path" in captured.err and "they need not fall" in captured.err
+    assert "quick: a smoke test of the demo's path" in printed and "they need not fall" in printed
     assert "forget_rougeL_recall" in printed and "before" in printed
     # the last lines: where the model is, and the commands that come next, for this very output folder
     data = out / "data"

@@ -50,7 +50,14 @@ def test_both_warmups_are_refused(tiny_model_dir, tofu_split, tmp_path):
 
 def test_logged_lr_follows_the_schedule_and_a_resumed_run_matches(tiny_model_dir, tofu_split, tmp_path):
     # forget set 16 rows / batch 4 = 4 steps per epoch: warmup_epochs=0.5 -> 2 warmup steps
-    extra = ("train.max_steps=6", "optim.lr=1e-3", "optim.schedule=linear", "optim.warmup_epochs=0.5")
+    # the schedule alone: AutoLR (on by default) would rescale the lr it multiplies
+    extra = (
+        "train.max_steps=6",
+        "optim.lr=1e-3",
+        "optim.schedule=linear",
+        "optim.warmup_epochs=0.5",
+        "autolr.enabled=false",
+    )
     straight = run_training(config(tiny_model_dir, tofu_split, tmp_path / "s", *extra), DistContext())
     lrs = [r["lr"] for r in read_jsonl(tmp_path / "s" / "metrics.jsonl")]
     assert lrs == pytest.approx([1e-3 * f for f in (0, 0.5, 1.0, 0.75, 0.5, 0.25)])

@@ -82,7 +82,9 @@ def common(model: Path, split: dict[str, Path], out: Path, steps: int) -> list[s
         f"train.max_steps={steps}",
         "train.forget_batch_size=4",
         "train.retain_batch_size=4",
+        "optim.name=adamw",  # 2 ranks equal 1 process to AdamW round-off (no AutoLR fit of tiny loss changes)
         "optim.lr=1e-3",
+        "autolr.enabled=false",
         "logging.progress=false",
     ]
 

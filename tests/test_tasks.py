@@ -173,6 +173,7 @@ def three_task_overrides(tiny_model_dir, tofu_split, out, *extra) -> list[str]:
         "train.forget_batch_size=4",
         "train.retain_batch_size=4",
         "logging.progress=false",
+        "autolr.enabled=false",  # plain steps, compared with the textbook formulas (AutoLR is on by default)
         f"output_dir={out}",
         *extra,
     ]

@@ -164,6 +164,23 @@ def answer_grad_norms(
     was_training = model.training
     model.eval()
     params = [q for q in model.parameters() if q.requires_grad]
+    frozen = not params  # a model loaded for inference (e.g. an adapter folder): every parameter counts, as in
+    if frozen:  # a trainable model, and is frozen again afterwards
+        params = list(model.parameters())
+        for q in params:
+            q.requires_grad_(True)
+    try:
+        return _grad_norms(model, params, prompts, answers, pad_id, p, device)
+    finally:
+        model.zero_grad(set_to_none=True)
+        if frozen:
+            for q in params:
+                q.requires_grad_(False)
+        if was_training:
+            model.train()
+
+
+def _grad_norms(model, params, prompts, answers, pad_id: int, p: float, device) -> list[float]:
     norms: list[float] = []
     for prompt, answer in zip(prompts, answers, strict=True):
         batch = {
@@ -178,7 +195,4 @@ def answer_grad_norms(
             (-picked.mean()).backward()
         per_param = [q.grad.detach().double().norm(p=p) for q in params if q.grad is not None]
         norms.append(float(torch.stack(per_param).mean()))
-    model.zero_grad(set_to_none=True)
-    if was_training:
-        model.train()
     return norms
