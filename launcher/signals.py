@@ -83,6 +83,9 @@ def requeue_if_slurm() -> bool:
     if shutil.which("scontrol") is None:
         log.warning("stopped after a checkpoint; scontrol not found, so job %s is not requeued", job)
         return False
+    # said before the call: the requeue kills this job's tasks, and Slurm's I/O forwarding can drop
+    # whatever a task prints after it (seen on 2-node jobs)
+    log.warning("requeueing Slurm job %s; it resumes from the checkpoint", job)
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False, timeout=60)
     except subprocess.TimeoutExpired:
@@ -91,7 +94,6 @@ def requeue_if_slurm() -> bool:
     if result.returncode != 0:
         log.error("scontrol requeue %s failed: %s", job, (result.stderr or result.stdout).strip())
         return False
-    log.warning("requeued Slurm job %s; it resumes from the checkpoint", job)
     return True
 
 

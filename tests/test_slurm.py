@@ -191,7 +191,7 @@ def check_preempted_and_resumed(run: dict) -> int:
     stopped_at = int(run["checkpoint"].name.split("_")[1])
     assert 2 <= stopped_at < STEPS, f"stopped at step {stopped_at}"
     assert "received SIGUSR1: checkpointing after the current step" in log
-    assert f"requeued Slurm job {job}" in log
+    assert f"requeueing Slurm job {job}" in log  # said before scontrol requeue kills the tasks
     assert f"ngdiff: job {job} (restart 1)" in log
     assert f"resumed from {run['checkpoint']}" in log, log  # not from the half-written step_99999999
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
