@@ -4,6 +4,7 @@
     ngdiff study CONFIG.yaml --slurm [--partition P --time T]    world job, one array job, report job
     ngdiff study report DIR                                      aggregate and plot what has finished
     ngdiff study report --results FILE --config STUDY.yaml --out DIR    the same from a results.jsonl alone
+    ngdiff study attack DIR [--relearn-steps N ...]              privacy metrics and attacks on the kept weights
 
 Every run's config is validated before the world is built; finished runs are skipped, so the same
 command resumes an interrupted study.
@@ -27,7 +28,7 @@ log = logging.getLogger("ngdiff.study")
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "study"
 RAW_FILE = "study.yaml"  # the study config as given, kept in the study folder (ngdiff.study.report.RAW_FILE)
-ACTIONS = ("report", "world", "run-one")
+ACTIONS = ("report", "world", "run-one", "attack")
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +48,10 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     rebuild.add_argument("--results", default="", help="a study's results.jsonl, e.g. docs/study/results.jsonl")
     rebuild.add_argument("--config", default="", help="its study YAML (default: study.yaml beside the results)")
     rebuild.add_argument("--out", default="", help="where summary.md and the plots go (default: beside the results)")
+    attack = parser.add_argument_group("ngdiff study attack DIR: membership inference and attacks on the kept weights")
+    attack.add_argument("--relearn-steps", type=int, default=5, help="relearning steps per model (default 5)")
+    attack.add_argument("--relearn-lr", type=float, default=1e-3, help="relearning AdamW lr (default 1e-3)")
+    attack.add_argument("--relearn-batch-size", type=int, default=4, help="forget rows per relearning step")
     slurm = parser.add_argument_group("Slurm (one array job, a task per run)")
     slurm.add_argument("--slurm", action="store_true", help="submit instead of running here")
     slurm.add_argument("--partition", default="")
@@ -73,6 +78,8 @@ def run_study(args: argparse.Namespace) -> int:
             return report_command(Path(rest[0]))
         if action == "world":
             return world_command(Path(rest[0]), not args.no_progress)
+        if action == "attack":
+            return attack_command(Path(rest[0]), args)
         if len(rest) != 2 or not rest[1].isdigit():
             raise UserError("usage: ngdiff study run-one DIR INDEX")
         return run_one_command(Path(rest[0]), int(rest[1]))
@@ -138,6 +145,17 @@ def report_command(study_dir: Path) -> int:
     for path in report.files:
         print(f"  {path}")
     return 0
+
+
+def attack_command(study_dir: Path, args: argparse.Namespace) -> int:
+    """Score the kept weights of the verdict runs (resumable), then rewrite the summary with them."""
+    from ngdiff.study.attacks import ATTACKS_FILE, AttackSettings, attack_study
+
+    settings = AttackSettings(args.relearn_steps, args.relearn_lr, args.relearn_batch_size)
+    _setup_logging()
+    rows = attack_study(study_dir, settings, progress=not args.no_progress)
+    print(f"{len(rows)} models scored in {study_dir / ATTACKS_FILE}")
+    return report_command(study_dir)
 
 
 def results_report_command(results: Path, config: str, out: str) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ngdiff.metrics_log import read_jsonl
+from ngdiff.study.attacks import ATTACKS_FILE, attack_markdown, read_attack_rows
 from ngdiff.study.health import unranked_summary, world_health
 from ngdiff.study.plots import autolr_plot, lr_plot, pareto_grid_plot, pareto_plot
 from ngdiff.study.results import Row, _number, by_run, collect, read_results, write_results
@@ -107,7 +108,8 @@ def make_report(study_dir: str | Path) -> Report:
         summary = study_dir / "summary.md"
         summary.write_text(unranked_summary(health, records[label], len(missing)))
         return Report(rows, [*files, summary], finished, missing)
-    files += report_files(rows, spec, study_dir, missing, lr_paths(study_dir))
+    attacks = read_attack_rows(study_dir / ATTACKS_FILE)
+    files += report_files(rows, spec, study_dir, missing, lr_paths(study_dir), attack_rows=attacks)
     return Report(rows, files, finished, missing)
 
 
@@ -116,7 +118,9 @@ def report_from_results(results: Path, config: Path, out_dir: Path) -> Report:
     rows = read_results(results)
     spec = load_study(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return Report(rows, report_files(rows, spec, out_dir, (), lr_paths_from_rows(rows)), [], [])
+    attacks = read_attack_rows(results.parent / ATTACKS_FILE)  # committed beside the results, if scored
+    files = report_files(rows, spec, out_dir, (), lr_paths_from_rows(rows), attack_rows=attacks)
+    return Report(rows, files, [], [])
 
 
 def report_files(
@@ -126,12 +130,15 @@ def report_files(
     missing: Sequence[str] = (),
     autolr_paths: dict | None = None,
     n_boot: int = 10_000,
+    attack_rows: Sequence[Row] = (),
 ) -> list[Path]:
-    """summary.md and the pictures of `rows` under `spec`'s declarations, written to `out_dir`."""
+    """summary.md and the pictures of `rows` under `spec`'s declarations (and the scores of `ngdiff study
+    attack`, when given), written to `out_dir`."""
     analysis = analyse(rows, spec, n_boot=n_boot)
     reference = reference_utility_of(rows)
     summary = out_dir / "summary.md"
-    summary.write_text(summary_markdown(analysis, missing, reference))
+    attacks = attack_markdown(attack_rows, analysis.declared_comparisons(), n_boot) if attack_rows else ""
+    summary.write_text(summary_markdown(analysis, missing, reference) + attacks)
     files = [summary]
     if not rows or analysis.problem:
         return files

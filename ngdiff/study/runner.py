@@ -128,15 +128,14 @@ def current_selection(spec: StudySpec, study_dir: Path) -> dict[str, float] | No
     selection = [r for r in spec.runs() if r.stage == "selection"]
     if not all((run_folder(study_dir / "runs", r) / DONE).is_file() for r in selection):
         return None
-    from ngdiff.study.endpoints import endpoints, of_stage, select_lrs
+    from ngdiff.study.endpoints import endpoints, of_stage
     from ngdiff.study.results import collect
-    from ngdiff.study.summary import LOWER_IS_BETTER, rule_of
+    from ngdiff.study.summary import rule_of, selected_lrs
 
     starts = {label: record["target_metrics"] for label, record in world_records(spec, study_dir).items()}
-    points = of_stage(endpoints(collect(study_dir, starts), rule_of(spec)), "selection")
-    field = spec.summary.select_on
-    lrs = select_lrs(points, field, field not in LOWER_IS_BETTER)
-    path.write_text(json.dumps({"endpoint": field, "fraction": spec.summary.utility_fraction, "lrs": lrs}, indent=1))
+    lrs = selected_lrs(of_stage(endpoints(collect(study_dir, starts), rule_of(spec)), "selection"), spec)
+    record = {"endpoint": spec.summary.select_on, "fraction": spec.summary.utility_fraction, "lrs": lrs}
+    path.write_text(json.dumps(record, indent=1))
     return lrs
 
 

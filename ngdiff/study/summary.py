@@ -77,11 +77,31 @@ class Analysis:
     def stage_points(self, stage: str) -> list[Endpoint]:
         return of_stage(self.points, stage)
 
+    def declared_comparisons(self) -> list[Comparison]:
+        """The study's comparisons, each method at its selected lr (None where it has none yet)."""
+        return [
+            Comparison(
+                c.method,
+                c.reference,
+                c.endpoint,
+                c.direction,
+                self.selected.get(c.method),
+                self.selected.get(c.reference),
+            )
+            for c in self.spec.comparisons
+        ]
+
 
 def rule_of(spec: StudySpec, fraction: float | None = None) -> EndpointRule:
     return EndpointRule(
         spec.summary.utility_fraction if fraction is None else fraction, utility_metric=spec.summary.utility_metric
     )
+
+
+def selected_lrs(points: Sequence[Endpoint], spec: StudySpec) -> dict[str, float]:
+    """Each method's lr by the study's declared endpoint (`summary.select_on`) over `points`."""
+    field = spec.summary.select_on
+    return select_lrs(points, field, field not in LOWER_IS_BETTER)
 
 
 def analyse(rows: Sequence[Row], spec: StudySpec, n_boot: int = 10_000) -> Analysis:
@@ -93,17 +113,13 @@ def analyse(rows: Sequence[Row], spec: StudySpec, n_boot: int = 10_000) -> Analy
         points = endpoints(rows, rule)
     except StudyError as err:
         return Analysis(spec, rule, [], selection_stage, verdict_stage, {}, problem=str(err))
-    selected = select_lrs(
-        of_stage(points, selection_stage), spec.summary.select_on, spec.summary.select_on not in LOWER_IS_BETTER
-    )
+    selected = selected_lrs(of_stage(points, selection_stage), spec)
     analysis = Analysis(spec, rule, points, selection_stage, verdict_stage, selected)
     confirmed = of_stage(points, verdict_stage)
     ran = {e.method for e in confirmed}
     family: list[Comparison] = []
-    for c in spec.comparisons:
-        lrs = selected.get(c.method), selected.get(c.reference)
-        comparison = Comparison(c.method, c.reference, c.endpoint, c.direction, *lrs)
-        missing = [m for m in (c.method, c.reference) if m not in ran or m not in selected]
+    for comparison in analysis.declared_comparisons():
+        missing = [m for m in (comparison.method, comparison.reference) if m not in ran or m not in selected]
         if missing:
             analysis.not_compared.append((comparison, f"no {verdict_stage} runs of {', '.join(missing)} yet"))
         else:
