@@ -4,7 +4,8 @@ only an average:
   lr: every run's trajectory faint, the cell's median per step bold; the utility floor dashed;
 - pareto_all.png: one panel per method (two columns), every lr's median trajectory and every run faint;
 - lr.png: end-point forget quality and utility against the initial lr, every run a dot, the median a line;
-- autolr.png: the lr path of every AutoLR run and the fraction of accepted fits.
+- autolr.png: the lr path of every AutoLR run and the fraction of accepted fits;
+- attacks.png: PrivLeak, int4 and relearning recovery of every scored run (`ngdiff study attack`).
 
 One colour and one marker per method, legends in words (`method_label`); markers of different methods
 are offset by a few pixels so that methods on top of each other stay visible (the captions say so).
@@ -379,6 +380,50 @@ def autolr_plot(
         ax.grid(True, alpha=0.3, which="both")
     if labelled:
         axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+ATTACK_PANELS = {  # attacks.jsonl key -> axis label
+    "privleak": "PrivLeak (%): 0 = a retrain, negative = membership leaks",
+    "int4_recovery": "forget ROUGE-L recall regained by int4 quantization",
+    "relearn_recovery": "held-out forget ROUGE-L recall regained by relearning",
+}
+
+
+def attacks_plot(rows: Sequence[Row], path: Path, yardstick: str, labels: Mapping[str, str] | None = None) -> Path:
+    """attacks.png: one panel per attack score, one column per method, every scored run a dot (sideways
+    jitter by seed), the median a bar; each world's retain model (`yardstick` rows) a dashed line."""
+    plt = _pyplot()
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != yardstick))
+    styles = _styles(methods)
+    fig, axes = plt.subplots(1, len(ATTACK_PANELS), figsize=(5.2 * len(ATTACK_PANELS), 4.8), squeeze=False)
+    for ax, (key, ylabel) in zip(axes[0], ATTACK_PANELS.items(), strict=True):
+        for i, method in enumerate(methods):
+            color, marker = styles[method]
+            mine = [
+                (r.get("seed") or 0, v)
+                for r in rows
+                if r["method"] == method and (v := _number(r.get(key))) is not None
+            ]
+            if not mine:
+                continue
+            seeds = sorted({s for s, _ in mine})
+            xs = [i + 0.25 * (seeds.index(s) - (len(seeds) - 1) / 2) / max(len(seeds), 1) for s, _ in mine]
+            ax.scatter(xs, [v for _, v in mine], color=color, marker=marker, s=22, alpha=0.8, zorder=3)
+            ax.hlines(statistics.median(v for _, v in mine), i - 0.3, i + 0.3, color=color, lw=2.5, zorder=4)
+        worlds = [(r.get("world"), _number(r.get(key))) for r in rows if r["method"] == yardstick]
+        for j, (world, value) in enumerate(w for w in worlds if w[1] is not None):
+            ax.axhline(value, color="0.35", ls="--", lw=1, label=f"retain model (world {world})" if j < 4 else None)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([method_label(m, labels) for m in methods], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        if worlds:
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Privacy and attacks on each run's selected point (dots: runs; bars: medians)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 
 from ngdiff.metrics_log import read_jsonl
-from ngdiff.study.attacks import ATTACKS_FILE, attack_markdown, read_attack_rows
+from ngdiff.study.attacks import ATTACKS_FILE, YARDSTICK, attack_markdown, read_attack_rows
 from ngdiff.study.health import unranked_summary, world_health
-from ngdiff.study.plots import autolr_plot, lr_plot, pareto_grid_plot, pareto_plot
+from ngdiff.study.plots import attacks_plot, autolr_plot, lr_plot, pareto_grid_plot, pareto_plot
 from ngdiff.study.results import Row, _number, by_run, collect, read_results, write_results
 from ngdiff.study.runner import DONE, current_selection, run_folder, world_records
 from ngdiff.study.spec import StudyError, StudySpec, load_study
@@ -195,4 +195,6 @@ def report_files(
     )
     if autolr_paths:
         files.append(autolr_plot(autolr_paths, out_dir / "autolr.png", labels))
+    if attack_rows:
+        files.append(attacks_plot(attack_rows, out_dir / "attacks.png", YARDSTICK, labels))
     return files

@@ -139,3 +139,10 @@ def test_a_comparison_whose_method_was_not_scored_is_left_out():
     rows = [r for r in _rows() if r["method"] != "b"]
     assert attack_verdicts(rows, [Comparison("a", "b", "best_gap", "greater", 0.1, 0.01)]) == []
     assert "Comparisons" not in attack_markdown(rows, [Comparison("a", "b", "best_gap", "greater", 0.1, 0.01)])
+
+
+def test_the_attack_picture_draws_every_run(tmp_path):
+    from ngdiff.study.plots import attacks_plot
+
+    path = attacks_plot(_rows(), tmp_path / "attacks.png", YARDSTICK)
+    assert path.read_bytes()[:4] == b"\x89PNG"
