@@ -44,7 +44,7 @@ def metric_names(benchmark: str, with_reference: bool) -> list[str]:
     """The names `evaluate` returns for a benchmark (what `eval.best_metric` may name)."""
     if benchmark == "tofu":
         names = [f"{s}_{m}" for s in _TOFU_SETS for m in _TOFU_STATS] + ["model_utility", *_TOFU_MIA]
-        return names + (["forget_quality", "forget_ks_statistic"] if with_reference else [])
+        return names + (["forget_quality", "forget_ks_statistic", "forget_tr_distance"] if with_reference else [])
     if benchmark == "muse":
         return ["verbmem_f", "knowmem_f", "knowmem_r", "privleak_auc"] + (["privleak"] if with_reference else [])
     raise UserError(f"unknown eval.benchmark {benchmark!r}; choose one of: none, tofu, muse")

@@ -34,6 +34,7 @@ from ngdiff.eval.tofu_metrics import (
     forget_truth_ratio_stat,
     model_utility,
     normalised_probability,
+    paired_truth_ratio_distance,
     retain_truth_ratio_stat,
     truth_ratio,
 )
@@ -270,9 +271,12 @@ def aggregate(
     if all(p in out for p in parts):
         out["model_utility"] = model_utility([out[p] for p in parts])
     if reference_ratios is not None and "forget_truth_ratio" in out:  # else `missing_metrics` says why
-        pvalue, statistic = forget_quality([r["truth_ratio"] for r in items["forget"]], reference_ratios)
+        ratios = [r["truth_ratio"] for r in items["forget"]]
+        pvalue, statistic = forget_quality(ratios, reference_ratios)
         out["forget_quality"] = pvalue
         out["forget_ks_statistic"] = statistic
+        if len(ratios) == len(reference_ratios):  # the same questions: comparable one by one
+            out["forget_tr_distance"] = paired_truth_ratio_distance(ratios, reference_ratios)
     return out
 
 

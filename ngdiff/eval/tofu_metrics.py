@@ -8,6 +8,9 @@ Definitions matched:
 - probability: `mean(exp(-avg_gt_loss))` on retain/forget, normalised over gold and perturbed answers,
   `p_gold / (p_gold + sum p_perturbed)`, on real authors and world facts;
 - forget quality: `scipy.stats.ks_2samp` p-value of the two models' forget-set truth ratios;
+- paired truth-ratio distance (ours, not TOFU's): mean over questions of |ln TR - ln TR_retain|, each
+  question against the retain model's ratio on the same question; where the KS test compares the two
+  distributions, this compares question by question (0: every answer is judged as the retain model does);
 - model utility: `scipy.stats.hmean` of the nine retain / real-authors / world-facts numbers.
 """
 
@@ -56,6 +59,18 @@ def forget_quality(unlearned_ratios: Sequence[float], reference_ratios: Sequence
         raise UserError("forget quality needs truth ratios from both models; one side has none")
     result = ks_2samp(np.asarray(unlearned_ratios), np.asarray(reference_ratios))
     return float(result.pvalue), float(result.statistic)
+
+
+def paired_truth_ratio_distance(unlearned_ratios: Sequence[float], reference_ratios: Sequence[float]) -> float:
+    """Mean |ln TR_i - ln TR_ref_i| over the same questions in the same order (log: a ratio twice too high
+    and one half too low are as far off)."""
+    if len(unlearned_ratios) != len(reference_ratios) or not unlearned_ratios:
+        raise UserError(
+            f"a paired truth-ratio distance needs the same questions on both sides, got {len(unlearned_ratios)} "
+            f"and {len(reference_ratios)}"
+        )
+    a, b = np.asarray(unlearned_ratios, dtype=np.float64), np.asarray(reference_ratios, dtype=np.float64)
+    return float(np.mean(np.abs(np.log(a) - np.log(b))))
 
 
 def model_utility(values: Sequence[float]) -> float:

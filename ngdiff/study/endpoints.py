@@ -14,7 +14,9 @@ the run's step-0 row (the fine-tuned model before any unlearning):
 - G_t = (D_target - D_t) / D_target, the share of the target's KS distance that unlearning has closed at
   point t (1 = indistinguishable from the retain model, 0 = no better than the target, < 0 = worse).
 - best point: the qualifying point with the smallest D (ties: the earlier step); reported with its D, G,
-  log10 forget quality and utility.
+  log10 forget quality, utility and the paired truth-ratio distance to the retain model (mean over the
+  forget questions of |ln TR - ln TR_retain|, `forget_tr_distance`; secondary: question by question
+  where D compares distributions; nan when the evaluation has none).
 - area: the mean over the evaluation points after step 0 of max(0, G_t) x [utility_t >= floor], i.e. the
   area under the clipped G curve normalised by the budget (every method is evaluated at the same cadence,
   so the mean over points is the rectangle rule); in [0, 1]; a point below the floor, or with D or utility
@@ -38,6 +40,7 @@ from ngdiff.study.spec import StudyError
 Row = dict[str, Any]
 
 DISTANCE_METRIC = "forget_ks_statistic"  # the KS distance D the evaluation writes beside forget_quality
+PAIRED_METRIC = "forget_tr_distance"  # the paired truth-ratio distance to the retain model
 QUALITY_METRIC = "forget_quality"
 UTILITY_METRIC = "model_utility"
 
@@ -51,6 +54,7 @@ NUMERIC_FIELDS = frozenset(
         "best_quality",
         "best_log10_quality",
         "best_utility",
+        "best_tr_distance",
         "area",
         "end_distance",
         "end_gap",
@@ -103,6 +107,7 @@ class Endpoint:
     end_log10_quality: float
     end_utility: float
     end_meets_floor: bool
+    best_tr_distance: float = math.nan  # the best point's paired truth-ratio distance; nan when none
 
     @property
     def pair_key(self) -> tuple[Any, int]:
@@ -185,6 +190,7 @@ def run_endpoint(points: Sequence[Row], rule: EndpointRule = DEFAULT_RULE) -> En
         best_quality=metric(best, rule.quality_metric),
         best_log10_quality=_log10(_number(best.get(rule.quality_metric))),
         best_utility=metric(best, rule.utility_metric),
+        best_tr_distance=metric(best, PAIRED_METRIC),
         area=area,
         end_step=int(end["step"]),
         end_distance=metric(end, rule.distance_metric),

@@ -55,6 +55,7 @@ LABELS = {
     "best_distance": "D",
     "best_log10_quality": "log10 forget quality",
     "best_utility": "utility",
+    "best_tr_distance": "paired truth-ratio distance",
     "area": "area",
     "end_gap": "end-point G",
     "end_distance": "end-point D",

@@ -453,7 +453,7 @@ def parse_study(raw: dict[str, Any], source: str = "study config") -> StudySpec:
 
 # endpoints a selection or comparison may name (ngdiff.study.endpoints.NUMERIC_FIELDS less the p-values)
 _ENDPOINTS = (
-    "best_gap", "best_distance", "best_log10_quality", "best_utility", "area",
+    "best_gap", "best_distance", "best_log10_quality", "best_utility", "best_tr_distance", "area",
     "end_gap", "end_distance", "end_log10_quality", "end_utility",
 )  # fmt: skip
 

@@ -42,8 +42,9 @@ from ngdiff.study.inference import (
 from ngdiff.study.results import Row, _number
 from ngdiff.study.spec import StudyError, StudySpec
 
-LOWER_IS_BETTER = frozenset({"best_distance", "end_distance"})
-TABLE_FIELDS = ("best_gap", "best_distance", "best_quality", "best_utility", "area", "end_gap", "end_quality")
+LOWER_IS_BETTER = frozenset({"best_distance", "end_distance", "best_tr_distance"})
+TABLE_FIELDS = ("best_gap", "best_distance", "best_tr_distance", "best_quality", "best_utility", "area", "end_gap")
+TABLE_FIELDS += ("end_quality",)
 TABLE_FIELDS += ("end_utility",)
 SAME_RUNS_NOTE = "lr selected on the same runs: no separate confirmation stage"
 
@@ -240,8 +241,9 @@ def summary_markdown(analysis: Analysis, missing: Sequence[str] = (), reference_
             continue
         lines += [
             "| method | lr | runs | G median | D median | forget quality median | geometric mean | every run's "
-            "forget quality | utility median | area median | end G median | end forget quality median |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "forget quality | utility median | area median | end G median | end forget quality median | paired "
+            "truth-ratio distance median |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method in _ordered(spec, {c["method"] for c in cells}):
             for c in (c for c in cells if c["method"] == method):
@@ -251,7 +253,8 @@ def summary_markdown(analysis: Analysis, missing: Sequence[str] = (), reference_
                     f"| {name} | {c['lr']:g}{mark} | {c['runs']} | {_g(c['best_gap_median'])} | "
                     f"{_g(c['best_distance_median'])} | {_g(c['best_quality_median'])} | "
                     f"{_g(c['best_quality_geomean'])} | {c['best_quality_runs']} | {_g(c['best_utility_median'])} | "
-                    f"{_g(c['area_median'])} | {_g(c['end_gap_median'])} | {_g(c['end_quality_median'])} |"
+                    f"{_g(c['area_median'])} | {_g(c['end_gap_median'])} | {_g(c['end_quality_median'])} | "
+                    f"{_g(c['best_tr_distance_median'])} |"
                 )
         if stage == analysis.selection_stage:
             lines += ["", f"✓: the selected lr (best median {select_on})."]

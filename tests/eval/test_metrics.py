@@ -18,6 +18,7 @@ from ngdiff.eval.tofu_metrics import (
     load_forget_truth_ratios,
     model_utility,
     normalised_probability,
+    paired_truth_ratio_distance,
     retain_truth_ratio_stat,
     truth_ratio,
 )
@@ -91,7 +92,18 @@ def test_aggregate_utility_and_forget_quality():
     # retain: rouge 1, prob 1, TR 0.5; the other two: rouge 1, prob 1/2, TR 0.5 -> hmean of nine numbers
     assert out["model_utility"] == pytest.approx(9 / (1 + 1 + 2 + 1 + 2 + 2 + 1 + 2 + 2))
     assert out["forget_quality"] == pytest.approx(1.0)
+    assert out["forget_tr_distance"] == pytest.approx(0.0)  # the same ratio on the same question
     assert "model_utility" not in aggregate({"forget": [rec]})
+    # another question count: the distributions compare (KS), the questions cannot be paired
+    assert "forget_tr_distance" not in aggregate(items, reference_ratios=[0.5, 0.25])
+
+
+def test_paired_truth_ratio_distance_by_hand():
+    e = math.e
+    # |ln 1 - ln 1| = 0, |ln e - ln 1| = 1, |ln(1/e) - ln 1| = 1, |ln 2 - ln 4| = ln 2
+    assert paired_truth_ratio_distance([1, e, 1 / e, 2], [1, 1, 1, 4]) == pytest.approx((2 + math.log(2)) / 4)
+    with pytest.raises(UserError, match="same questions on both sides, got 2 and 3"):
+        paired_truth_ratio_distance([1, 2], [1, 2, 3])
 
 
 def test_muse_helpers_by_hand():

@@ -64,6 +64,9 @@ def test_endpoints_of_a_hand_trajectory():
     assert e.area == pytest.approx((0.25 + 0 + 0.5 + 0) / 4)
     assert e.end_step == 20 and e.end_gap == pytest.approx(-0.125) and e.end_meets_floor
     assert e.end_log10_quality == pytest.approx(-5.0)
+    assert math.isnan(e.best_tr_distance)  # the rows carry no paired truth-ratio distance
+    paired = [{**r, "forget_tr_distance": r["step"] / 100} for r in rows]
+    assert run_endpoint(paired, EndpointRule(fraction=0.9)).best_tr_distance == pytest.approx(0.15)  # step 15's
     # a stricter floor (0.95): step 15 (0.92) drops out, step 5 is the best; only step 5 scores in the area
     strict = run_endpoint(rows, EndpointRule(fraction=0.95))
     assert strict.best_step == 5 and strict.best_gap == pytest.approx(0.25)
