@@ -227,17 +227,10 @@ def attack_study(study_dir: Path, settings: AttackSettings, progress: bool = Tru
     from tqdm.auto import tqdm
 
     from ngdiff.run_folder import write_atomically
-    from ngdiff.study.report import RAW_FILE
-    from ngdiff.study.runner import DONE, world_dir, world_records
-    from ngdiff.study.spec import load_study
+    from ngdiff.study.report import open_study
+    from ngdiff.study.runner import DONE, world_dir
 
-    raw = study_dir / RAW_FILE
-    if not raw.is_file():
-        raise StudyError(f"{study_dir} is not a study folder ({RAW_FILE} missing)")
-    spec = load_study(raw)
-    records = world_records(spec, study_dir)
-    if not records:
-        raise StudyError(f"{study_dir}: no world.json: the study's world was never built")
+    spec, records = open_study(study_dir)
     path = study_dir / ATTACKS_FILE
     rows = read_attack_rows(path)
     check_settings(rows, settings, path)

@@ -77,9 +77,8 @@ def lr_paths_from_rows(rows: Sequence[Row]) -> dict[tuple[str, float, int], list
     return out
 
 
-def make_report(study_dir: str | Path) -> Report:
-    """results.jsonl from the finished runs of a study folder, then the summary and pictures from it."""
-    study_dir = Path(study_dir)
+def open_study(study_dir: Path) -> tuple[StudySpec, dict[str, dict[str, Any]]]:
+    """A study folder's spec (its study.yaml) and the world.json of every world built, by label."""
     raw = study_dir / RAW_FILE
     if not raw.is_file():
         raise StudyError(f"{study_dir} is not a study folder ({RAW_FILE} missing)")
@@ -87,6 +86,13 @@ def make_report(study_dir: str | Path) -> Report:
     records = world_records(spec, study_dir)
     if not records:
         raise StudyError(f"{study_dir}: no world.json: the study's world was never built")
+    return spec, records
+
+
+def make_report(study_dir: str | Path) -> Report:
+    """results.jsonl from the finished runs of a study folder, then the summary and pictures from it."""
+    study_dir = Path(study_dir)
+    spec, records = open_study(study_dir)
     starts = {}
     for label, record in records.items():
         start = dict(record.get("target_metrics") or {})
