@@ -92,6 +92,15 @@ class Backend(ABC):
         themselves (DeepSpeed checks its own batch keys). Called before `prepare`."""
         self.batch_layout = (micro_batch, accumulation_steps)
 
+    @classmethod
+    def planned_buffers(cls, parallel_cfg: ParallelConfig | None, hidden_size: int | None) -> dict[str, int]:
+        """The engine's own buffer sizes, in elements, exactly as `prepare` would configure them for a model of
+        hidden size `hidden_size` (None: unknown) under `parallel_cfg` (None: no user settings), so that
+        `ngdiff plan` predicts with the engine's numbers instead of keeping its own copy of them. Keys:
+        `reduce_bucket` (gradient elements reduced at once) and `max_live` (gathered parameter elements kept
+        for reuse); engines that size no such buffers return {}."""
+        return {}
+
     # --- set-up --------------------------------------------------------------------------------
     @abstractmethod
     def prepare(self, build_model: Callable[[], nn.Module], gradient_checkpointing: bool = False) -> nn.Module:

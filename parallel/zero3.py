@@ -21,8 +21,15 @@ from typing import Any
 
 import torch
 
-from ngdiff.errors import UserError
 from parallel.base import Backend, frozen_names
+from parallel.deepspeed_sizing import (
+    SIZED_KEYS,
+    DeepSpeedConfigError,
+    explicit_sizes,
+    hidden_size_of,
+    read_user_config,
+    zero_sizes,
+)
 from parallel.export import exported_names, gather_rows_to_main
 from parallel.optim import build_optimizer, set_lr
 from parallel.safe_load import weights_only_loads
@@ -41,45 +48,11 @@ def checkpoint_globals() -> list[type]:
     return [LossScaler, ZeroStageEnum]
 
 
-class DeepSpeedConfigError(UserError):
-    pass
-
-
 def _conflict(key: str, ours: Any, theirs: Any, source: str) -> DeepSpeedConfigError:
     return DeepSpeedConfigError(
         f"{source}: {key}={theirs!r} disagrees with the trainer's value {ours!r}; "
         f'remove the key or set it to "auto" (ngdiff fills it)'
     )
-
-
-SIZED_KEYS = (
-    "reduce_bucket_size",
-    "stage3_prefetch_bucket_size",
-    "stage3_param_persistence_threshold",
-    "stage3_max_live_parameters",
-    "stage3_max_reuse_distance",
-)
-
-
-def bucket_sizes(hidden_size: int | None) -> dict[str, int | None]:
-    """ZeRO-3's bucket and residency sizes for "auto" (or absent) keys, from the model's hidden size.
-
-    The first three as transformers' DeepSpeed integration fills them (`trainer_config_finalize` in
-    transformers/integrations/deepspeed.py): a reduce bucket of hidden^2 elements, not DeepSpeed's 5e8,
-    which holds every full gradient of a smaller model until the backward ends. The last two are
-    ngdiff's: DeepSpeed's 1e9 keeps every parameter gathered in the forward until its reuse in the
-    backward, i.e. the whole model on every rank; 10 hidden^2 (about one decoder block) releases them
-    as FSDP does. Without a known size, DeepSpeed's own defaults."""
-    if hidden_size is None:
-        return dict.fromkeys(SIZED_KEYS)
-    square = hidden_size * hidden_size
-    return {
-        "reduce_bucket_size": square,
-        "stage3_prefetch_bucket_size": int(0.9 * square),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
-        "stage3_max_live_parameters": 10 * square,
-        "stage3_max_reuse_distance": 10 * square,
-    }
 
 
 def build_deepspeed_config(
@@ -117,12 +90,14 @@ def build_deepspeed_config(
             "Use stage 3 (parallel.backend=zero3) or parallel.backend=fsdp"
         )
     zero["stage"] = 3
-    for key, value in bucket_sizes(hidden_size).items():  # Hugging Face's "auto": sized to the model
-        if zero.get(key, "auto") == "auto":
-            if value is None:
-                zero.pop(key, None)  # no model size known: DeepSpeed's default
-            else:
-                zero[key] = value
+    # bucket and residency sizes: the user's numbers, else sized to the model (parallel/deepspeed_sizing.py,
+    # which `ngdiff plan` reads too); with no model size known, absent, so DeepSpeed applies its own default
+    sized = zero_sizes(zero, hidden_size, source) if hidden_size else explicit_sizes(zero, source)
+    for key in SIZED_KEYS:
+        if key in sized:
+            zero[key] = sized[key]
+        else:
+            zero.pop(key, None)
     if cpu_offload:
         zero.setdefault("offload_optimizer", {"device": "cpu"})
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
@@ -161,10 +136,9 @@ def model_hidden_size(build_model) -> int | None:
         return None
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=getattr(build_model, "trust_remote_code", False))
-    config = getattr(config, "text_config", None) or config
-    sizes = getattr(config, "hidden_sizes", None)
-    return getattr(config, "hidden_size", None) or (max(sizes) if sizes else None)
+    return hidden_size_of(
+        AutoConfig.from_pretrained(path, trust_remote_code=getattr(build_model, "trust_remote_code", False))
+    )
 
 
 @contextmanager
@@ -207,10 +181,19 @@ class Zero3Backend(Backend):
         self.ds_config: dict[str, Any] | None = None
         self._hf_ds_config = None  # transformers holds only a weak reference: keep it alive
 
+    @classmethod
+    def planned_buffers(cls, parallel_cfg, hidden_size):
+        """The reduce bucket and the residency limit `build_deepspeed_config` writes (or DeepSpeed's defaults,
+        which it leaves to DeepSpeed when the model's size is unknown): one source, `zero_sizes`."""
+        path = parallel_cfg.deepspeed_config if parallel_cfg is not None else ""
+        zero = read_user_config(path).get("zero_optimization", {})
+        sizes = zero_sizes(zero, hidden_size, path or "parallel.deepspeed_config")
+        return {"reduce_bucket": sizes["reduce_bucket_size"], "max_live": sizes["stage3_max_live_parameters"]}
+
     def _config(self, build_model=None) -> dict[str, Any]:
         if self.ds_config is None:
             path = self.parallel_cfg.deepspeed_config
-            user = json.loads(Path(path).read_text()) if path else {}
+            user = read_user_config(path)
             micro, accumulation = self.batch_layout
             self.ds_config = build_deepspeed_config(
                 user,
