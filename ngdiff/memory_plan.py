@@ -13,7 +13,7 @@ tokens of one micro-batch on this rank.
 Per component (single/ddp | fsdp | zero3):
 - parameters: 4P fp32 (+2 x linear weights: bf16 autocast's cast cache) | 4PS master shard + c(2B + O)
   gathered (the running and the prefetched block, the root's embeddings and head) | cPS partition + 4PS
-  fp32 master (none in fp32 without offload: the partition is the master, see parallel/zero3.py
+  fp32 master (none in fp32 without offload: the partition is the master, see parallel/compat/deepspeed.py
   `fp32_master_is_the_partition`) + c max(2B + O, min(P, max_live)) gathered (DeepSpeed keeps parameters it will reuse
   within `stage3_max_reuse_distance` gathered, up to `stage3_max_live_parameters`).
 - gradients: 4P (ddp: +4P reducer buckets) | 4PS + 4(B + O) unsharded in flight | 4PS + 2c min(bucket, P)

@@ -7,21 +7,23 @@ writes its fp32 gradient partition through DeepSpeed's public `safe_get_local_gr
 backward of the next task overwrites the partitions instead of adding to them.
 
 AutoLR edits the fp32 master partitions (`local_params`); `params_changed` copies them into the
-partitions forward passes gather from, as DeepSpeed's own step does.
+partitions forward passes gather from, as DeepSpeed's own step does. Every DeepSpeed and transformers
+internal used here goes through `parallel.compat` (the fp32 master, the gloo collectives, the
+re-partitioning, zero.Init through HfDeepSpeedConfig).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from parallel.base import Backend, frozen_names
+from parallel.compat.deepspeed import fp32_master_is_the_partition, fp32_partitions, repartition, use_collectives
+from parallel.compat.transformers import zero3_init
 from parallel.deepspeed_sizing import (
     SIZED_KEYS,
     DeepSpeedConfigError,
@@ -141,37 +143,6 @@ def model_hidden_size(build_model) -> int | None:
     )
 
 
-@contextmanager
-def fp32_master_is_the_partition() -> Iterator[None]:
-    """While an engine is built: ZeRO-3's fp32 master partition is the parameter partition itself where
-    both are fp32 on one device, as DeepSpeed intends.
-
-    `DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions` (DeepSpeed 0.19) reuses the partition when
-    `partition.device == self.device`, but `self.device` is the accelerator's device *name* ("cpu",
-    "cuda:0") and a torch.device never equals a string: every fp32 run keeps a second copy of its
-    parameter partition (1/N of the model per rank). Here the comparison sees a torch.device; the
-    attribute is restored right after. DeepSpeed's step then copies the master onto itself, a no-op
-    (`_reassign_or_swap_out_partitioned_parameters` says so)."""
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
-
-    original = Stage3._create_fp32_partitions
-
-    def create(optimizer) -> None:
-        name = optimizer.device
-        if not optimizer.offload_optimizer:  # offloaded: an OffloadDeviceEnum, and a branch of its own
-            optimizer.device = torch.device(name)
-        try:
-            original(optimizer)
-        finally:
-            optimizer.device = name
-
-    Stage3._create_fp32_partitions = create
-    try:
-        yield
-    finally:
-        Stage3._create_fp32_partitions = original
-
-
 class Zero3Backend(Backend):
     name = "zero3"
     shards_parameters = True
@@ -209,18 +180,15 @@ class Zero3Backend(Backend):
 
     def _build_partitioned(self, build_model):
         import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
 
         # DeepSpeed's comm layer adopts our process group (its config reads the world size from it)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         if torch.distributed.get_backend() == "gloo":
-            from deepspeed.comm import comm
+            from parallel.gloo_comm import all_gather_into_tensor, reduce_scatter_tensor  # gloo only, as in fsdp
 
-            from parallel.gloo_comm import use_in_deepspeed  # gloo only, as in parallel/fsdp.py
+            use_collectives(all_gather_into_tensor, reduce_scatter_tensor)  # no whole-tensor staging copy
 
-            use_in_deepspeed(comm.cdb)  # no whole-tensor staging copy in gloo's all-gather / reduce-scatter
-
-        self._hf_ds_config = HfDeepSpeedConfig(self._config(build_model))  # from_pretrained now builds under zero.Init
+        self._hf_ds_config = zero3_init(self._config(build_model))  # from_pretrained now builds under zero.Init
         return build_model()
 
     def prepare(self, build_model, gradient_checkpointing=False):
@@ -275,21 +243,11 @@ class Zero3Backend(Backend):
                 safe_set_local_grad(p, new)
 
     def local_params(self):
-        return list(self.optimizer.fp32_partitioned_groups_flat)
+        return fp32_partitions(self.optimizer)
 
     @torch.no_grad()
     def params_changed(self):
-        # What DeepSpeed's step and checkpoint loading do after an update: release gathered copies,
-        # copy fp32 masters -> the partitions forward gathers from, then re-gather the small parameters
-        # every rank keeps whole ("persistent"; all_gather skips those still marked available).
-        opt = self.optimizer
-        opt._partition_all_parameters()
-        for group in range(len(opt.fp16_groups)):
-            opt._reassign_or_swap_out_partitioned_parameters(group)
-        persistent = opt.persistent_parameters
-        if persistent:
-            persistent[0].partition(persistent)
-            persistent[0].all_gather(persistent)
+        repartition(self.optimizer)  # masters -> the partitions forward gathers from, as DeepSpeed's step does
 
     def step(self, lr):
         set_lr(self.optimizer.optimizer, lr)
