@@ -171,3 +171,23 @@ def test_fsdp_on_gloo_without_fsdp2_private_collectives_falls_back_and_says_so(h
         assert "gloo runs of fsdp use gloo's own collectives" in out
     else:
         assert "problem: none" in out and "chunked: True" in out and "inactive" not in out
+
+
+def test_deepspeeds_collectives_are_not_replaced_silently_where_its_backend_holds_none(monkeypatch, caplog):
+    import deepspeed.comm.comm as ds_comm
+
+    class Backend:  # a DeepSpeed communication backend that keeps no collective functions of its own
+        pass
+
+    def mine(*args, **kwargs):
+        return None
+
+    monkeypatch.setattr(ds_comm, "cdb", Backend())
+    with caplog.at_level(logging.WARNING, logger=compat.COMPAT_LOGGER):
+        assert compat.deepspeed.use_collectives(mine, mine) is False
+    assert "deepspeed.gloo_collectives is inactive: Backend has no all_gather_function" in caplog.text
+    holder = Backend()
+    holder.all_gather_function = holder.reduce_scatter_function = None
+    monkeypatch.setattr(ds_comm, "cdb", holder)
+    assert compat.deepspeed.use_collectives(mine, mine) is True
+    assert holder.all_gather_function is mine and holder.reduce_scatter_function is mine

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from parallel.compat import available, register, resolve
+from parallel.compat import available, log, register, resolve
 
 DEEPSPEED = {"deepspeed": "0.19.8"}
 STAGE3 = "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3"
@@ -95,7 +95,10 @@ def use_collectives(all_gather: Callable[..., Any], reduce_scatter: Callable[...
     if not available(COLLECTIVES.name):
         return False
     backend = resolve("deepspeed.comm.comm:cdb")
-    if not all(hasattr(backend, name) for name in ("all_gather_function", "reduce_scatter_function")):
+    missing = [name for name in ("all_gather_function", "reduce_scatter_function") if not hasattr(backend, name)]
+    if missing:  # instance attributes: the guard can only see them once DeepSpeed's backend exists
+        log.warning("compat patch %s is inactive: %s has no %s. Without it: %s", COLLECTIVES.name,
+                    type(backend).__name__, ", ".join(missing), COLLECTIVES.without)  # fmt: skip
         return False
     backend.all_gather_function = all_gather
     backend.reduce_scatter_function = reduce_scatter
