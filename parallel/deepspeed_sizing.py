@@ -73,6 +73,15 @@ def read_user_config(path: str) -> dict[str, Any]:
     return user
 
 
+def zero_section(user: dict[str, Any], source: str) -> dict[str, Any]:
+    """The user's `zero_optimization` section (created empty where absent); a clear error where it is not
+    a JSON object."""
+    zero = user.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise DeepSpeedConfigError(f"{source}: zero_optimization must be a JSON object, got {zero!r}")
+    return zero
+
+
 def explicit_sizes(zero: dict[str, Any], source: str) -> dict[str, int]:
     """The sizes the user set to a number (not "auto", not absent), as ints; a clear error for anything
     else. JSON writes 5e8 as a float: an integral float is accepted."""

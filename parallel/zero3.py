@@ -30,6 +30,7 @@ from parallel.deepspeed_sizing import (
     explicit_sizes,
     hidden_size_of,
     read_user_config,
+    zero_section,
     zero_sizes,
 )
 from parallel.export import exported_names, gather_rows_to_main
@@ -82,7 +83,7 @@ def build_deepspeed_config(
             )
     if config.get("fp16", {}).get("enabled") is True:
         raise DeepSpeedConfigError(f"{source}: fp16 is not supported (loss scaling); use train.precision=bf16")
-    zero = config.setdefault("zero_optimization", {})
+    zero = zero_section(config, source)
     stage = zero.get("stage", 3)
     if stage != 3:
         raise DeepSpeedConfigError(
@@ -157,7 +158,7 @@ class Zero3Backend(Backend):
         """The reduce bucket and the residency limit `build_deepspeed_config` writes (or DeepSpeed's defaults,
         which it leaves to DeepSpeed when the model's size is unknown): one source, `zero_sizes`."""
         path = parallel_cfg.deepspeed_config if parallel_cfg is not None else ""
-        zero = read_user_config(path).get("zero_optimization", {})
+        zero = zero_section(read_user_config(path), path or "parallel.deepspeed_config")
         sizes = zero_sizes(zero, hidden_size, path or "parallel.deepspeed_config")
         return {"reduce_bucket": sizes["reduce_bucket_size"], "max_live": sizes["stage3_max_live_parameters"]}
 

@@ -146,3 +146,12 @@ def test_a_bad_size_is_one_clear_error_in_plan_and_backend(value, tmp_path, caps
 
     with pytest.raises(DeepSpeedConfigError, match="reduce_bucket_size"):
         backend_zero_section(load_config(ZERO3_YAML, [override], check_sources=False), 8, None)
+
+
+def test_a_zero_section_that_is_not_an_object_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": 3}))
+    override = f"parallel.deepspeed_config={path}"
+    assert main(["plan", str(ZERO3_YAML), override, "--model-config", "llama2-7b", "--world-size", "8"]) == 2
+    assert f"{path}: zero_optimization must be a JSON object, got 3" in capsys.readouterr().err
