@@ -14,6 +14,7 @@ import os
 import sys
 
 START_LOGGER = "ngdiff.start"  # one line per rank at start-up, INFO on every rank
+COMPAT_LOGGER = "ngdiff.compat"  # parallel.compat (not imported here: it is cheap, but logs stay light)
 NOISY_LOGGERS = ("datasets", "urllib3", "filelock", "httpx", "DeepSpeed", "absl", "accelerate")
 
 
@@ -29,6 +30,8 @@ def setup_logging(rank: int = 0, verbose: bool = False) -> None:
     logging.getLogger(START_LOGGER).setLevel(logging.INFO)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    # the library internals a run patches (parallel.compat), listed once at start-up at DEBUG
+    logging.getLogger(COMPAT_LOGGER).setLevel(logging.DEBUG if verbose else logging.NOTSET)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries(verbose)
 

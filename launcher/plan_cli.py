@@ -55,15 +55,19 @@ def run_plan(args: argparse.Namespace) -> int:
     capacity_note = "" if args.gpu_memory else " (the default; set yours with --gpu-memory, e.g. --gpu-memory 40GiB)"
     config_path, overrides = split_config_and_overrides(args.items)
     cfg = load_config(config_path, overrides, check_sources=False)
-    if cfg.parallel.backend == "single" and args.world_size > 1:
-        raise ConfigError(
-            f"parallel.backend=single runs one process; --world-size {args.world_size} needs ddp, fsdp or zero3"
+    note = ""
+    if cfg.parallel.backend == "single" and args.world_size > 1:  # one process cannot use N ranks: plan a sharded run
+        cfg = load_config(config_path, [*overrides, "parallel.backend=fsdp"], check_sources=False)
+        note = (
+            f"parallel.backend=single runs one process; planned for {args.world_size} ranks as parallel.backend=fsdp "
+            "(add parallel.backend=ddp or zero3 to plan those instead)"
         )
     shape, source = read_shape(cfg, args.model_config)
     result = plan(shape, settings_from_config(cfg, args.world_size, shape.hidden), capacity)
     if args.json:
-        print(json.dumps({"model": source, **result.as_dict()}, indent=1))
+        print(json.dumps({"model": source, **({"note": note} if note else {}), **result.as_dict()}, indent=1))
     else:
+        print(f"note: {note}\n" if note else "", end="")
         print(render(result, source, capacity_note))
     return 0
 

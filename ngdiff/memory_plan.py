@@ -13,11 +13,13 @@ tokens of one micro-batch on this rank.
 Per component (single/ddp | fsdp | zero3):
 - parameters: 4P fp32 (+2 x linear weights: bf16 autocast's cast cache) | 4PS master shard + c(2B + O)
   gathered (the running and the prefetched block, the root's embeddings and head) | cPS partition + 4PS
-  fp32 master (none in fp32 without offload: the partition is the master, see parallel/zero3.py
+  fp32 master (none in fp32 without offload: the partition is the master, see parallel/compat/deepspeed.py
   `fp32_master_is_the_partition`) + c max(2B + O, min(P, max_live)) gathered (DeepSpeed keeps parameters it will reuse
-  within `stage3_max_reuse_distance` gathered, up to `stage3_max_live_parameters`, default 1e9).
+  within `stage3_max_reuse_distance` gathered, up to `stage3_max_live_parameters`).
 - gradients: 4P (ddp: +4P reducer buckets) | 4PS + 4(B + O) unsharded in flight | 4PS + 2c min(bucket, P)
-  (DeepSpeed's reduce bucket, `reduce_bucket_size`, default 5e8 elements, and its flat reduce-scatter copy).
+  (DeepSpeed's reduce bucket, `reduce_bucket_size`, and its flat reduce-scatter copy). Both sizes are the
+  backend's own (`parallel.planned_buffers`, from parallel/deepspeed_sizing.py): the user's numbers, else
+  h^2 and 10 h^2 for "auto" or absent keys, else DeepSpeed's defaults (5e8, 1e9) when h is unknown.
 - stash (NGDiff's retain-gradient copy): one gradient shard, 4PS (2PS with `parallel.stash_dtype=bf16`,
   in host memory with `parallel.stash_offload`); k - 1 of them for k tasks (several forget/retain files).
 - optimizer state: AdamW 8PS, SGD with momentum 4PS, plain SGD 0; plus the step's temporaries (AdamW's
@@ -50,7 +52,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from parallel import shards_parameters
+from parallel import planned_buffers, shards_parameters
 
 COMPONENTS = (
     "parameters",
@@ -61,8 +63,6 @@ COMPONENTS = (
     "reference_model",
     "activations",
 )
-DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
-DEEPSPEED_MAX_LIVE = 1_000_000_000  # its default stage3_max_live_parameters (elements)
 GiB = 2**30
 
 
@@ -107,8 +107,10 @@ class PlanSettings:
     stash_dtype: str = "fp32"
     stash_offload: bool = False
     stashes: int = 1  # k - 1 for k tasks: every task's gradient but the last is stashed
-    reduce_bucket: int = DEEPSPEED_REDUCE_BUCKET
-    max_live: int = DEEPSPEED_MAX_LIVE
+    # the engine's buffers in elements (zero3: reduce bucket, gathered parameters kept for reuse), as the
+    # backend would configure them (`parallel.planned_buffers`); None: the engine's defaults
+    reduce_bucket: int | None = None
+    max_live: int | None = None
 
 
 @dataclass
@@ -220,8 +222,9 @@ def component_bytes(shape: ModelShape, s: PlanSettings) -> tuple[dict[str, int],
     lora = bool(shape.lora_params)
     c = 2 if s.precision == "bf16" else 4
     gathered = c * (2 * shape.block_params + shape.outside_params) if sharded else 0
+    buffers = {**planned_buffers(s.backend), **{k: v for k in ("reduce_bucket", "max_live") if (v := getattr(s, k))}}
     if s.backend == "zero3":  # DeepSpeed keeps parameters it will reuse soon gathered, up to max_live of them
-        gathered = max(gathered, c * min(p, s.max_live))
+        gathered = max(gathered, c * min(p, buffers["max_live"]))
     offload = s.cpu_offload and sharded
     device: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
     host: dict[str, int] = {}
@@ -246,7 +249,7 @@ def component_bytes(shape: ModelShape, s: PlanSettings) -> tuple[dict[str, int],
     if s.backend == "fsdp":
         put("gradients", 4 * min(t, shape.block_params + shape.outside_params))
     elif s.backend == "zero3":
-        put("gradients", 2 * c * min(s.reduce_bucket, t))  # the reduce bucket and its flat reduce-scatter copy
+        put("gradients", 2 * c * min(buffers["reduce_bucket"], t))  # the reduce bucket and its flat reduce-scatter copy
     elif s.backend == "ddp":
         put("gradients", 4 * t)
     # the gradient stash: one gradient shard per task but the last (k - 1; the retain gradient for two tasks)
@@ -371,30 +374,14 @@ def _settings_delta(overrides: dict[str, Any], settings: PlanSettings) -> dict[s
 
 # ------------------------------------------------------------------------------------ from a run config
 def settings_from_config(cfg: Any, world_size: int, hidden_size: int | None = None) -> PlanSettings:
-    """The memory-relevant part of an ExperimentConfig (ngdiff/config.py). A DeepSpeed size given as
-    "auto" is read as the zero3 backend fills it from the model's `hidden_size` (parallel/zero3.py
-    `bucket_sizes`), or as DeepSpeed's default when the size is unknown."""
-    import json
-    from pathlib import Path
-
+    """The memory-relevant part of an ExperimentConfig (ngdiff/config.py). The engine's buffer sizes come
+    from the backend itself (`parallel.planned_buffers`: for zero3 the user's DeepSpeed JSON, "auto" sized
+    from the model's `hidden_size` as the backend sizes it), so the plan and the run agree."""
     from ngdiff.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
-    from parallel.zero3 import bucket_sizes
 
     forget = FORGET_OBJECTIVES[cfg.method.forget_objective]
     retain = RETAIN_OBJECTIVES[cfg.method.retain_objective]
-    bucket, max_live = DEEPSPEED_REDUCE_BUCKET, DEEPSPEED_MAX_LIVE
-    if cfg.parallel.deepspeed_config:
-        zero = json.loads(Path(cfg.parallel.deepspeed_config).read_text()).get("zero_optimization", {})
-        sized = bucket_sizes(hidden_size)
-
-        def size(key: str, default: int) -> int:
-            value = zero.get(key, default)
-            if value == "auto":
-                value = sized[key] if sized[key] is not None else default
-            return int(float(value))
-
-        bucket = size("reduce_bucket_size", bucket)
-        max_live = size("stage3_max_live_parameters", max_live)
+    buffers = planned_buffers(cfg.parallel.backend, cfg.parallel, hidden_size)
     return PlanSettings(
         backend=cfg.parallel.backend,
         world_size=world_size,
@@ -413,8 +400,8 @@ def settings_from_config(cfg: Any, world_size: int, hidden_size: int | None = No
         stash_dtype=cfg.parallel.stash_dtype,
         stash_offload=cfg.parallel.stash_offload,
         stashes=len(cfg.data.forget) + len(cfg.data.retain) - 1 if cfg.data.forget and cfg.data.retain else 1,
-        reduce_bucket=bucket,
-        max_live=max_live,
+        reduce_bucket=buffers.get("reduce_bucket"),
+        max_live=buffers.get("max_live"),
     )
 
 

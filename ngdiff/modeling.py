@@ -11,7 +11,7 @@ from torch import nn
 
 from ngdiff.errors import UserError
 from ngdiff.model_source import loading_from
-from parallel.base import defer_deepspeed_import
+from parallel.compat.accelerate import defer_deepspeed_import
 
 # the vocabulary files transformers' tokenizers load from (fast, sentencepiece, BPE, WordPiece, tiktoken)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken")

@@ -29,6 +29,7 @@ from ngdiff.tasks import Task, build_tasks, steps_per_epoch
 from ngdiff.trainer import StepResult, Trainer
 from parallel import build_backend
 from parallel.base import DistContext
+from parallel.compat import log_patches
 
 if TYPE_CHECKING:
     from ngdiff.config import ExperimentConfig
@@ -112,6 +113,7 @@ def build_trainer(
     if cfg.method.rmu_trainable:
         build = TrainOnly(build, cfg.method.rmu_trainable)
     backend.prepare(build, cfg.model.gradient_checkpointing)
+    log_patches()  # which library internals this run patches (DEBUG: -v), once the engine is loaded
     reference = None
     needs_reference = any(task.objective is not None and task.objective.needs_reference for task in tasks)
     if needs_reference and cfg.model.lora.enabled and not cfg.model.reference_path:

@@ -22,14 +22,14 @@ torchjd is imported on the first step that uses one of these combiners, never ot
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ngdiff.errors import UserError
+from parallel.compat.deepspeed import module_subclassing_as_defined
 
 if TYPE_CHECKING:
     from ngdiff.combiners import CombinerOptions, TaskStats, Weights
@@ -87,23 +87,6 @@ def missing_requirement(name: str, n_tasks: int) -> str | None:
             f"got {n_tasks}"
         )
     return None
-
-
-@contextmanager
-def module_subclassing_as_defined() -> Iterator[None]:
-    """DeepSpeed's zero.Init, once entered and left, leaves on nn.Module an `__init_subclass__` (object's, bound
-    to Module) that does not chain along the MRO: a class that is both a Module and a typing.Generic
-    (TorchJD's Weighting) then lacks `__parameters__` and fails to define. TorchJD is imported with
-    nn.Module's inherited one; what DeepSpeed left is put back after."""
-    module = torch.nn.Module
-    leftover = module.__dict__.get("__init_subclass__")
-    if leftover is not None:
-        delattr(module, "__init_subclass__")
-    try:
-        yield
-    finally:
-        if leftover is not None:
-            module.__init_subclass__ = leftover
 
 
 def task_order(stats: TaskStats, spec: WeightingSpec) -> list[int]:

@@ -36,6 +36,15 @@ def shards_parameters(name: str) -> bool:
     return backend_class(name).shards_parameters
 
 
+def planned_buffers(
+    name: str, parallel_cfg: ParallelConfig | None = None, hidden_size: int | None = None
+) -> dict[str, int]:
+    """The engine buffer sizes (elements) the backend called `name` would configure for a model of hidden size
+    `hidden_size` under `parallel_cfg` (`Backend.planned_buffers`), for code that plans a run without
+    building one; without arguments, the engine's defaults."""
+    return backend_class(name).planned_buffers(parallel_cfg, hidden_size)
+
+
 def build_backend(
     name: str, ctx: DistContext, parallel_cfg: ParallelConfig, optim_cfg: OptimConfig, precision: str
 ) -> Backend:
@@ -49,4 +58,12 @@ def build_backend(
     return cls(ctx, parallel_cfg, optim_cfg, precision)
 
 
-__all__ = ["BACKENDS", "Backend", "DistContext", "backend_class", "build_backend", "shards_parameters"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "DistContext",
+    "backend_class",
+    "build_backend",
+    "planned_buffers",
+    "shards_parameters",
+]

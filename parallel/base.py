@@ -7,7 +7,6 @@ under DDP); a global inner product is the all-reduced sum of the per-rank `inner
 
 from __future__ import annotations
 
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -17,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from parallel.compat.accelerate import defer_deepspeed_import
 
 if TYPE_CHECKING:
     from ngdiff.config import OptimConfig, ParallelConfig
@@ -36,22 +37,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def defer_deepspeed_import() -> None:
-    """Import DeepSpeed only for the zero3 backend or its launcher.
-
-    transformers' `save_pretrained` unwraps the model with accelerate's `extract_model_from_parallel`,
-    which imports DeepSpeed whenever it is installed, to test `isinstance(model, DeepSpeedEngine)`:
-    seconds of import and a "Setting accelerator to CPU" warning in runs that never use it. A model can
-    only be a DeepSpeedEngine once deepspeed has been imported, so asking `sys.modules` gives the same
-    answer without the import.
-    """
-    try:
-        import accelerate.utils.other as accelerate_other
-    except ImportError:  # no accelerate: transformers unwraps without it
-        return
-    accelerate_other.is_deepspeed_available = lambda: "deepspeed" in sys.modules
 
 
 def frozen_names(module: nn.Module) -> set[str]:
@@ -91,6 +76,15 @@ class Backend(ABC):
         """Per-rank micro-batch size and accumulation steps, for engines that account batches
         themselves (DeepSpeed checks its own batch keys). Called before `prepare`."""
         self.batch_layout = (micro_batch, accumulation_steps)
+
+    @classmethod
+    def planned_buffers(cls, parallel_cfg: ParallelConfig | None, hidden_size: int | None) -> dict[str, int]:
+        """The engine's own buffer sizes, in elements, exactly as `prepare` would configure them for a model of
+        hidden size `hidden_size` (None: unknown) under `parallel_cfg` (None: no user settings), so that
+        `ngdiff plan` predicts with the engine's numbers instead of keeping its own copy of them. Keys:
+        `reduce_bucket` (gradient elements reduced at once) and `max_live` (gathered parameter elements kept
+        for reuse); engines that size no such buffers return {}."""
+        return {}
 
     # --- set-up --------------------------------------------------------------------------------
     @abstractmethod

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from parallel.base import Backend, check_loaded_keys
+from parallel.compat.torch import chunked_collectives_available, dcp_metadata_path
 from parallel.export import exported_names, gather_rows_to_main
 from parallel.loading import (
     init_non_persistent_buffers,
@@ -98,7 +99,7 @@ class SafeCheckpointReader(dcp.FileSystemReader):
     """torch's file reader, its metadata read by `MetadataUnpickler` instead of `pickle.load`."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = pathlib.Path(self._get_metadata_path(kwargs.get("rank")))
+        path = pathlib.Path(dcp_metadata_path(self, kwargs.get("rank")))
         with self.fs.create_stream(path, "rb") as stream:
             try:
                 metadata = MetadataUnpickler(stream).load()
@@ -139,12 +140,14 @@ class FSDPBackend(Backend):
             # the input embedding's backward needs only the token ids: no all-gather of the table in backward
             embeddings[0].set_unshard_in_backward(False)
         if torch.distributed.get_backend(mesh.get_group()) == "gloo":
-            # imported here: gloo_comm subclasses FSDP2's private collective classes (torch >= 2.9), which
-            # NCCL runs never need, so a torch without them still imports and runs this backend on NCCL
-            from parallel.gloo_comm import use_chunked_collectives
-
+            # gloo_comm subclasses FSDP2's private collective classes (torch >= 2.9), which NCCL runs never
+            # need: imported only here, and only where this torch has them (else a warning, gloo's own)
+            chunked = chunked_collectives_available()
             for unit in units:
-                use_chunked_collectives(unit)
+                if chunked:
+                    from parallel.gloo_comm import use_chunked_collectives
+
+                    use_chunked_collectives(unit)
                 # gloo's collectives block this thread, so prefetching the next unit in backward overlaps
                 # nothing and only holds it gathered beside the current one: an explicit prefetch list
                 # replaces FSDP's default, and the unit itself is already gathered when it is consulted

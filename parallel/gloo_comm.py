@@ -6,7 +6,8 @@ unit's backward. On CPU all of that is host memory: for the largest unit (a 32k 
 sixth of a 194M model) it is one more whole copy of the unit per collective, measured with 4 ranks in
 benchmarks/load_memory.py. The same collectives written as one `broadcast` (all-gather) or `reduce`
 (reduce-scatter) per rank's chunk work in place on the engines' own buffers, and are faster on gloo
-too. DeepSpeed's ZeRO-3 calls the same two gloo collectives for its largest parameters (`use_in_deepspeed`).
+too. DeepSpeed's ZeRO-3 calls the same two gloo collectives for its largest parameters
+(`parallel.compat.deepspeed.use_collectives`). FSDP2's hooks for them are private: `parallel.compat.torch`.
 
 FSDP2 also stages a unit's unsharded gradients in the reduce-scatter input (a copy, then the gradients
 are freed). Where a unit has one gradient already laid out as that input (dim-0 shards, no padding: an
@@ -26,8 +27,18 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard import _fsdp_collectives
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+from parallel.compat.torch import (
+    fsdp2_collective_bases,
+    fsdp_reduce_scatter_copy_in,
+    fsdp_unit_params,
+    preserve_version_counter,
+    route_reduce_scatter_copy_in,
+)
+
+# FSDP2's private hook classes (torch >= 2.9); without them this module cannot be imported (parallel.fsdp
+# then runs gloo's own collectives, see parallel.compat.torch)
+AllGather, ReduceScatter = fsdp2_collective_bases()
 
 log = logging.getLogger("ngdiff.parallel")
 
@@ -67,7 +78,7 @@ def _adopts(buffer: torch.Tensor, grads: list[torch.Tensor]) -> bool:
     )
 
 
-_copy_in = getattr(_fsdp_collectives, "foreach_reduce_scatter_copy_in", None)
+_copy_in = fsdp_reduce_scatter_copy_in()
 
 
 def _adopt_or_copy_in(unsharded_grads: list[torch.Tensor], reduce_scatter_input: torch.Tensor, world_size: int):
@@ -80,16 +91,6 @@ def _adopt_or_copy_in(unsharded_grads: list[torch.Tensor], reduce_scatter_input:
         reduce_scatter_input.set_(grad.untyped_storage(), 0, reduce_scatter_input.shape, (1,))
         return
     _copy_in(unsharded_grads, reduce_scatter_input, world_size)
-
-
-def _install_adoption() -> bool:
-    """Route FSDP's copy-in through `_adopt_or_copy_in` (it looks the function up by name at each reduce);
-    False where this torch lacks it (then every reduce-scatter copies, as FSDP does itself)."""
-    if _copy_in is None:
-        log.debug("torch's FSDP has no foreach_reduce_scatter_copy_in: reduce-scatter inputs are copies")
-        return False
-    _fsdp_collectives.foreach_reduce_scatter_copy_in = _adopt_or_copy_in
-    return True
 
 
 class _Done:
@@ -139,7 +140,7 @@ class ChunkedAllGather(AllGather):
 
     def __init__(self, fsdp_param=None):
         self.fsdp_param = fsdp_param
-        self.refill: torch.autograd._unsafe_preserve_version_counter | None = None
+        self.refill = None  # torch's context that keeps a saved tensor's version while it is refilled
 
     def allocate(self, size, *, dtype, device):
         outputs = getattr(self.fsdp_param, "all_gather_outputs", None) or []
@@ -151,7 +152,7 @@ class ChunkedAllGather(AllGather):
             # Autograd saved the parameter in the forward; refilling its freed memory with the same values is
             # no mutation to it (FSDP's own copy-out says so the same way): its version is kept, from the
             # copy-in of this rank's shard (FSDP, before `__call__`) to the end of the broadcasts.
-            self.refill = torch.autograd._unsafe_preserve_version_counter(output)
+            self.refill = preserve_version_counter(output)
             return output
         return _empty(size, dtype, device)
 
@@ -177,19 +178,9 @@ class ChunkedReduceScatter(ReduceScatter):
         return None
 
 
-def use_in_deepspeed(backend) -> None:
-    """Make DeepSpeed's torch communication backend (`deepspeed.comm.comm.cdb`) run its whole-tensor
-    all-gather (ZeRO-3's parameter fetch) and reduce-scatter (its gradient partitioning) in place: they
-    are the functions it holds in `all_gather_function` / `reduce_scatter_function`."""
-    backend.all_gather_function = all_gather_into_tensor
-    backend.reduce_scatter_function = reduce_scatter_tensor
-
-
 def use_chunked_collectives(module: FSDPModule) -> None:
     """Install the in-place collectives on one `fully_shard` unit (not recursive: call it on each)."""
-    if _fsdp_collectives.foreach_reduce_scatter_copy_in is not _adopt_or_copy_in:
-        _install_adoption()
-    groups = getattr(module._get_fsdp_state(), "_fsdp_param_groups", [])
-    params = groups[0].fsdp_params if len(groups) == 1 else []
+    route_reduce_scatter_copy_in(_adopt_or_copy_in)
+    params = fsdp_unit_params(module)
     module.set_custom_all_gather(ChunkedAllGather(params[0] if len(params) == 1 else None))
     module.set_custom_reduce_scatter(ChunkedReduceScatter())

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from parallel.compat.transformers import init_weights_of
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -114,7 +116,7 @@ def load_shards(named_tensors: Iterable[tuple[str, torch.Tensor]], files: dict[s
 def init_non_persistent_buffers(model: nn.Module) -> None:
     """Recompute the buffers a checkpoint does not store (rotary frequency tables) after `to_empty`,
     with the model's own initialiser (Hugging Face's `_init_weights` computes them from the config)."""
-    init = getattr(model, "_init_weights", None)
+    init = init_weights_of(model)
     for module in model.modules():
         if module._non_persistent_buffers_set:
             if init is None:

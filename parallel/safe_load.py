@@ -10,14 +10,15 @@ beyond tensors, containers and the allow-listed classes is refused with the file
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ngdiff.errors import UserError
+from parallel.compat.torch import torch_load_weights_only
 
 
 class UnsafeCheckpointError(UserError):
@@ -42,24 +43,9 @@ def load_weights_only(path: str | Path, *, map_location: Any = None, allowed: Se
         raise unsafe_file(path, err) from None
 
 
-@contextmanager
-def weights_only_loads(allowed: Sequence[Any] = (), where: str | Path = "checkpoint") -> Iterator[None]:
+def weights_only_loads(allowed: Sequence[Any] = (), where: str | Path = "checkpoint") -> AbstractContextManager[None]:
     """Every `torch.load` inside the block is weights-only, whatever its caller asks for: engines read
-    their own files with `weights_only=False` and offer no switch. `where` names the folder when the
-    file is not a path (an in-memory value of a distributed checkpoint)."""
-    original = torch.load
-
-    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        kwargs.pop("pickle_module", None)  # weights-only loading brings its own unpickler
-        try:
-            with torch.serialization.safe_globals(list(allowed)):
-                return original(f, *args, **kwargs)
-        except pickle.UnpicklingError as err:
-            raise unsafe_file(f if isinstance(f, str | Path) else where, err) from None
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
+    their own files with `weights_only=False` and offer no switch (the patch of `torch.load` lives in
+    `parallel.compat.torch`). `where` names the folder when the file is not a path (an in-memory value of
+    a distributed checkpoint)."""
+    return torch_load_weights_only(allowed, lambda f, err: unsafe_file(f if isinstance(f, str | Path) else where, err))

@@ -7,22 +7,32 @@ writes its fp32 gradient partition through DeepSpeed's public `safe_get_local_gr
 backward of the next task overwrites the partitions instead of adding to them.
 
 AutoLR edits the fp32 master partitions (`local_params`); `params_changed` copies them into the
-partitions forward passes gather from, as DeepSpeed's own step does.
+partitions forward passes gather from, as DeepSpeed's own step does. Every DeepSpeed and transformers
+internal used here goes through `parallel.compat` (the fp32 master, the gloo collectives, the
+re-partitioning, zero.Init through HfDeepSpeedConfig).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ngdiff.errors import UserError
 from parallel.base import Backend, frozen_names
+from parallel.compat.deepspeed import fp32_master_is_the_partition, fp32_partitions, repartition, use_collectives
+from parallel.compat.transformers import zero3_init
+from parallel.deepspeed_sizing import (
+    SIZED_KEYS,
+    DeepSpeedConfigError,
+    explicit_sizes,
+    hidden_size_of,
+    read_user_config,
+    zero_section,
+    zero_sizes,
+)
 from parallel.export import exported_names, gather_rows_to_main
 from parallel.optim import build_optimizer, set_lr
 from parallel.safe_load import weights_only_loads
@@ -41,45 +51,11 @@ def checkpoint_globals() -> list[type]:
     return [LossScaler, ZeroStageEnum]
 
 
-class DeepSpeedConfigError(UserError):
-    pass
-
-
 def _conflict(key: str, ours: Any, theirs: Any, source: str) -> DeepSpeedConfigError:
     return DeepSpeedConfigError(
         f"{source}: {key}={theirs!r} disagrees with the trainer's value {ours!r}; "
         f'remove the key or set it to "auto" (ngdiff fills it)'
     )
-
-
-SIZED_KEYS = (
-    "reduce_bucket_size",
-    "stage3_prefetch_bucket_size",
-    "stage3_param_persistence_threshold",
-    "stage3_max_live_parameters",
-    "stage3_max_reuse_distance",
-)
-
-
-def bucket_sizes(hidden_size: int | None) -> dict[str, int | None]:
-    """ZeRO-3's bucket and residency sizes for "auto" (or absent) keys, from the model's hidden size.
-
-    The first three as transformers' DeepSpeed integration fills them (`trainer_config_finalize` in
-    transformers/integrations/deepspeed.py): a reduce bucket of hidden^2 elements, not DeepSpeed's 5e8,
-    which holds every full gradient of a smaller model until the backward ends. The last two are
-    ngdiff's: DeepSpeed's 1e9 keeps every parameter gathered in the forward until its reuse in the
-    backward, i.e. the whole model on every rank; 10 hidden^2 (about one decoder block) releases them
-    as FSDP does. Without a known size, DeepSpeed's own defaults."""
-    if hidden_size is None:
-        return dict.fromkeys(SIZED_KEYS)
-    square = hidden_size * hidden_size
-    return {
-        "reduce_bucket_size": square,
-        "stage3_prefetch_bucket_size": int(0.9 * square),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
-        "stage3_max_live_parameters": 10 * square,
-        "stage3_max_reuse_distance": 10 * square,
-    }
 
 
 def build_deepspeed_config(
@@ -107,7 +83,7 @@ def build_deepspeed_config(
             )
     if config.get("fp16", {}).get("enabled") is True:
         raise DeepSpeedConfigError(f"{source}: fp16 is not supported (loss scaling); use train.precision=bf16")
-    zero = config.setdefault("zero_optimization", {})
+    zero = zero_section(config, source)
     stage = zero.get("stage", 3)
     if stage != 3:
         raise DeepSpeedConfigError(
@@ -117,12 +93,14 @@ def build_deepspeed_config(
             "Use stage 3 (parallel.backend=zero3) or parallel.backend=fsdp"
         )
     zero["stage"] = 3
-    for key, value in bucket_sizes(hidden_size).items():  # Hugging Face's "auto": sized to the model
-        if zero.get(key, "auto") == "auto":
-            if value is None:
-                zero.pop(key, None)  # no model size known: DeepSpeed's default
-            else:
-                zero[key] = value
+    # bucket and residency sizes: the user's numbers, else sized to the model (parallel/deepspeed_sizing.py,
+    # which `ngdiff plan` reads too); with no model size known, absent, so DeepSpeed applies its own default
+    sized = zero_sizes(zero, hidden_size, source) if hidden_size else explicit_sizes(zero, source)
+    for key in SIZED_KEYS:
+        if key in sized:
+            zero[key] = sized[key]
+        else:
+            zero.pop(key, None)
     if cpu_offload:
         zero.setdefault("offload_optimizer", {"device": "cpu"})
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
@@ -161,41 +139,9 @@ def model_hidden_size(build_model) -> int | None:
         return None
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=getattr(build_model, "trust_remote_code", False))
-    config = getattr(config, "text_config", None) or config
-    sizes = getattr(config, "hidden_sizes", None)
-    return getattr(config, "hidden_size", None) or (max(sizes) if sizes else None)
-
-
-@contextmanager
-def fp32_master_is_the_partition() -> Iterator[None]:
-    """While an engine is built: ZeRO-3's fp32 master partition is the parameter partition itself where
-    both are fp32 on one device, as DeepSpeed intends.
-
-    `DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions` (DeepSpeed 0.19) reuses the partition when
-    `partition.device == self.device`, but `self.device` is the accelerator's device *name* ("cpu",
-    "cuda:0") and a torch.device never equals a string: every fp32 run keeps a second copy of its
-    parameter partition (1/N of the model per rank). Here the comparison sees a torch.device; the
-    attribute is restored right after. DeepSpeed's step then copies the master onto itself, a no-op
-    (`_reassign_or_swap_out_partitioned_parameters` says so)."""
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
-
-    original = Stage3._create_fp32_partitions
-
-    def create(optimizer) -> None:
-        name = optimizer.device
-        if not optimizer.offload_optimizer:  # offloaded: an OffloadDeviceEnum, and a branch of its own
-            optimizer.device = torch.device(name)
-        try:
-            original(optimizer)
-        finally:
-            optimizer.device = name
-
-    Stage3._create_fp32_partitions = create
-    try:
-        yield
-    finally:
-        Stage3._create_fp32_partitions = original
+    return hidden_size_of(
+        AutoConfig.from_pretrained(path, trust_remote_code=getattr(build_model, "trust_remote_code", False))
+    )
 
 
 class Zero3Backend(Backend):
@@ -207,10 +153,19 @@ class Zero3Backend(Backend):
         self.ds_config: dict[str, Any] | None = None
         self._hf_ds_config = None  # transformers holds only a weak reference: keep it alive
 
+    @classmethod
+    def planned_buffers(cls, parallel_cfg, hidden_size):
+        """The reduce bucket and the residency limit `build_deepspeed_config` writes (or DeepSpeed's defaults,
+        which it leaves to DeepSpeed when the model's size is unknown): one source, `zero_sizes`."""
+        path = parallel_cfg.deepspeed_config if parallel_cfg is not None else ""
+        zero = zero_section(read_user_config(path), path or "parallel.deepspeed_config")
+        sizes = zero_sizes(zero, hidden_size, path or "parallel.deepspeed_config")
+        return {"reduce_bucket": sizes["reduce_bucket_size"], "max_live": sizes["stage3_max_live_parameters"]}
+
     def _config(self, build_model=None) -> dict[str, Any]:
         if self.ds_config is None:
             path = self.parallel_cfg.deepspeed_config
-            user = json.loads(Path(path).read_text()) if path else {}
+            user = read_user_config(path)
             micro, accumulation = self.batch_layout
             self.ds_config = build_deepspeed_config(
                 user,
@@ -226,18 +181,15 @@ class Zero3Backend(Backend):
 
     def _build_partitioned(self, build_model):
         import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
 
         # DeepSpeed's comm layer adopts our process group (its config reads the world size from it)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         if torch.distributed.get_backend() == "gloo":
-            from deepspeed.comm import comm
+            from parallel.gloo_comm import all_gather_into_tensor, reduce_scatter_tensor  # gloo only, as in fsdp
 
-            from parallel.gloo_comm import use_in_deepspeed  # gloo only, as in parallel/fsdp.py
+            use_collectives(all_gather_into_tensor, reduce_scatter_tensor)  # no whole-tensor staging copy
 
-            use_in_deepspeed(comm.cdb)  # no whole-tensor staging copy in gloo's all-gather / reduce-scatter
-
-        self._hf_ds_config = HfDeepSpeedConfig(self._config(build_model))  # from_pretrained now builds under zero.Init
+        self._hf_ds_config = zero3_init(self._config(build_model))  # from_pretrained now builds under zero.Init
         return build_model()
 
     def prepare(self, build_model, gradient_checkpointing=False):
@@ -292,21 +244,11 @@ class Zero3Backend(Backend):
                 safe_set_local_grad(p, new)
 
     def local_params(self):
-        return list(self.optimizer.fp32_partitioned_groups_flat)
+        return fp32_partitions(self.optimizer)
 
     @torch.no_grad()
     def params_changed(self):
-        # What DeepSpeed's step and checkpoint loading do after an update: release gathered copies,
-        # copy fp32 masters -> the partitions forward gathers from, then re-gather the small parameters
-        # every rank keeps whole ("persistent"; all_gather skips those still marked available).
-        opt = self.optimizer
-        opt._partition_all_parameters()
-        for group in range(len(opt.fp16_groups)):
-            opt._reassign_or_swap_out_partitioned_parameters(group)
-        persistent = opt.persistent_parameters
-        if persistent:
-            persistent[0].partition(persistent)
-            persistent[0].all_gather(persistent)
+        repartition(self.optimizer)  # masters -> the partitions forward gathers from, as DeepSpeed's step does
 
     def step(self, lr):
         set_lr(self.optimizer.optimizer, lr)
