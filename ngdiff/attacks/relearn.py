@@ -8,7 +8,8 @@ same authors. Each step takes the next `batch_size` training rows (cycling, no s
 their token-averaged answer NLL with AdamW. On several ranks each rank computes its share of the batch,
 normalised by the batch's total token count, and the gradients are summed across ranks: the same update
 as on one process (up to float rounding). The state after every step (weights, optimizer, curve so far)
-is saved, so an interrupted attack resumes where it stopped, and a later call with more steps extends it.
+is saved, so an interrupted attack resumes where it stopped, and a later call with more steps extends it;
+the state is read back weights-only (tensors and plain data), like every checkpoint of a run.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def relearning_curve(
     identity = _identity(model_path, train, heldout, cfg, how)
     curve: list[dict[str, float]] = []
     if state_file is not None and state_file.is_file():
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        from parallel.safe_load import load_weights_only
+
+        state = load_weights_only(state_file, map_location="cpu")  # a planted pickle is refused, never run
         if state.get("identity") == identity:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

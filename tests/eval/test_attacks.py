@@ -58,3 +58,26 @@ def test_relearning_resumes_to_the_same_curve(tiny_model_dir, tmp_path):
     assert [p["step"] for p in resumed] == [0, 1, 2]
     for a, b in zip(straight, resumed, strict=True):
         assert a["answer_loss"] == pytest.approx(b["answer_loss"], rel=1e-5)
+
+
+class _Planted:
+    def __reduce__(self):
+        return (print, ("planted code ran",))
+
+
+def test_a_planted_relearning_state_is_refused_not_run(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from ngdiff.attacks.relearn import RelearnConfig, relearning_curve
+    from ngdiff.attacks.scoring import Scoring
+    from ngdiff.modeling import load_tokenizer
+    from parallel.safe_load import UnsafeCheckpointError
+    from tests.conftest import tofu_rows
+
+    state = tmp_path / "relearn_state.pt"
+    torch.save({"identity": "x", "curve": [], "payload": _Planted()}, state)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    how = Scoring(max_new_tokens=3, batch_size=4)
+    with pytest.raises(UnsafeCheckpointError, match=r"relearn_state\.pt: refused to load"):
+        relearning_curve(model, load_tokenizer(str(tiny_model_dir)), "m", tofu_rows(4), RelearnConfig(1), how, state)
+    assert "planted code ran" not in capsys.readouterr().out
