@@ -250,7 +250,7 @@ def pareto_grid_plot(
         if forget_metric == "forget_quality":
             ax.set_yscale("log")
         ax.set_title(method_label(method, labels), fontsize=10)
-        ax.legend(fontsize=7, loc="lower left", title="initial lr", title_fontsize=7)
+        ax.legend(fontsize=7, loc="best", title="initial lr", title_fontsize=7)  # where it hides least
         ax.grid(True, alpha=0.3, which="both")
         ax.tick_params(labelbottom=True, labelleft=True)
     for ax in axes.flat[len(methods) :]:
