@@ -93,6 +93,11 @@ def _plot(ax, xs, ys, *args, **kwargs):
     return lines
 
 
+def _median_of(runs: int) -> str:
+    """A legend's count of runs: a bold line is one run's own path, or the median of several."""
+    return "1 run" if runs == 1 else f"median of {runs} runs"
+
+
 def _y(value: float | None, metric: str) -> float | None:
     if value is None:
         return None
@@ -167,7 +172,7 @@ def pareto_plot(
             )
         med = median_trajectory(runs, utility_metric, forget_metric)
         xs, ys = [t[1] for t in med], [t[2] for t in med]
-        label = f"{method_label(method, labels)}, lr {selected[method]:g} (median of {len(runs)} runs)"
+        label = f"{method_label(method, labels)}, lr {selected[method]:g} ({_median_of(len(runs))})"
         _plot(ax, xs, ys, "-", marker=marker, ms=4, lw=2.0, color=color, label=label, transform=transform)
         _plot(ax, xs[-1], ys[-1], marker, ms=10, color=color, mec="black", mew=0.8, transform=transform)
         drawn += 1
@@ -239,14 +244,14 @@ def pareto_grid_plot(
                 ms=3.5,
                 lw=1.6,
                 color=color,
-                label=f"lr {lr:g} ({len(cell)} runs)",
+                label=f"lr {lr:g} ({_median_of(len(cell))})",
                 transform=transform,
             )
         _reference_marks(ax, target, reference_utility, floor, forget_metric)
         if forget_metric == "forget_quality":
             ax.set_yscale("log")
         ax.set_title(method_label(method, labels), fontsize=10)
-        ax.legend(fontsize=7, loc="lower left", title="initial lr", title_fontsize=7)
+        ax.legend(fontsize=7, loc="best", title="initial lr", title_fontsize=7)  # where it hides least
         ax.grid(True, alpha=0.3, which="both")
         ax.tick_params(labelbottom=True, labelleft=True)
     for ax in axes.flat[len(methods) :]:

@@ -44,6 +44,17 @@ def test_health_reasons_in_words():
     assert world_health({"target_metrics": {}, "reference_metrics": {}}).healthy  # nothing to check: MUSE
 
 
+def test_a_target_with_utility_0_alone_makes_the_world_unhealthy():
+    # a target that learned its forget set and differs from its retain model, but scores 0 on a utility set
+    world = {**HEALTHY, "target_metrics": {**HEALTHY["target_metrics"], "model_utility": 0.0}}
+    health = world_health(world)
+    assert health.reasons == ("the target's model utility is 0 (the utility floor excludes nothing)",)
+    assert not health.healthy
+    learnt = {k: v for k, v in HEALTHY["target_metrics"].items() if k != "model_utility"}
+    missing = {**HEALTHY, "target_metrics": learnt}
+    assert world_health(missing).healthy  # no utility sets evaluated (e.g. MUSE): the check is skipped
+
+
 def test_a_healthy_world_is_ranked(tmp_path):
     make_report(study_folder(tmp_path, HEALTHY))
     summary = (tmp_path / "summary.md").read_text()
@@ -58,3 +69,17 @@ def test_an_unhealthy_world_ranks_nothing_and_warns(tmp_path, caplog):
     assert line.startswith("World unhealthy: the target did not learn") and line.endswith("; methods are not ranked")
     assert f"{line}." in summary and "Per run, the best point is" not in summary
     assert line in caplog.text
+
+
+def test_the_report_command_on_an_unhealthy_world_says_why_and_draws_nothing(tmp_path, capsys):
+    from launcher.cli import main
+
+    folder = study_folder(tmp_path, UNHEALTHY)
+    assert main(["study", "report", str(folder)]) == 0
+    out = capsys.readouterr().out
+    summary = folder / "summary.md"
+    assert f"  {summary}" in out.splitlines() and ".png" not in out  # the summary is written, no picture
+    text = summary.read_text()
+    assert "World unhealthy: the target did not learn its forget set (forget ROUGE-L 0 < 0.3)" in text
+    assert "the target's model utility is 0" in text and "| target | 0 | 0 |" in text
+    assert not list(folder.glob("*.png"))
