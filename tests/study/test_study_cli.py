@@ -182,6 +182,24 @@ def test_quick_study_end_to_end_then_resumes_without_redoing_anything(tmp_path, 
     assert (out / "world" / "world.json").stat().st_mtime == world_mtime
     assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == rows
     assert main(["study", "report", str(out)]) == 0
+    # privacy and attacks on the kept weights: each method's selected point and the retain model once
+    attack = ["study", "attack", str(out), "--relearn-steps", "1", "--no-progress"]
+    assert main(attack) == 0
+    scored = [json.loads(line) for line in (out / "attacks.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in scored) == sorted([*methods, "retain model"])
+    yardstick = next(r for r in scored if r["method"] == "retain model")
+    assert yardstick["privleak"] == 0.0  # the retain model against its own Min-K% AUC
+    for r in scored:
+        assert 0.0 <= r["mia_mink_auc"] <= 1.0 and -1.0 <= r["int4_recovery"] <= 1.0
+        assert r["forget_items"] == world["info"]["eval_items"]["forget01_perturbed.jsonl"]
+    summary = (out / "summary.md").read_text()
+    assert "## Privacy and attacks (selected points)" in summary
+    assert all(f"| {m} | 1 | " in summary.split("## Privacy and attacks")[1] for m in methods)
+    assert (out / "attacks.png").read_bytes()[:4] == b"\x89PNG"
+    before = (out / "attacks.jsonl").read_text()
+    assert main(attack) == 0 and (out / "attacks.jsonl").read_text() == before  # nothing scored twice
+    assert main([*attack[:-3], "--relearn-steps", "2"]) == 2  # other settings: refused, not mixed
+    assert "scored with" in capsys.readouterr().err
 
 
 def test_local_order_runs_every_first_seed_before_extra_seeds_and_the_lr_plot_methods_first(tmp_path):
