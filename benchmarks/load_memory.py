@@ -1,6 +1,6 @@
 """Peak host memory of every rank through load, one step and export, in units of the model's fp32 size M.
 
-    python benchmarks/load_memory.py [--ranks 4] [--backends fsdp zero3] [--hidden 1024 --layers 10]
+    python benchmarks/load_memory.py [--ranks 4] [--backends fsdp zero3] [--hidden 1024 --layers 10] [--lora]
 
 The driver writes a random Llama (default: hidden 1024, 10 layers, MLP 2816, vocab 32000: 194M
 parameters, M = 741 MiB) as an ordinary safetensors model directory, then runs `run_training` (SGD,
@@ -13,6 +13,10 @@ Printed: (peak - baseline) / M per rank and phase.
 
 With N ranks and SGD the steady state is 3/N M per rank (parameter shard, gradient shard, NGDiff's
 retain-gradient stash). Goal (issue 9): every rank but 0 stays <= 1.0 M (fsdp), <= 1.5 M (zero3).
+
+`--lora` trains LoRA adapters (r 8 on every projection) and exports them alone (`export.lora=adapter`):
+only the frozen base scales with the model, so a rank should load about 1/N M, and the export, which
+writes a few MiB of adapters, should add nothing that scales with M.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 PHASES = ("load", "step", "export")
 GOAL = {"fsdp": 1.0, "zero3": 1.5}
+LORA = ["model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16", "export.lora=adapter"]
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -194,6 +199,7 @@ def main() -> None:
     parser.add_argument("--overrides", nargs="*", default=[], help="extra config overrides for every run")
     parser.add_argument("--timeout", type=float, default=3000)
     parser.add_argument("--cold", action="store_true", help="baseline before the runtime first runs (warm_runtime)")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters, export the adapters alone")
     parser.add_argument("--work", default="", help="folder to keep the model and runs in (default: a temp dir)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args()  # the deepspeed launcher appends --local_rank
@@ -210,7 +216,9 @@ def main() -> None:
     forget, retain = work / "forget.jsonl", work / "retain.jsonl"
     forget.write_text("".join(lines[:16]))
     retain.write_text("".join(lines[40:64]))
-    print(f"model: {params / 1e6:.1f}M parameters, M = fp32 size = {m_kib / 1024:.0f} MiB; {args.ranks} CPU ranks")
+    lora = ", LoRA adapters exported alone" if args.lora else ""
+    size = f"{params / 1e6:.1f}M parameters, M = fp32 size = {m_kib / 1024:.0f} MiB"
+    print(f"model: {size}; {args.ranks} CPU ranks{lora}")
     rows_out = []
     for backend in args.backends:
         out = work / backend
@@ -219,7 +227,7 @@ def main() -> None:
                      "data.max_length=64", "train.max_steps=1", f"train.forget_batch_size={args.ranks}",
                      f"train.retain_batch_size={args.ranks}", "optim.name=sgd", "optim.lr=1e-4",
                      "autolr.enabled=false", "logging.progress=false", f"parallel.backend={backend}",
-                     f"output_dir={out / 'run'}", *args.overrides]  # fmt: skip
+                     f"output_dir={out / 'run'}", *(LORA if args.lora else []), *args.overrides]  # fmt: skip
         spec = out / "spec.json"
         spec.write_text(json.dumps({"overrides": overrides, "out": str(out), "warm": not args.cold}))
         began = time.perf_counter()
