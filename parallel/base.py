@@ -90,7 +90,8 @@ class Backend(ABC):
     # --- set-up --------------------------------------------------------------------------------
     @abstractmethod
     def prepare(self, build_model: Callable[[], nn.Module], gradient_checkpointing: bool = False) -> nn.Module:
-        """Build (via `build_model`, so big models can be built sharded), wrap, and create the optimizer."""
+        """Build (via `build_model`, so big models can be built sharded: a `parallel.loading.ModelBuilder` can
+        also build on `meta`), wrap, and create the optimizer."""
 
     @abstractmethod
     def prepare_frozen(self, build_model: Callable[[], nn.Module]) -> nn.Module:
