@@ -8,6 +8,7 @@ frozen reference of NPO / KL is the same module run under `disable_adapter()`: n
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 
 from ngdiff.errors import UserError
 from ngdiff.modeling import model_factory
+from parallel.loading import EmptyModel, ModelBuilder, same_name
 
 
 class LoraTargetError(UserError):
@@ -52,18 +54,58 @@ def attach_adapters(model: nn.Module, lora_cfg, seed: int) -> nn.Module:
             raise LoraTargetError(f"model.lora.target_modules={list(lora_cfg.target_modules)}: {err}") from None
 
 
+PEFT_PREFIX = "base_model.model."
+
+
+def base_name(peft_name: str) -> str:
+    """The plain model's (and its checkpoint's) name of a peft model's tensor: peft nests the model under
+    `base_model.model.` and an adapted layer's own weight under `base_layer`."""
+    return peft_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def attach_adapters_empty(model: nn.Module, lora_cfg, seed: int) -> EmptyModel:
+    """`attach_adapters` on a base built on `meta`: the same adapters, from the same draws, as on the loaded
+    base. peft creates each adapter on its base layer's device, so during the injection every (untied)
+    Linear weight stands in as a CPU tensor of one element broadcast to its shape (no memory), then goes
+    back to `meta`; the adapters' values are kept whole as the initial values, and the model is left all
+    on `meta`, its base tensors named as in the checkpoint by `base_name`."""
+    uses = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.is_meta and uses[id(m.weight)] == 1]
+    for linear in linears:
+        w = linear.weight
+        linear.weight = nn.Parameter(torch.zeros((), dtype=w.dtype).expand(w.shape), requires_grad=w.requires_grad)
+    try:
+        peft_model = attach_adapters(model, lora_cfg, seed)
+    finally:
+        for linear in linears:  # frozen by peft meanwhile: keep its requires_grad
+            w = linear.weight
+            linear.weight = nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=w.requires_grad)
+    initial = {name: t.detach().clone() for name, t in peft_model.state_dict().items() if not t.is_meta}
+    peft_model.to("meta")
+    return EmptyModel(peft_model, checkpoint_name=base_name, initial=initial)
+
+
 class WithAdapters:
     """A model thunk (what backends call) that builds the base with `build`, then attaches adapters. It
-    exposes the base's `path` (ZeRO-3 sizes its buckets from its config) but no `build_empty`: FSDP builds
-    the model with adapters whole, then shards it (the adapters are not in the checkpoint)."""
+    exposes the base's `path` (ZeRO-3 sizes its buckets from its config) and, where the base builder can
+    build on `meta`, `build_empty`: FSDP then loads only each rank's rows of the base from the checkpoint
+    and of the adapters from their initial values, which equal those of the whole build."""
 
     def __init__(self, build: Callable[[], nn.Module], lora_cfg, seed: int):
         self.build, self.lora_cfg, self.seed = build, lora_cfg, seed
-        self.path = getattr(build, "path", None)
+        self.path = build.path if isinstance(build, ModelBuilder) else None
         self.trust_remote_code = getattr(build, "trust_remote_code", False)
 
     def __call__(self) -> nn.Module:
         return attach_adapters(self.build(), self.lora_cfg, self.seed)
+
+    def build_empty(self) -> EmptyModel | None:
+        base = self.build.build_empty() if isinstance(self.build, ModelBuilder) else None
+        if base is None:
+            return None
+        if base.initial or base.checkpoint_name is not same_name:
+            return None  # a base with renames or initial values of its own: not composed with peft's here
+        return attach_adapters_empty(base.module, self.lora_cfg, self.seed)
 
 
 class AdaptersDisabled:

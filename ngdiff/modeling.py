@@ -12,6 +12,7 @@ from torch import nn
 from ngdiff.errors import UserError
 from ngdiff.model_source import loading_from
 from parallel.compat.accelerate import defer_deepspeed_import
+from parallel.loading import EmptyModel
 
 # the vocabulary files transformers' tokenizers load from (fast, sentencepiece, BPE, WordPiece, tiktoken)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "*.tiktoken")
@@ -42,9 +43,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from. Calling it loads the whole model (`from_pretrained`); a sharding backend
-    may instead build it empty on the `meta` device (`build_empty`) and fill its shards from `path`.
-    Either way a failed load is one error naming the config `key` and what was tried."""
+    """Where a model comes from (a `parallel.loading.ModelBuilder`). Calling it loads the whole model
+    (`from_pretrained`); a sharding backend may instead build it empty on the `meta` device (`build_empty`)
+    and fill its shards from `path`. Either way a failed load is one error naming the config `key` and what
+    was tried."""
 
     path: str
     trust_remote_code: bool = False
@@ -59,14 +61,15 @@ class ModelSource:
                 self.path, trust_remote_code=self.trust_remote_code, dtype=self.dtype
             )
 
-    def build_empty(self) -> nn.Module:
+    def build_empty(self) -> EmptyModel:
         """The architecture with every parameter and buffer on `meta`: no memory, no initialisation."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         with loading_from(self.key, self.path):
             config = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code, dtype=self.dtype)
+        return EmptyModel(model)
 
 
 def model_factory(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from parallel.compat.accelerate import defer_deepspeed_import
+from parallel.export import everything
 
 if TYPE_CHECKING:
     from ngdiff.config import OptimConfig, ParallelConfig
@@ -89,7 +90,8 @@ class Backend(ABC):
     # --- set-up --------------------------------------------------------------------------------
     @abstractmethod
     def prepare(self, build_model: Callable[[], nn.Module], gradient_checkpointing: bool = False) -> nn.Module:
-        """Build (via `build_model`, so big models can be built sharded), wrap, and create the optimizer."""
+        """Build (via `build_model`, so big models can be built sharded: a `parallel.loading.ModelBuilder` can
+        also build on `meta`), wrap, and create the optimizer."""
 
     @abstractmethod
     def prepare_frozen(self, build_model: Callable[[], nn.Module]) -> nn.Module:
@@ -191,23 +193,24 @@ class Backend(ABC):
 
         A model with LoRA adapters is written merged into a plain model (`lora="merged"`), or as a PEFT
         adapter folder (`lora="adapter"`, fp32, with the tokenizer)."""
-        from parallel.export import lora_scalings, merged_tensors, write_adapter, write_pretrained
+        from parallel.export import is_adapter, lora_scalings, merged_tensors, write_adapter, write_pretrained
 
-        module, tensors = self.module, self.full_tensors()
-        scalings = lora_scalings(module)
-        if scalings and lora == "adapter":
-            write_adapter(directory, module, tensors, is_main=self.ctx.is_main)
+        module, scalings = self.module, lora_scalings(self.module)
+        if scalings and lora == "adapter":  # only the adapters are gathered, never the base
+            write_adapter(directory, module, self.full_tensors(is_adapter), is_main=self.ctx.is_main)
             if tokenizer is not None and self.ctx.is_main:
                 tokenizer.save_pretrained(directory)
             return
+        tensors = self.full_tensors()
         if scalings:
             module, tensors = module.get_base_model(), merged_tensors(tensors, scalings)
         write_pretrained(directory, module, tensors, is_main=self.ctx.is_main, dtype=dtype, tokenizer=tokenizer)
 
     @abstractmethod
-    def full_tensors(self) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """(name, whole tensor on CPU) for every exported tensor, one at a time: on rank 0; the other ranks
-        get None and hold no whole copy. Every rank must exhaust it (the gathers are collectives)."""
+    def full_tensors(self, names: Callable[[str], bool] = everything) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """(name, whole tensor on CPU) for every exported tensor whose name `names` accepts, one at a time: on
+        rank 0; the other ranks get None and hold no whole copy (nor gather the tensors left out). Every rank
+        must exhaust it (the gathers are collectives)."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters on CPU, on rank 0 (for tests); every rank must call it."""

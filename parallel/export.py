@@ -28,6 +28,16 @@ EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHARD_BYTES = 2 * 2**30  # bounds rank 0's buffer; save_pretrained's default is 50 GB
 
 
+def everything(name: str) -> bool:
+    """The default selection of `Backend.full_tensors`: every exported tensor."""
+    return True
+
+
+def is_adapter(name: str) -> bool:
+    """A LoRA adapter tensor of a peft model (what `export.lora=adapter` writes)."""
+    return ".lora_" in name
+
+
 def exported_names(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """What `save_pretrained` stores: parameters (a tied one once, under its first name) and the
     persistent buffers, in module order."""
@@ -222,7 +232,7 @@ def write_adapter(
     adapter = {
         name.replace(marker, "."): tensor.detach().cpu().contiguous()
         for name, tensor in tensors
-        if tensor is not None and ".lora_" in name
+        if tensor is not None and is_adapter(name)
     }
     if not is_main:
         return

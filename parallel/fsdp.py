@@ -27,8 +27,10 @@ from torch.distributed.tensor import DTensor
 
 from parallel.base import Backend, check_loaded_keys
 from parallel.compat.torch import chunked_collectives_available, dcp_metadata_path
-from parallel.export import exported_names, gather_rows_to_main
+from parallel.export import everything, exported_names, gather_rows_to_main
 from parallel.loading import (
+    EmptyModel,
+    ModelBuilder,
     init_non_persistent_buffers,
     load_shards,
     missing_tensors,
@@ -154,27 +156,37 @@ class FSDPBackend(Backend):
                 unit.set_modules_to_backward_prefetch([unit])
         return model
 
+    @staticmethod
+    def _empty(build_model) -> tuple[EmptyModel, dict[str, Path]] | None:
+        """The model on `meta` and its checkpoint files, where the builder can build it empty and `path` is a
+        local safetensors folder holding every tensor the model does not initialise itself; else None."""
+        path = build_model.path if isinstance(build_model, ModelBuilder) else None
+        files = safetensors_files(path) if path else None
+        empty = build_model.build_empty() if files is not None else None
+        if empty is None:
+            return None
+        if missing := missing_tensors(empty.module, files, empty.checkpoint_name, empty.initial):
+            log.warning("%s lacks %s...: loading the whole model on every rank", path, missing[:3])
+            return None
+        return empty, files
+
     def _build_sharded(self, build_model, gradient_checkpointing: bool = False) -> nn.Module:
         """Built on `meta` and filled shard by shard from the checkpoint where it is a local safetensors
         folder (no rank holds a whole copy); otherwise built whole on every rank, then sharded."""
-        files = safetensors_files(build_model.path) if hasattr(build_model, "build_empty") else None
-        model = build_model.build_empty() if files is not None else None
-        if model is not None and (missing := missing_tensors(model, files)):
-            log.warning("%s lacks %s...: loading the whole model on every rank", build_model.path, missing[:3])
-            model = None
-        whole = model is None
-        if whole:
-            model = build_model()  # fp32 master weights; bf16 only in the all-gathered compute copies
+        found = self._empty(build_model)
+        # fp32 master weights; bf16 only in the all-gathered compute copies
+        model = build_model() if found is None else found[0].module
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         device = torch.device("cpu") if self.parallel_cfg.cpu_offload else self.ctx.device
-        if whole:
+        if found is None:
             model.to(device)
         model = self._shard(model, mixed=self.precision == "bf16")
-        if not whole:
+        if found is not None:
+            empty, files = found
             model.to_empty(device=device)
             init_non_persistent_buffers(model)  # before the load: an initialiser may touch parameters too
-            load_shards(model.state_dict(keep_vars=True).items(), files)
+            load_shards(model.state_dict(keep_vars=True).items(), files, empty.checkpoint_name, empty.initial)
         return model
 
     def prepare(self, build_model, gradient_checkpointing=False):
@@ -241,9 +253,11 @@ class FSDPBackend(Backend):
         )
         check_loaded_keys(directory, self.model, loaded.missing_keys, loaded.unexpected_keys)
 
-    def full_tensors(self):
+    def full_tensors(self, names=everything):
         self._reshard()  # parameters still gathered after a forward would be the bf16 compute copies
         for name, tensor in exported_names(self.model):
+            if not names(name):
+                continue
             if isinstance(tensor, DTensor):
                 local, _ = shard_rows(tensor)
                 rows = math.ceil(tensor.shape[0] / self.ctx.world_size)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -22,6 +24,35 @@ from parallel.compat.transformers import init_weights_of
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def same_name(name: str) -> str:
+    return name
+
+
+@dataclass
+class EmptyModel:
+    """A model built on the `meta` device (no memory, no initialisation) and what filling it needs besides the
+    checkpoint: the checkpoint's name of each tensor (a wrapper such as peft renames the base's), and the
+    whole initial values of the tensors the checkpoint does not hold (LoRA adapters: small, and equal on
+    every rank, so each rank copies its rows of them like those of the checkpoint's tensors)."""
+
+    module: nn.Module
+    checkpoint_name: Callable[[str], str] = same_name
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ModelBuilder(Protocol):
+    """What a backend's `prepare` is given (beyond a plain thunk): calling it builds the whole model, loaded;
+    `build_empty` builds it on `meta` for a backend that fills each rank's shards itself from the
+    safetensors under `path`, or returns None where that is not possible (the backend then calls it)."""
+
+    path: str | None
+
+    def __call__(self) -> nn.Module: ...
+
+    def build_empty(self) -> EmptyModel | None: ...
 
 
 def safetensors_files(path: str | Path) -> dict[str, Path] | None:
@@ -39,10 +70,17 @@ def safetensors_files(path: str | Path) -> dict[str, Path] | None:
     return None
 
 
-def missing_tensors(model: nn.Module, files: dict[str, Path]) -> list[str]:
-    """Names of the model's parameters and persistent buffers the checkpoint lacks (renamed or legacy
-    layouts, which only `from_pretrained`'s key conversions understand)."""
-    return [name for name in model.state_dict() if name not in files]
+def missing_tensors(
+    model: nn.Module,
+    files: dict[str, Path],
+    checkpoint_name: Callable[[str], str] = same_name,
+    initial: Mapping[str, torch.Tensor] | None = None,
+) -> list[str]:
+    """Names of the model's parameters and persistent buffers neither the checkpoint (under
+    `checkpoint_name`) nor `initial` holds (renamed or legacy layouts, which only `from_pretrained`'s key
+    conversions understand)."""
+    initial = initial or {}
+    return [name for name in model.state_dict() if name not in initial and checkpoint_name(name) not in files]
 
 
 def shard_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int | None]:
@@ -95,20 +133,32 @@ def read_rows(file: Path, entry: dict, data_start: int, start: int | None, count
 
 
 @torch.no_grad()
-def load_shards(named_tensors: Iterable[tuple[str, torch.Tensor]], files: dict[str, Path]) -> None:
-    """Copy each tensor's rows from the checkpoint into this rank's shard, one slice at a time."""
+def load_shards(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    files: dict[str, Path],
+    checkpoint_name: Callable[[str], str] = same_name,
+    initial: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Copy each tensor's rows into this rank's shard, one slice at a time: from `initial` where it holds the
+    tensor, else from the checkpoint's tensor `checkpoint_name(name)`."""
+    initial = initial or {}
     headers: dict[Path, tuple[dict, int]] = {}
     for name, tensor in named_tensors:
-        file = files[name]
-        if file not in headers:
-            headers[file] = read_header(file)
-        entries, data_start = headers[file]
         target, start = shard_rows(tensor)
         if start is not None and target.shape[0] == 0:
             continue
-        value = read_rows(file, entries[name], data_start, start, target.shape[0] if target.dim() else 0)
+        rows = target.shape[0] if target.dim() else 0
+        if name in initial:
+            where, value = "initial values", initial[name] if start is None else initial[name][start : start + rows]
+        else:
+            key = checkpoint_name(name)
+            where = files[key]
+            if where not in headers:
+                headers[where] = read_header(where)
+            entries, data_start = headers[where]
+            value = read_rows(where, entries[key], data_start, start, rows)
         if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{file}: {name} has rows of shape {tuple(value.shape)}, the shard {tuple(target.shape)}")
+            raise ValueError(f"{where}: {name} has rows of shape {tuple(value.shape)}, the shard {tuple(target.shape)}")
         target.copy_(value)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from parallel.base import Backend, check_loaded_keys, frozen_names
-from parallel.export import exported_names
+from parallel.export import everything, exported_names
 from parallel.optim import build_optimizer, grads_of, set_lr
 from parallel.safe_load import load_weights_only
 
@@ -67,6 +67,7 @@ class SingleBackend(Backend):
         check_loaded_keys(directory, self.module, *self.module.load_state_dict(state["model"], strict=False))
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def full_tensors(self):
+    def full_tensors(self, names=everything):
         for name, tensor in exported_names(self.module):
-            yield name, tensor.detach().cpu()
+            if names(name):
+                yield name, tensor.detach().cpu()

@@ -33,7 +33,7 @@ from parallel.deepspeed_sizing import (
     zero_section,
     zero_sizes,
 )
-from parallel.export import exported_names, gather_rows_to_main
+from parallel.export import everything, exported_names, gather_rows_to_main
 from parallel.optim import build_optimizer, set_lr
 from parallel.safe_load import weights_only_loads
 
@@ -274,12 +274,14 @@ class Zero3Backend(Backend):
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}")
 
-    def full_tensors(self):
+    def full_tensors(self, names=everything):
         """fp32 masters gathered to rank 0 one parameter at a time (a `gather` of the flat partitions)."""
         import deepspeed
         from deepspeed.utils import safe_get_local_fp32_param
 
         for name, tensor in exported_names(self.module):
+            if not names(name):
+                continue
             if not hasattr(tensor, "ds_id"):  # buffers: not partitioned
                 yield name, tensor.detach().cpu() if self.ctx.is_main else None
             elif tensor.requires_grad:

@@ -185,3 +185,62 @@ def test_target_modules_that_match_nothing_name_the_key(tiny_model_dir, tofu_spl
     cfg = config(tiny_model_dir, tofu_split, tmp_path, "model.lora.target_modules=[no_such_proj]")
     with pytest.raises(LoraTargetError, match=r"model\.lora\.target_modules=\['no_such_proj'\]"):
         run_training(cfg, DistContext())
+
+
+FSDP_META_LOAD = """
+import sys
+from unittest.mock import patch
+
+import torch
+
+from ngdiff.config import LoraConfig, OptimConfig, ParallelConfig
+from ngdiff.lora import WithAdapters
+from ngdiff.modeling import ModelSource, model_factory
+from parallel.base import DistContext
+from parallel.distributed import init_single_process_group
+from parallel.fsdp import FSDPBackend
+
+builder = WithAdapters(model_factory(sys.argv[1]), LoraConfig(enabled=True, r=4, alpha=8), seed=1234)
+whole = {k: v.clone() for k, v in builder().state_dict().items()}  # today's whole build, on one process
+
+def forbidden(source):
+    raise AssertionError("the base was loaded whole (from_pretrained)")
+
+calls = []
+build_empty = WithAdapters.build_empty
+def counted(self):
+    calls.append(1)
+    return build_empty(self)
+
+ctx = DistContext()
+init_single_process_group(ctx)
+backend = FSDPBackend(ctx, ParallelConfig(backend="fsdp"), OptimConfig(name="sgd"), "fp32")
+with patch.object(ModelSource, "__call__", forbidden), patch.object(WithAdapters, "build_empty", counted):
+    backend.prepare(builder)
+assert calls == [1], calls
+sharded = backend.full_state_dict()
+assert sharded.keys() == whole.keys()
+differ = [k for k in sharded if not torch.equal(sharded[k], whole[k])]
+assert not differ, differ
+trained = {n for n, p in backend.module.named_parameters() if p.requires_grad}
+assert trained and all(".lora_" in n for n in trained)
+lora_a = [v for k, v in sharded.items() if ".lora_A." in k]
+assert lora_a and all(float(v.abs().max()) > 0 for v in lora_a)  # the random half of the initialisation
+print("ok", len(sharded))
+"""
+
+
+def test_fsdp_builds_the_lora_model_on_meta_equal_to_the_whole_build(tiny_model_dir):
+    """FSDP's LoRA model comes from `build_empty` (the base on `meta`, filled from the safetensors; the
+    adapters drawn like peft's whole build) with `from_pretrained` forbidden, and equals the whole build
+    bit for bit, random lora_A included. Run in its own process: it starts a 1-rank process group."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", FSDP_META_LOAD, str(tiny_model_dir)], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith("ok")

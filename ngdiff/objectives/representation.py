@@ -28,6 +28,7 @@ from torch import nn
 
 from ngdiff.errors import UserError
 from ngdiff.objectives.core import IGNORE, Objective
+from parallel.loading import EmptyModel, ModelBuilder
 
 RMU_SEED_OFFSET = 7919  # the direction's generator is seeded with train.seed + this (not the data's seeds)
 
@@ -120,13 +121,18 @@ class TrainOnly:
 
     def __init__(self, build, patterns: tuple[str, ...]):
         self.build, self.patterns = build, tuple(re.compile(p) for p in patterns)
-        self.path = getattr(build, "path", None)
+        self.path = build.path if isinstance(build, ModelBuilder) else None
         self.trust_remote_code = getattr(build, "trust_remote_code", False)
-        if hasattr(build, "build_empty"):  # FSDP's shard-by-shard load from a meta model
-            self.build_empty = lambda: self.freeze(build.build_empty())
 
     def __call__(self) -> nn.Module:
         return self.freeze(self.build())
+
+    def build_empty(self) -> EmptyModel | None:
+        """FSDP's shard-by-shard load from a meta model, where the wrapped builder offers one."""
+        empty = self.build.build_empty() if isinstance(self.build, ModelBuilder) else None
+        if empty is not None:
+            self.freeze(empty.module)
+        return empty
 
     def freeze(self, model: nn.Module) -> nn.Module:
         trained = 0

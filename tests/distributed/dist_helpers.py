@@ -262,11 +262,17 @@ def lora_matrix() -> dict[str, list[str]]:
 
 
 def lora_backend_cases(backend: str) -> list[dict]:
+    """Every `lora_matrix` case, FSDP's loaded shard by shard (the base on `meta`, `from_pretrained` forbidden);
+    an adapter export (`export.lora=adapter`) recording what it gathers; and a crash-and-resume case."""
     cases = [
         {"name": f"{backend}_{name}", "overrides": [f"parallel.backend={backend}", *o]}
         for name, o in lora_matrix().items()
     ]
+    adapter = [f"parallel.backend={backend}", *lora_matrix()["lora_ngdiff_sgd"], "export.lora=adapter"]
+    cases.append({"name": f"{backend}_lora_adapter_export", "overrides": adapter, "record_export": True})
     if backend != "single":  # killed after step 3 (checkpoint at step 2), resumed with train.resume=auto
         resumable = [f"parallel.backend={backend}", *lora_matrix()["lora_ngdiff_adamw_autolr"], "train.save_every=2"]
         cases.append({"name": f"{backend}_lora_resume", "overrides": resumable, "crash_after": 3})
+    for case in cases:
+        case["forbid_whole_model"] = backend == "fsdp"
     return cases

@@ -1,6 +1,7 @@
 """LoRA under the sharded backends: 2 ranks (ddp, fsdp, zero3) equal 1 process (fp32, CPU, gloo), with every
 combiner, AutoLR, and NPO / KL whose reference is the base model with adapters disabled; a resumed run
-equals an uninterrupted one."""
+equals an uninterrupted one. FSDP loads every case shard by shard (`from_pretrained` forbidden); the adapter
+export gathers only the adapters and equals the 1-process one."""
 
 from __future__ import annotations
 
@@ -89,3 +90,22 @@ def test_lora_checkpoint_holds_only_adapters(lora_runs, backend):
     engine = lora_runs / "runs" / f"{backend}_lora_resume" / "checkpoints" / "step_00000002" / "engine"
     keys = checkpoint_model_keys(engine, backend)
     assert keys and all(".lora_" in k for k in keys), [k for k in keys if ".lora_" not in k][:3]
+
+
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
+def test_lora_adapter_export_equals_one_process_and_gathers_only_adapters(lora_runs, backend):
+    from safetensors.torch import load_file
+
+    state, ref_log = load_result(lora_runs, "single_lora_adapter_export")
+    _, log = load_result(lora_runs, f"{backend}_lora_adapter_export")
+    folder = lora_runs / "runs" / f"{backend}_lora_adapter_export" / "final"
+    reference = load_file(lora_runs / "runs" / "single_lora_adapter_export" / "final" / "adapter_model.safetensors")
+    exported = load_file(folder / "adapter_model.safetensors")
+    assert (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists()
+    adapters = [k for k in state if ".lora_" in k]
+    assert len(reference) == len(adapters) > 0 and reference.keys() == exported.keys()
+    assert max(float((exported[k] - reference[k]).abs().max()) for k in reference) <= 1e-5
+    assert max(float(reference[k].abs().max()) for k in reference if ".lora_B." in k) > 1e-4  # trained
+    # what the export asked the engine for: the adapters only, each gathered once (fsdp, zero3: one gather each)
+    assert log["export_names"] == ref_log["export_names"] == adapters
+    assert log["export_gathers"] == (0 if backend == "ddp" else len(adapters))

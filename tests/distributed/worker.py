@@ -5,7 +5,7 @@ Usage (under torchrun, the deepspeed launcher, or plain python for the 1-process
 
 SPEC: {"common": [overrides...], "cases": [{"name": str, "overrides": [...],
         "crash_after": k (optional), "count_collectives": bool (optional),
-        "forbid_whole_model": bool (optional)}]}
+        "forbid_whole_model": bool (optional), "record_export": bool (optional)}]}
 Rank 0 writes OUT_DIR/<name>.pt (the full parameters) and OUT_DIR/<name>.json (per-step metrics,
 collective counts). Process start-up (and DeepSpeed's import) is the slow part, so one launch runs
 many cases.
@@ -118,17 +118,48 @@ def forbidden_whole_load(source) -> None:
     raise AssertionError(f"{source.path} was loaded whole (from_pretrained) instead of shard by shard")
 
 
+def record_export(record: dict):
+    """An `on_trainer` hook: the names the final export asks the backend to gather (`full_tensors`) and the
+    number of `torch.distributed.gather` calls (one per gathered tensor on fsdp and zero3) go to `record`."""
+
+    def hook(trainer) -> None:
+        export, full_tensors = trainer.export, trainer.backend.full_tensors
+        record["export_names"], record["export_gathers"] = [], 0
+        gather = dist.gather
+
+        def counted_gather(*args, **kwargs):
+            record["export_gathers"] += 1
+            return gather(*args, **kwargs)
+
+        def recorded_full_tensors(*args, **kwargs):
+            for name, tensor in full_tensors(*args, **kwargs):
+                record["export_names"].append(name)
+                yield name, tensor
+
+        def recorded_export(directory):
+            with (
+                patch.object(dist, "gather", counted_gather),
+                patch.object(trainer.backend, "full_tensors", recorded_full_tensors),
+            ):
+                return export(directory)
+
+        trainer.export = recorded_export
+
+    return hook
+
+
 def run_measured_case(case: dict, cfg, out: Path, rank: int, ctx, record: dict) -> None:
     name = case["name"]
     counter = CollectiveCounter()
+    on_trainer = record_export(record) if case.get("record_export") else None
     if case.get("count_collectives"):
         record["rank_tokens"] = first_batch_tokens(cfg, ctx)
         with counter:
-            outcome = run_training(cfg, ctx)
+            outcome = run_training(cfg, ctx, on_trainer=on_trainer)
         record["ours_all_reduce"] = counter.ours
         record["engine_all_reduce"] = counter.engine
     else:
-        outcome = run_training(cfg, ctx)
+        outcome = run_training(cfg, ctx, on_trainer=on_trainer)
     record["steps"] = [r.metrics() for r in outcome.results]
     state = outcome.trainer.backend.full_state_dict()
     if rank == 0:
