@@ -178,6 +178,16 @@ class ExportConfig:
 
 
 @dataclass
+class SequenceConfig:
+    """`ngdiff sequence` only: data.forget's files are unlearning requests handled one after another
+    (ngdiff/sequence/, docs/sequence.md). `ngdiff train` refuses these keys: a run is one request."""
+
+    mode: Literal["chain", "replay", "adapters"] = "replay"
+    # replay: the earlier sets' total task weight, shared equally among them (the new set weighs 1)
+    replay_share: float = 0.5
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,6 +199,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
     output_dir: str = "outputs/run"
 
     def to_dict(self) -> dict[str, Any]:
@@ -489,6 +500,19 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
     if not config.output_dir:
         raise ConfigError("output_dir must not be empty")
     validate_lora(config)
+
+
+def refuse_sequence_keys(config: ExperimentConfig, command: str) -> None:
+    """`sequence.*` shapes a series of runs; a single run (`ngdiff train`, a Slurm job of it) ignores nothing
+    silently, so it refuses them."""
+    if config.sequence != SequenceConfig():
+        changed = [f"sequence.{f.name}" for f in dataclasses.fields(SequenceConfig)
+                   if getattr(config.sequence, f.name) != getattr(SequenceConfig(), f.name)]  # fmt: skip
+        raise ConfigError(
+            f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} read by `ngdiff sequence` only; "
+            f"`ngdiff {command}` runs one unlearning request: drop {'it' if len(changed) == 1 else 'them'}, "
+            "or run `ngdiff sequence` with the same config"
+        )
 
 
 def validate_lora(config: ExperimentConfig) -> None:
