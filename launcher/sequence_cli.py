@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -25,6 +27,7 @@ log = logging.getLogger("ngdiff.sequence")
 def run_sequence_command(args: argparse.Namespace) -> int:
     from launcher.logs import setup_logging
     from launcher.run import after_stop, peer_failure_exit, train_in_context
+    from launcher.signals import STOP_SIGNALS, install_stop_handlers
     from ngdiff.sequence.plan import plan_sequence
     from ngdiff.sequence.runner import run_sequence
     from parallel.distributed import init_distributed, shutdown_distributed
@@ -39,19 +42,39 @@ def run_sequence_command(args: argparse.Namespace) -> int:
         if ctx.distributed:
             torch.distributed.barrier()
 
+    # between runs (scoring a model) a stop signal marks this flag, as it marks a trainer during a run
+    between = SimpleNamespace(stop_requested=False)
+
+    def train(run_cfg: ExperimentConfig) -> bool:
+        stopped = train_in_context(run_cfg, ctx, say_next=False)
+        install_stop_handlers(between)  # the run's trainer is gone: its handlers would mark nothing
+        return stopped
+
+    def stop_requested() -> bool:
+        """Whether any rank got a stop signal while scoring (all ranks agree: one all-reduce)."""
+        flag = torch.tensor([float(between.stop_requested)], device=ctx.device)
+        if ctx.distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *STOP_SIGNALS)}
+    install_stop_handlers(between)
     try:
         stopped = run_sequence(
             plan,
             ctx,
-            train=lambda run_cfg: train_in_context(run_cfg, ctx, say_next=False),
+            train=train,
             evaluate=lambda model, sets, folder: evaluate_sets(cfg, ctx, model, sets, folder),
             overwrite=args.overwrite,
             barrier=barrier,
+            stop_requested=stop_requested,
         )
         return after_stop(cfg, ctx) if stopped else 0
     except RuntimeError as err:
         return peer_failure_exit(err, ctx)
     finally:
+        for sig, handler in handlers.items():  # as before the sequence (tests run it in their own process)
+            signal.signal(sig, handler)
         shutdown_distributed()
 
 

@@ -139,7 +139,6 @@ def check_lora_targets(cfg: ExperimentConfig) -> None:
     of plain names), found on the meta device from config.json alone."""
     from transformers import AutoConfig
 
-    from ngdiff.lora import LoraTargetError
     from ngdiff.memory_plan import model_shape
 
     path, lora = cfg.model.path, cfg.model.lora
@@ -148,7 +147,7 @@ def check_lora_targets(cfg: ExperimentConfig) -> None:
     except (OSError, ValueError) as err:
         raise ConfigError(f"sequence.mode=adapters: model.path {path}: cannot read its config ({err})") from None
     if model_shape(hf_config, tuple(lora.target_modules), 1).lora_params == 0:
-        raise LoraTargetError(
+        raise ConfigError(
             f"sequence.mode=adapters: model.path {path} ({hf_config.model_type}) has no Linear module named by "
             f"model.lora.target_modules={list(lora.target_modules)}; set model.lora.target_modules to its "
             "projection names, or use sequence.mode=chain or replay"

@@ -91,8 +91,10 @@ def run_sequence(
     *,
     overwrite: bool = False,
     barrier: Callable[[], None] = lambda: None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> bool:
-    """Every request in order; True when a stop signal ended one early (it resumes with train.resume=auto)."""
+    """Every request in order; True when a stop signal ended one early, or came while a model was scored
+    (`stop_requested`, asked before each request trains): it resumes with train.resume=auto."""
     lock = lock_output_dir(plan.out) if ctx.is_main else None  # one sequence per folder
     try:
         guard_folders(plan, ctx, overwrite, barrier)
@@ -102,6 +104,10 @@ def run_sequence(
             if trained(request.folder):
                 log.info("request %d/%d: finished earlier (%s), not trained again", request.index, t, request.final)
             else:
+                if stop_requested():
+                    log.info("stopping before request %d/%d (a stop signal came while scoring)", request.index, t)
+                    write_outputs(plan, ctx)
+                    return True
                 log.info(
                     "request %d/%d (%s): forgetting %s, starting from %s",
                     request.index,
