@@ -242,3 +242,24 @@ def test_a_stop_signal_while_scoring_stops_before_the_next_request(tiny_model_di
     monkeypatch.setattr(sequence_cli, "evaluate_sets", score)
     assert main(["sequence", *args, "train.resume=auto"]) == 0
     assert [r["evaluated"] for r in json.loads((out / "sequence.json").read_text())["requests"]] == [True, True]
+
+
+def test_adapters_mode_trains_a_merged_lora_adapter_per_request(tiny_model_dir, sets, tmp_path):
+    import yaml
+
+    out = tmp_path / "adapters"
+    args = overrides(tiny_model_dir, sets, out, "sequence.mode=adapters", "optim.lr=1.0", forget="ab")
+    assert main(["sequence", *args]) == 0
+    start = load_file(tiny_model_dir / "model.safetensors")
+    for index in (1, 2):
+        folder = out / f"request_{index}"
+        run = yaml.safe_load((folder / "config.yaml").read_text())
+        assert run["model"]["lora"]["enabled"] is True and run["export"]["lora"] == "merged"
+        assert not (folder / "final" / "adapter_config.json").exists()  # a whole model the next request loads
+        final = final_params(folder)
+        assert final.keys() == start.keys()
+        # the adapters touch the targeted projections only; the embeddings and norms stay as they were
+        changed = {k for k in final if not torch.equal(final[k], start[k])}
+        assert changed and all(k.endswith("proj.weight") for k in changed), changed
+        assert run["model"]["path"] == (str(tiny_model_dir) if index == 1 else str(out / "request_1" / "final"))
+        start = final
