@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from ngdiff import __version__
-from ngdiff.config import ConfigError, load_config, refuse_sequence_keys
+from ngdiff.config import ConfigError, load_config
 from ngdiff.errors import UserError
 
 log = logging.getLogger("ngdiff")
@@ -93,8 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
     from launcher.run import train_from_config
 
     config_path, overrides = split_config_and_overrides(args.items)
-    cfg = load_config(config_path, overrides)
-    refuse_sequence_keys(cfg, "train")
+    cfg = load_config(config_path, overrides, single_run=True)
     return train_from_config(cfg, overwrite=args.overwrite, verbose=args.verbose or cfg.logging.verbose)
 
 

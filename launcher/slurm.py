@@ -25,7 +25,7 @@ from typing import Literal
 
 from launcher.cli import split_config_and_overrides, subcommand
 from launcher.secrets import find_secrets, redact
-from ngdiff.config import ConfigError, ExperimentConfig, load_config, refuse_sequence_keys
+from ngdiff.config import ConfigError, ExperimentConfig, load_config
 from ngdiff.errors import UserError
 
 LAUNCHERS = ("torchrun", "deepspeed")
@@ -278,8 +278,7 @@ def run_slurm(args: argparse.Namespace) -> int:
     )
     opts.validate()  # before the config: option mistakes are the cheapest to report
     config_path, overrides = split_config_and_overrides(args.items)
-    cfg = load_config(config_path, overrides)
-    refuse_sequence_keys(cfg, "slurm")
+    cfg = load_config(config_path, overrides, single_run=True)
     job_id, script = submit(cfg, opts, overwrite=args.overwrite, dry_run=args.dry_run)
     if job_id is None:
         print(script, end="")

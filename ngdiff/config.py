@@ -203,7 +203,12 @@ class ExperimentConfig:
     output_dir: str = "outputs/run"
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        """Plain values; the `sequence` section only when set, so a run's config.yaml (which `ngdiff train`
+        and Slurm jobs read back, refusing sequence keys) and its marker are as they were before sequences."""
+        raw = _plain(dataclasses.asdict(self))
+        if self.sequence == SequenceConfig():
+            del raw["sequence"]
+        return raw
 
 
 def _plain(value: Any) -> Any:
@@ -218,10 +223,15 @@ def _plain(value: Any) -> Any:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, check_sources: bool = True
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    check_sources: bool = True,
+    single_run: bool = False,
 ) -> ExperimentConfig:
     """Read an optional YAML file, apply `key.sub=value` overrides, validate, return typed config.
-    `check_sources=False` skips the model and data paths (`ngdiff plan` reads neither)."""
+    `check_sources=False` skips the model and data paths (`ngdiff plan` reads neither); `single_run=True`
+    refuses `sequence.*` keys, whatever their value (`ngdiff train`: a run is one request)."""
     raw: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -242,6 +252,13 @@ def load_config(
         raw = loaded
     for item in overrides:
         _apply_override(raw, item)
+    if single_run and "sequence" in raw:
+        given = raw["sequence"] if isinstance(raw["sequence"], dict) else {}
+        keys = ", ".join(f"sequence.{key}" for key in given) or "sequence"
+        raise ConfigError(
+            f"{source}: {keys} is read by `ngdiff sequence` only; a single run (ngdiff train, ngdiff slurm submit) "
+            "is one unlearning request: drop it, or run `ngdiff sequence` with the same config"
+        )
     config = _build(ExperimentConfig, raw, prefix="", source=source)
     validate(config, check_sources=check_sources)
     return config
@@ -500,19 +517,6 @@ def validate(config: ExperimentConfig, check_sources: bool = True) -> None:
     if not config.output_dir:
         raise ConfigError("output_dir must not be empty")
     validate_lora(config)
-
-
-def refuse_sequence_keys(config: ExperimentConfig, command: str) -> None:
-    """`sequence.*` shapes a series of runs; a single run (`ngdiff train`, a Slurm job of it) ignores nothing
-    silently, so it refuses them."""
-    if config.sequence != SequenceConfig():
-        changed = [f"sequence.{f.name}" for f in dataclasses.fields(SequenceConfig)
-                   if getattr(config.sequence, f.name) != getattr(SequenceConfig(), f.name)]  # fmt: skip
-        raise ConfigError(
-            f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} read by `ngdiff sequence` only; "
-            f"`ngdiff {command}` runs one unlearning request: drop {'it' if len(changed) == 1 else 'them'}, "
-            "or run `ngdiff sequence` with the same config"
-        )
 
 
 def validate_lora(config: ExperimentConfig) -> None:

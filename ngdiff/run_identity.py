@@ -9,14 +9,13 @@ resume notices rows that changed under the same path; `input_paths` lists what a
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from ngdiff.config import ExperimentConfig, SequenceConfig
+from ngdiff.config import ExperimentConfig
 from ngdiff.secret_formats import mask_values
 
 OUTPUT_PLACEHOLDER = "<output_dir>"
@@ -41,7 +40,6 @@ PATH_KEYS = (
     ("eval", "reference"),
 )
 DATA_KEYS = ("forget", "retain", "idk")
-DEFAULT_SEQUENCE = dataclasses.asdict(SequenceConfig())
 
 
 def resolved(value: str) -> Path:
@@ -73,8 +71,8 @@ def run_record(raw: dict[str, Any], out: Path) -> dict[str, Any]:
     change, with every path in one spelling."""
     record: dict[str, Any] = {}
     for section, values in mask_values(raw).items():
-        if section == "output_dir" or (section == "sequence" and values == DEFAULT_SEQUENCE):
-            continue  # a run outside `ngdiff sequence` records no sequence section, as before it existed
+        if section == "output_dir":
+            continue
         if not isinstance(values, dict):
             record[section] = values
             continue

@@ -106,9 +106,9 @@ def test_the_matrix_is_ngdiff_eval_of_each_requests_final_model_on_each_set(sequ
 
 
 def test_chain_forgets_one_set_per_request_and_replay_all_sets_so_far(sequences, sets):
-    def run_config(mode: str, index: int) -> dict:
-        import yaml
+    import yaml
 
+    def run_config(mode: str, index: int) -> dict:
         return yaml.safe_load((sequences[mode] / f"request_{index}" / "config.yaml").read_text())
 
     assert [run_config("chain", i)["data"]["forget"] for i in (1, 2, 3)] == [[str(sets[n])] for n in "abc"]
@@ -116,6 +116,12 @@ def test_chain_forgets_one_set_per_request_and_replay_all_sets_so_far(sequences,
     assert replayed == [[str(sets["a"])], [str(sets["b"]), str(sets["a"])], [str(sets[n]) for n in "cab"]]
     weights = [run_config("replay", i)["method"]["task_weights"] for i in (1, 2, 3)]
     assert weights == [[], [1.0, 0.5, 1.0], [1.0, 0.25, 0.25, 1.0]]
+    # a request's config.yaml is an ordinary run's: no sequence section, and `ngdiff train` reads it back
+    from ngdiff.config import load_config
+
+    assert "sequence" not in run_config("chain", 2)
+    load_config(sequences["chain"] / "request_2" / "config.yaml", single_run=True)
+    assert yaml.safe_load((sequences["chain"] / "config.yaml").read_text())["sequence"]["mode"] == "chain"
     # request 1 is the same run in both modes; request 2 differs only by replaying set a, and that shows
     chain, replay = sequences["chain"], sequences["replay"]
     assert same_params(final_params(chain / "request_1"), final_params(replay / "request_1"))
@@ -211,14 +217,14 @@ def test_bad_input_is_one_line_before_any_training(tiny_model_dir, sets, tmp_pat
     assert not out.exists()
 
 
-@pytest.mark.parametrize("command", ["train", "slurm"])
-def test_sequence_keys_are_refused_by_a_single_run(tiny_model_dir, sets, tmp_path, capsys, command):
-    args = overrides(tiny_model_dir, sets, tmp_path / "out", "sequence.mode=chain", forget="a")
+@pytest.mark.parametrize(("command", "key"), [("train", "sequence.mode=chain"), ("slurm", "sequence.mode=replay")])
+def test_sequence_keys_are_refused_by_a_single_run(tiny_model_dir, sets, tmp_path, capsys, command, key):
+    args = overrides(tiny_model_dir, sets, tmp_path / "out", key, forget="a")  # the default value too
     slurm = ["slurm", "submit", "--nodes", "1", "--gpus-per-node", "1", "--dry-run"]
     argv = [*slurm, *args] if command == "slurm" else ["train", *args]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"sequence.mode is read by `ngdiff sequence` only; `ngdiff {command}` runs one unlearning request" in err
+    assert "sequence.mode is read by `ngdiff sequence` only; a single run (ngdiff train, ngdiff slurm submit)" in err
     assert not (tmp_path / "out").exists()
 
 
