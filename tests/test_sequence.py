@@ -269,3 +269,14 @@ def test_adapters_mode_trains_a_merged_lora_adapter_per_request(tiny_model_dir, 
         assert changed and all(k.endswith("proj.weight") for k in changed), changed
         assert run["model"]["path"] == (str(tiny_model_dir) if index == 1 else str(out / "request_1" / "final"))
         start = final
+
+
+def test_the_resume_hint_of_a_stopped_sequence_is_the_same_command_with_resume_auto(monkeypatch):
+    from launcher.signals import resume_hint
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    argv = ["sequence", "cfg.yaml", "sequence.mode=chain", "--overwrite", "train.resume=never"]
+    assert (
+        resume_hint(argv)
+        == "resume with train.resume=auto: ngdiff sequence cfg.yaml sequence.mode=chain train.resume=auto"
+    )
