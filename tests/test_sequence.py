@@ -217,6 +217,21 @@ def test_bad_input_is_one_line_before_any_training(tiny_model_dir, sets, tmp_pat
     assert not out.exists()
 
 
+def test_bad_data_in_the_last_request_is_named_before_the_first_trains(tiny_model_dir, sets, tmp_path, capsys):
+    rows = tofu_rows(30)[20:30]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*rows[:6], {"question": "Who?", "answer": ""}, *rows[6:]])
+    small = write_jsonl(tmp_path / "small.jsonl", rows[:3])
+    for third, said in ((bad, f"{bad}"), (small, "holds 3 examples, fewer than train.forget_batch_size=4")):
+        out = tmp_path / third.stem
+        args = overrides(tiny_model_dir, sets, out, forget="ab")
+        args[1] += f",{third}"
+        assert main(["sequence", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("ngdiff: error: request 3 of the sequence"), err
+        assert said in err
+        assert not out.exists()
+
+
 @pytest.mark.parametrize(("command", "key"), [("train", "sequence.mode=chain"), ("slurm", "sequence.mode=replay")])
 def test_sequence_keys_are_refused_by_a_single_run(tiny_model_dir, sets, tmp_path, capsys, command, key):
     args = overrides(tiny_model_dir, sets, tmp_path / "out", key, forget="a")  # the default value too

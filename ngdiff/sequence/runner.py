@@ -65,6 +65,28 @@ def guard_folders(plan: SequencePlan, ctx: DistContext, overwrite: bool, barrier
     barrier()
 
 
+def check_request_data(plan: SequencePlan, ctx: DistContext) -> None:
+    """Every request's tasks built as its run will build them (tokenized, batched), before anything is
+    written: a bad record or a set smaller than its batch in the last request is named before the first
+    trains. The tokenizer is model.path's; each request's final/ carries the same one."""
+    from ngdiff.model_source import loading_from
+    from ngdiff.modeling import load_tokenizer
+    from ngdiff.objectives import build_objectives
+    from ngdiff.tasks import build_tasks
+
+    cfg = plan.cfg
+    with loading_from("model.path", cfg.model.path):
+        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    objectives = build_objectives(
+        cfg.method.forget_objective, cfg.method.retain_objective, method=cfg.method, seed=cfg.train.seed
+    )
+    for request in plan.requests:
+        try:
+            build_tasks(request.cfg, tokenizer, ctx, *objectives)
+        except UserError as err:
+            raise UserError(f"request {request.index} of the sequence ({request.folder}): {err}") from None
+
+
 def score_row(plan: SequencePlan, row: int, model: Path | str, evaluate: Evaluate, barrier: Callable[[], None]) -> None:
     """Evaluate the sets of row `row` not yet on disk (row 0: the starting model)."""
     missing = missing_sets(plan, row)
@@ -95,6 +117,7 @@ def run_sequence(
 ) -> bool:
     """Every request in order; True when a stop signal ended one early, or came while a model was scored
     (`stop_requested`, asked before each request trains): it resumes with train.resume=auto."""
+    check_request_data(plan, ctx)
     lock = lock_output_dir(plan.out) if ctx.is_main else None  # one sequence per folder
     try:
         guard_folders(plan, ctx, overwrite, barrier)
