@@ -93,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
     from launcher.run import train_from_config
 
     config_path, overrides = split_config_and_overrides(args.items)
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, single_run=True)
     return train_from_config(cfg, overwrite=args.overwrite, verbose=args.verbose or cfg.logging.verbose)
 
 
@@ -122,7 +122,7 @@ def _register_optional() -> None:
     """Import the modules that add subcommands (kept optional so a broken extra never hides train)."""
     import importlib
 
-    subcommand_modules = ("attack_cli", "eval_cli", "plan_cli", "plot_cli", "slurm", "study_cli")
+    subcommand_modules = ("attack_cli", "eval_cli", "plan_cli", "plot_cli", "sequence_cli", "slurm", "study_cli")
     for module in (f"launcher.{name}" for name in subcommand_modules):
         try:
             importlib.import_module(module)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def interrupted_hint(args: argparse.Namespace) -> str:
     """What a Ctrl-C outside the training loop leaves: a training run resumes from its newest checkpoint."""
-    if args.command != "train":
+    if args.command not in ("train", "sequence"):
         return "nothing was completed"
     from launcher.signals import resume_hint
 

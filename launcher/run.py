@@ -19,9 +19,6 @@ log = logging.getLogger("ngdiff")
 
 
 def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: bool = False) -> int:
-    from ngdiff.eval.during_training import evaluation_factory
-    from ngdiff.pipeline import run_training
-
     ctx = init_distributed(cfg.parallel.timeout_minutes)
     setup_logging(ctx.rank, verbose)
     logging.getLogger("ngdiff.start").info(
@@ -32,6 +29,21 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: b
         cfg.parallel.backend,
         torch.get_num_threads(),
     )
+    try:
+        stopped = train_in_context(cfg, ctx, overwrite)
+        return after_stop(cfg, ctx) if stopped else 0
+    except RuntimeError as err:
+        return peer_failure_exit(err, ctx)
+    finally:
+        shutdown_distributed()
+
+
+def train_in_context(cfg: ExperimentConfig, ctx, overwrite: bool = False, say_next: bool = True) -> bool:
+    """One run in an initialised process group (`ngdiff train`, or each request of `ngdiff sequence`):
+    lock and check the output folder, train, export. True when a stop signal ended it before its last step."""
+    from ngdiff.eval.during_training import evaluation_factory
+    from ngdiff.pipeline import run_training
+
     run_lock = None
     try:
         run_lock = lock_output_dir(cfg.output_dir) if ctx.is_main else None  # one run per folder, held to the end
@@ -45,27 +57,29 @@ def train_from_config(cfg: ExperimentConfig, overwrite: bool = False, verbose: b
             cfg, ctx, sinks=sinks, evaluate_factory=evaluation_factory(cfg), on_trainer=install_stop_handlers
         )
         stopped = bool(outcome.results) and outcome.results[-1].stop_requested and not outcome.trainer.finished
-        if ctx.is_main and outcome.final_dir is not None:
+        if ctx.is_main and outcome.final_dir is not None and say_next:
             log.info("next: %s", next_commands(cfg, outcome.final_dir))
         if ctx.distributed:  # leave together: a rank tearing down its group while rank 0 still writes
             torch.distributed.barrier()  # its summary once aborted in gloo ("terminate called ...")
-        return after_stop(cfg, ctx) if stopped else 0
-    except RuntimeError as err:
-        if not (ctx.distributed and is_peer_failure(err)):
-            raise
-        log.error(
-            "rank %d/%d: a collective failed because another rank died or stopped answering "
-            "(the launcher's failure report names it); exiting. Cause: %s",
-            ctx.rank,
-            ctx.world_size,
-            str(err).splitlines()[0] if str(err) else type(err).__name__,
-        )
-        return 3
+        return stopped
     finally:
         restore_interrupt()
         if run_lock is not None:
             run_lock.release()
-        shutdown_distributed()
+
+
+def peer_failure_exit(err: RuntimeError, ctx) -> int:
+    """Exit code 3 with one line when a collective failed because a peer died; any other error goes on."""
+    if not (ctx.distributed and is_peer_failure(err)):
+        raise err
+    log.error(
+        "rank %d/%d: a collective failed because another rank died or stopped answering "
+        "(the launcher's failure report names it); exiting. Cause: %s",
+        ctx.rank,
+        ctx.world_size,
+        str(err).splitlines()[0] if str(err) else type(err).__name__,
+    )
+    return 3
 
 
 def next_commands(cfg: ExperimentConfig, final_dir) -> str:

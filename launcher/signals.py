@@ -66,9 +66,11 @@ def restore_interrupt() -> None:
 
 
 def resume_hint(argv: list[str] | None = None) -> str:
-    """How to continue this run: `ngdiff train` as run, with train.resume=auto and without --overwrite."""
+    """How to continue this run: `ngdiff train` (or `ngdiff sequence`) as run, with train.resume=auto and
+    without --overwrite."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "LOCAL_RANK" in os.environ or not argv or argv[0] != "train":  # a launcher's command is not ours to know
+    # a launcher's command (torchrun's) is not ours to know
+    if "LOCAL_RANK" in os.environ or not argv or argv[0] not in ("train", "sequence"):
         return "resume with train.resume=auto added to the same command"
     kept = [a for a in argv if a != "--overwrite" and not a.startswith("train.resume=")]
     return "resume with train.resume=auto: ngdiff " + shlex.join([*kept, "train.resume=auto"])

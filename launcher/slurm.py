@@ -278,7 +278,7 @@ def run_slurm(args: argparse.Namespace) -> int:
     )
     opts.validate()  # before the config: option mistakes are the cheapest to report
     config_path, overrides = split_config_and_overrides(args.items)
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, single_run=True)
     job_id, script = submit(cfg, opts, overwrite=args.overwrite, dry_run=args.dry_run)
     if job_id is None:
         print(script, end="")

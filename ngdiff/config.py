@@ -178,6 +178,16 @@ class ExportConfig:
 
 
 @dataclass
+class SequenceConfig:
+    """`ngdiff sequence` only: data.forget's files are unlearning requests handled one after another
+    (ngdiff/sequence/, docs/sequence.md). `ngdiff train` refuses these keys: a run is one request."""
+
+    mode: Literal["chain", "replay", "adapters"] = "replay"
+    # replay: the earlier sets' total task weight, shared equally among them (the new set weighs 1)
+    replay_share: float = 0.5
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,10 +199,16 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
     output_dir: str = "outputs/run"
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        """Plain values; the `sequence` section only when set, so a run's config.yaml (which `ngdiff train`
+        and Slurm jobs read back, refusing sequence keys) and its marker are as they were before sequences."""
+        raw = _plain(dataclasses.asdict(self))
+        if self.sequence == SequenceConfig():
+            del raw["sequence"]
+        return raw
 
 
 def _plain(value: Any) -> Any:
@@ -207,10 +223,15 @@ def _plain(value: Any) -> Any:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, check_sources: bool = True
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    check_sources: bool = True,
+    single_run: bool = False,
 ) -> ExperimentConfig:
     """Read an optional YAML file, apply `key.sub=value` overrides, validate, return typed config.
-    `check_sources=False` skips the model and data paths (`ngdiff plan` reads neither)."""
+    `check_sources=False` skips the model and data paths (`ngdiff plan` reads neither); `single_run=True`
+    refuses `sequence.*` keys, whatever their value (`ngdiff train`: a run is one request)."""
     raw: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -231,6 +252,13 @@ def load_config(
         raw = loaded
     for item in overrides:
         _apply_override(raw, item)
+    if single_run and "sequence" in raw:
+        given = raw["sequence"] if isinstance(raw["sequence"], dict) else {}
+        keys = ", ".join(f"sequence.{key}" for key in given) or "sequence"
+        raise ConfigError(
+            f"{source}: {keys} is read by `ngdiff sequence` only; a single run (ngdiff train, ngdiff slurm submit) "
+            "is one unlearning request: drop it, or run `ngdiff sequence` with the same config"
+        )
     config = _build(ExperimentConfig, raw, prefix="", source=source)
     validate(config, check_sources=check_sources)
     return config

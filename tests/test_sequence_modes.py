@@ -1,0 +1,29 @@
+"""benchmarks/sequence_modes.py: its table (no model is trained)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.sequence_modes import table  # noqa: E402
+
+
+def record(rouge_after_2: float, retain: float) -> dict:
+    metrics = ("forget_rougeL_recall", "forget_answer_loss", "forget_truth_ratio")
+    utility = {"retain_rougeL_recall": retain, "retain_answer_loss": 0.5}
+    return {
+        "requests": [{}, {}],
+        "before": {"forget": {m: [1.0, 1.0] for m in metrics}, "utility": utility},
+        "matrix": {m: [[0.1, 0.9], [0.2, rouge_after_2]] for m in metrics},
+        "utility": [utility, utility],
+    }
+
+
+def test_table_gives_each_request_row_as_mean_and_half_range_over_seeds():
+    lines = table({("chain", 1): record(0.3, 0.8), ("chain", 2): record(0.5, 0.6)}).splitlines()
+    assert lines[2] == "| before | - | - | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 0.800 | 0.500 |"
+    assert lines[4].startswith("| chain | 2 | request 2 | 0.200 ± 0.000 | 0.400 ± 0.100 |")
+    assert lines[4].endswith("| 0.700 ± 0.100 | 0.500 ± 0.000 |")
