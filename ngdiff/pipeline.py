@@ -187,4 +187,5 @@ def run_training(
     finally:
         for sink in all_sinks:
             sink.finish()
+        trainer.backend.close()  # process-wide engine state (ZeRO-3's zero.Init hook) ends with the run
     return RunOutcome(trainer, results, final_dir)

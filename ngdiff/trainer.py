@@ -1,10 +1,10 @@
 """The unlearning loop. `Trainer.unlearning_step` is the whole method in one function.
 
-The step loops over k tasks (ngdiff/tasks.py): each task's backward, the k - 1 first gradients
-stashed, the last one live. Gradients are taken of each task's loss *sum* (over its units: tokens or
-sequences); the one all-reduce of the step carries the k(k+1)/2 Gram partial sums, the k loss sums
-and the k unit counts, after which every quantity is the mean over the whole global batch. So one
-process and N processes, with or without accumulation, compute the same update, and no count needs its own collective.
+The step loops over k tasks (ngdiff/tasks.py): each task's backward, its gradient taken out of the
+engine; one all-reduce gives the Gram matrix and the losses of the whole global batch; the combiner
+turns them into weights; the gradient becomes sum_i w_i g_i; the optimizer steps. The gradient
+algebra (stash, Gram sums, the packed all-reduce, the in-place combination) is `parallel/grads.py`'s,
+so one process and N processes, with or without accumulation, compute the same update.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from ngdiff.objectives import Objective
 from ngdiff.run_folder import PathGuard
 from ngdiff.schedule import lr_factor, warmup_steps_of
 from ngdiff.tasks import Task, steps_per_epoch
-from parallel.stash import GradientStash
+from parallel.grads import StepGradients
 
 if TYPE_CHECKING:
     from ngdiff.config import ExperimentConfig
@@ -82,37 +82,6 @@ class StepResult:
         if self.autolr is not None:
             out.update(self.autolr.as_metrics())
         return out
-
-
-def upper_pairs(k: int) -> list[tuple[int, int]]:
-    """(i, j), i <= j, row-major: the order of the Gram terms in the step's all-reduce."""
-    return [(i, j) for i in range(k) for j in range(i, k)]
-
-
-def gram_partial_sums(grads: Sequence[Iterable[torch.Tensor]]) -> torch.Tensor:
-    """This rank's contributions to G_ij = <g_i, g_j> (i <= j, row-major upper triangle), in float64.
-
-    The tasks' tensors are walked together, one parameter at a time (a stash yields its tensors one at
-    a time), with one fp32 dot per pair and tensor, stacked and summed once: k(k+1)/2 kernels per
-    tensor (the per-term conversion and accumulation cost more than the dots on a block's small tensors)."""
-    pairs = upper_pairs(len(grads))
-    dots = []
-    for tensors in zip(*grads, strict=True):
-        flat = [t.reshape(-1) for t in tensors]
-        dots += [torch.dot(flat[i], flat[j]) for i, j in pairs]
-    if not dots:
-        return torch.zeros(len(pairs), dtype=torch.float64)
-    return torch.stack(dots).view(-1, len(pairs)).double().sum(0)
-
-
-def gram_matrix(upper: Sequence[float], counts: Sequence[float]) -> tuple[tuple[float, ...], ...]:
-    """The Gram matrix of the tasks' mean-loss gradients from the all-reduced upper triangle of the
-    loss-sum gradients: G_ij = P_ij / (n_i n_j)."""
-    k = len(counts)
-    gram = [[0.0] * k for _ in range(k)]
-    for (i, j), value in zip(upper_pairs(k), upper, strict=True):
-        gram[i][j] = gram[j][i] = value / (counts[i] * counts[j])
-    return tuple(tuple(row) for row in gram)
 
 
 def input_tokens(micro_batches: Sequence[MicroBatch]) -> int:
@@ -185,52 +154,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ the method
     def unlearning_step(self) -> StepResult:
-        backend = self.backend
-        k = len(self.tasks)
+        backend, parallel = self.backend, self.cfg.parallel
         backend.zero_grad()
-        parallel = self.cfg.parallel
-        batches, sums, counts, stashes = [], [], [], []
-        for index, task in enumerate(self.tasks):
+        grads = StepGradients(backend, len(self.tasks), parallel.stash_dtype, parallel.stash_offload)
+        batches, sums, counts = [], [], []
+        for task in self.tasks:  # g_i: each task's backward, taken out of the engine (the last stays live)
             batches.append(task.stream.next())
             loss_sum, count = self.accumulate(task.objective, batches[-1])
             sums.append(loss_sum)
             counts.append(count)
-            if index < k - 1:
-                stashes.append(GradientStash.take(backend, parallel.stash_dtype, parallel.stash_offload))
-        live = backend.local_grads()  # the last task's: the combination is written here, in place
-
-        partial = gram_partial_sums([*map(backend.inner_product_views, stashes), backend.inner_product_views(live)])
+            grads.take()
         local_tokens = sum(input_tokens(b) for t, b in zip(self.tasks, batches, strict=True) if t.objective is not None)
-        extra = torch.tensor([*counts, float(self.stop_requested), local_tokens], dtype=torch.float64)
-        device = backend.ctx.device
-        totals = backend.all_reduce_sum(torch.cat([partial.to(device), torch.stack(sums), extra.to(device)]))
-        values = totals.tolist()
-        n_pairs = len(upper_pairs(k))
-        upper, loss_sums = values[:n_pairs], values[n_pairs : n_pairs + k]
-        units = [max(n, 1.0) for n in values[n_pairs + k : n_pairs + 2 * k]]
-        stop, tokens = values[n_pairs + 2 * k :]
-        stats = TaskStats(
-            gram_matrix(upper, units),
-            tuple(total / n for total, n in zip(loss_sums, units, strict=True)),
-            self.roles,
-            self.step_index,
-        )
+        reduced = grads.reduce(sums, counts, [float(self.stop_requested), local_tokens])  # the one all-reduce
+        stop, tokens = reduced.extras
+        stats = TaskStats(reduced.gram, reduced.losses, self.roles, self.step_index)
         require_finite(self.step_index + 1, step_quantities(self.names, stats))  # all-reduced: every rank raises
         weights = scaled(self.combine(stats, self.combiner_options), self.task_weights)
         weights = clip_weights(weights, stats, self.cfg.optim.max_grad_norm)
         require_finite(self.step_index + 1, dict(zip((f"w_{name}" for name in self.names), weights, strict=True)))
-        torch._foreach_mul_(live, weights[-1] / units[-1])
-        for stash, weight, n in zip(stashes, weights[:-1], units[:-1], strict=True):
-            stash.add_to(live, weight / n)
-        backend.set_local_grads(live)
-        del stashes
+        grads.combine(weights)  # d = sum_i w_i g_i, written in place as the engine's gradient
 
         record = None
         factor = self.lr_factor()
         if self.autolr.due(self.step_index) and factor > 0:
-            # [sum_i, units_i] per task at theta_before, from the step's own forward
-            order = [index for i in range(k) for index in (n_pairs + i, n_pairs + k + i)]
-            record = self.autolr_step(weights, batches, totals[order], factor)
+            record = self.autolr_step(weights, batches, reduced.loss_rows, factor)
         else:
             backend.step(self.lr * factor)
         return StepResult(stats, weights, self.lr * factor, record, stop > 0, self.names, input_tokens=tokens)

@@ -2,7 +2,7 @@
 
 The trainer speaks only this: it never knows which engine runs, and the engines never know which
 unlearning method runs. "Local" tensors are this rank's shard (the whole tensor on one process or
-under DDP); a global inner product is the all-reduced sum of the per-rank `inner_product_views`.
+under DDP); the gradient algebra on them lives in `parallel/grads.py`.
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ class Backend(ABC):
     name: str = "base"
     # parameters live in per-rank shards: every forward pass is a collective, so ranks must run equally many
     shards_parameters: bool = False
+    # the gradient algebra's questions (parallel/grads.py): every rank holds the whole reduced gradient
+    # (DDP), and `zero_grad` lets go of the gradient tensors (a stash may keep them without a copy)
+    replicates_grads: bool = False
+    releases_grads: bool = False
 
     def __init__(self, ctx: DistContext, parallel_cfg: ParallelConfig, optim_cfg: OptimConfig, precision: str):
         defer_deepspeed_import()
@@ -124,30 +128,14 @@ class Backend(ABC):
 
     @abstractmethod
     def local_grads(self) -> list[torch.Tensor]:
-        """This rank's (reduced) gradient shards, fp32. Writes go back with `set_local_grads`."""
-
-    def take_local_grads(self) -> list[torch.Tensor]:
-        """This rank's gradient shards, kept aside, with the engine's gradients zeroed for the next
-        backward. Default: a copy, then `zero_grad`. Engines whose `zero_grad` lets go of the gradient
-        tensors hand the tensors themselves over (no copy, no extra traffic)."""
-        grads = [g.detach().clone() for g in self.local_grads()]
-        self.zero_grad()
-        return grads
+        """This rank's (reduced) gradient shards, fp32. Writes go back with `set_local_grads`; the step's
+        algebra on them (stash, Gram sums, combination) is `parallel.grads`'s."""
 
     def set_local_grads(self, grads: list[torch.Tensor]) -> None:
         """Make `grads` the gradients the next `step` uses (no-op when they alias the engine's)."""
         for live, new in zip(self.local_grads(), grads, strict=True):
             if live.data_ptr() != new.data_ptr():
                 live.copy_(new)
-
-    def inner_product_views(self, tensors: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
-        """The part of `tensors` whose inner products this rank adds to the global sums.
-
-        Sharded engines: the whole local shard. Replicated gradients (DDP) override this with a
-        1/world_size slice, so the all-reduce of the partial sums still gives each term once. Whatever
-        iterable comes in goes out (a stash converts its tensors one at a time as they are consumed).
-        """
-        return tensors
 
     # --- parameters and optimizer ----------------------------------------------------------------
     @abstractmethod
@@ -176,6 +164,10 @@ class Backend(ABC):
     def barrier(self) -> None:
         if self.ctx.distributed:
             torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Let go of process-wide state the engine set up (ZeRO-3's zero.Init hook into transformers), so
+        that a later model in this process is built normally. Called at the end of a run."""
 
     # --- checkpoints and export ----------------------------------------------------------------
     @abstractmethod

@@ -1,7 +1,7 @@
 """DistributedDataParallel: every rank holds the whole model and, after backward, the averaged gradient.
 
 Gradients are replicated, so each rank adds only a 1/world_size slice of them to the Gram partial
-sums (`inner_product_views`): the all-reduce then counts every term exactly once, with half the dot
+sums (`parallel.grads.own_slice`): the all-reduce then counts every term exactly once, with half the dot
 products per rank instead of all of them twice. Everything else is the single-process backend.
 """
 
@@ -25,6 +25,7 @@ NO_BUFFER_SYNC = (
 
 class DDPBackend(SingleBackend):
     name = "ddp"
+    replicates_grads = True  # parallel/grads.py adds a 1/world_size slice per rank to the Gram sums
 
     def prepare(self, build_model, gradient_checkpointing=False):
         super().prepare(build_model, gradient_checkpointing)
@@ -36,10 +37,6 @@ class DDPBackend(SingleBackend):
     def micro_batch(self, *, last):
         # no_sync must cover the forward too: DDP arms its reducer there
         return nullcontext() if last else self.model.no_sync()
-
-    def inner_product_views(self, tensors):
-        rank, world = self.ctx.rank, self.ctx.world_size
-        return [t.reshape(-1).tensor_split(world)[rank] for t in tensors]
 
     def save_checkpoint(self, directory: Path):
         if self.ctx.is_main:  # replicated state: rank 0 writes one file, every rank reads it

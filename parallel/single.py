@@ -17,6 +17,7 @@ class SingleBackend(Backend):
     forward passes call (the same object here, a wrapper in subclasses such as DDP)."""
 
     name = "single"
+    releases_grads = True  # zero_grad drops the tensors: a stash may keep them
 
     def prepare(self, build_model, gradient_checkpointing=False):
         module = build_model().to(self.ctx.device)
@@ -40,11 +41,6 @@ class SingleBackend(Backend):
         # drop the tensors: the next backward writes fresh gradients instead of adding into zeroed ones
         for p in self.params:
             p.grad = None
-
-    def take_local_grads(self):
-        grads = self.local_grads()
-        self.zero_grad()  # the engine lets go of them: the caller owns these tensors now
-        return grads
 
     def local_grads(self):
         return grads_of(self.params)

@@ -1,4 +1,4 @@
-"""The retain-gradient stash: one copy of this rank's gradient shards, kept aside while the forget
+"""The gradient stash: one copy of this rank's gradient shards, kept aside while the forget
 gradient is computed (NGDiff needs both at once for the Gram matrix and the combination).
 
 It is the largest buffer NGDiff adds over plain training (one gradient shard), so it can be kept in
@@ -37,18 +37,6 @@ class GradientStash:
             self.tensors = [_host_copy(g, self.dtype) for g in grads]
         else:
             self.tensors = [g.detach().to(self.dtype, copy=not owned) for g in grads]
-
-    @classmethod
-    def take(cls, backend, dtype: str = "fp32", offload: bool = False) -> GradientStash:
-        """This rank's gradient shards taken out of `backend`, whose gradients are left zeroed for the next
-        backward. The default stash is `backend.take_local_grads()` (the engine's own tensors where it lets
-        go of them, else one copy); a bf16 or offloaded one converts the live gradients directly, with no
-        fp32 copy in between."""
-        if dtype == "fp32" and not offload:
-            return cls(backend.take_local_grads(), owned=True)
-        stash = cls(backend.local_grads(), dtype, offload)
-        backend.zero_grad()
-        return stash
 
     def __len__(self) -> int:
         return len(self.tensors)

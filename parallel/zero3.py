@@ -236,6 +236,10 @@ class Zero3Backend(Backend):
 
         return [safe_get_local_grad(p) for p in self.params]
 
+    def close(self):
+        # transformers holds the HfDeepSpeedConfig by weak reference only: dropping ours ends zero.Init builds
+        self._hf_ds_config = None
+
     def set_local_grads(self, grads):
         from deepspeed.utils import safe_set_local_grad
 
