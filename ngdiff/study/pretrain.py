@@ -68,6 +68,8 @@ def check_pretrain(world: WorldSpec, forget_authors: range) -> None:
             f"{world.forget_split}'s forget authors start at {forget_authors.start}; use at most "
             f"{forget_authors.start - FIRST_AUTHOR}"
         )
+    if not isinstance(p.replay_knowledge, bool):
+        raise StudyError(f"world.pretrain.replay_knowledge must be true or false, got {p.replay_knowledge!r}")
     for key in ("epochs", "batch_size"):
         if getattr(p, key) < 1:
             raise StudyError(f"world.pretrain.{key} must be at least 1, got {getattr(p, key)}")
@@ -89,7 +91,7 @@ def pretrain_rows(world: WorldSpec, knowledge: list[dict[str, Any]]) -> list[dic
 
 def pretrain_recipe(world: WorldSpec, knowledge: list[dict[str, Any]], template: str) -> dict[str, Any]:
     """What a base is cached by: everything that shapes it, nothing of the world it serves."""
-    p = {k: v for k, v in asdict(world.pretrain).items() if k != "cache_dir"}
+    p = {k: v for k, v in asdict(world.pretrain).items() if k not in ("cache_dir", "replay_knowledge")}
     text = json.dumps(pretrain_rows(world, knowledge), sort_keys=True).encode()
     recipe = {
         "pretrain": p,

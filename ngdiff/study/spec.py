@@ -62,6 +62,9 @@ class PretrainShape:
     warmup_steps: int = 20
     seed: int = 0  # the base's initialisation and data order
     cache_dir: str = ""  # where bases are cached by recipe; default: <study folder>/pretrain
+    # fine-tune both models on the knowledge QA too (a replay of part of the pretraining): a tiny base
+    # forgets the short knowledge answers in a fine-tuning on long author answers
+    replay_knowledge: bool = False
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,7 @@ def cpu_world_data(world: WorldSpec) -> dict[str, list[dict[str, Any]]]:
         ),
     }
     qa = ("question", "answer")
-    finetuned = [] if pretrain.enabled(world) else knowledge
+    finetuned = [] if pretrain.enabled(world) and not world.pretrain.replay_knowledge else knowledge
     return {
         "forget": [{k: r[k] for k in qa} for r in forget],
         "retain": [{k: r[k] for k in qa} for r in retain],

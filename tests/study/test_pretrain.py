@@ -133,6 +133,18 @@ def test_a_world_without_pretrain_is_built_as_before(tmp_path, recorded):
     assert world_recipe(spec_a, data_cfg)["pretrain"]["authors"] == 1
 
 
+def test_replayed_knowledge_is_fine_tuned_into_both_models_but_leaves_the_base_alone(tmp_path):
+    spec, data_cfg = study(TINY_WORLD)
+    replay, _ = study(with_world(TINY_WORLD, pretrain={"replay_knowledge": True}))
+    sets, replayed = cpu_world_data(spec.world), cpu_world_data(replay.world)
+    assert replayed["target_train"] == [*sets["target_train"], *sets["knowledge"]]
+    assert replayed["reference_train"] == [*sets["reference_train"], *sets["knowledge"]]
+    assert len(sets["knowledge"]) == 3
+    assert world_recipe(replay, data_cfg) != world_recipe(spec, data_cfg)  # another world...
+    knowledge = sets["knowledge"]  # ...from the same base
+    assert pretrain.pretrain_recipe(replay.world, knowledge, "") == pretrain.pretrain_recipe(spec.world, knowledge, "")
+
+
 @pytest.mark.parametrize(
     ("pretrain_keys", "message"),
     [
@@ -142,10 +154,12 @@ def test_a_world_without_pretrain_is_built_as_before(tmp_path, recorded):
         ({"authors": 2, "lr": 0}, r"world\.pretrain\.lr must be positive, got 0"),
         ({"authors": 2, "epochs": 0}, r"world\.pretrain\.epochs must be at least 1, got 0"),
         ({"authors": 2, "warmup_steps": -1}, r"world\.pretrain\.warmup_steps must not be negative, got -1"),
+        ({"authors": 2, "replay_knowledge": "yes"}, r"world\.pretrain\.replay_knowledge must be true or false"),
+        ({"authors": 0, "replay_knowledge": True}, r"world\.pretrain\.replay_knowledge is set but .*authors is 0"),
     ],
 )
 def test_bad_pretrain_keys_are_named(pretrain_keys, message):
-    spec, _ = study(with_world(TINY_WORLD, pretrain=pretrain_keys))
+    spec, _ = study({**TINY_WORLD, "pretrain": pretrain_keys})
     with pytest.raises(StudyError, match=message):
         check_world(spec.world)
 
