@@ -49,6 +49,11 @@ def test_the_quick_worlds_tokenizer_knows_every_evaluation_answer_token():
     assert unseen_token_share(tokenizer, seen, forget_eval) <= 0.01
 
 
+def test_the_default_world_declares_tofus_regime_as_its_bounds():
+    world = parse_study(yaml.safe_load((CONFIG_DIR / "default.yaml").read_text())).world
+    assert world.calibration == CalibrationBounds((0.3, 0.5), (0.25, 0.5), 0.03, 0.01, 0.05)
+
+
 def write_world(folder: Path, spec, data_cfg, figures: dict) -> Path:
     """A hand-made world.json: the spec's recipe, the given calibration figures, no models."""
     folder.mkdir(parents=True)
