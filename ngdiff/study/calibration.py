@@ -144,13 +144,17 @@ BOUNDS = {
 
 
 def check_bounds(bounds: CalibrationBounds) -> None:
-    """Each declared range is two numbers, low <= high; each maximum is not negative."""
+    """Each declared range is two numbers, low <= high; each maximum is a number, not negative."""
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
     for key, (_, kind) in BOUNDS.items():
         value = getattr(bounds, key)
-        if kind == "range" and value and (len(value) != 2 or not value[0] <= value[1]):
+        if kind == "range" and value and (len(value) != 2 or not all(map(number, value)) or value[0] > value[1]):
             raise StudyError(f"world.calibration.{key} must be [low, high] with low <= high, got {list(value)}")
-        if kind == "max" and value is not None and value < 0:
-            raise StudyError(f"world.calibration.{key} must not be negative, got {value}")
+        if kind == "max" and value is not None and (not number(value) or value < 0):
+            raise StudyError(f"world.calibration.{key} must be a number >= 0, got {value!r}")
 
 
 def calibration_errors(figures: dict[str, float | None], bounds: CalibrationBounds) -> list[str]:

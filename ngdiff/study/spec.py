@@ -39,13 +39,32 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class FinetuneShape:
-    """How the target and the retain model are fine-tuned (identically, from the same initialisation)."""
+    """How the target and the retain model are fine-tuned (identically, from the same initialisation: the
+    pretraining base, or a random one)."""
 
     epochs: int = 60
     lr: float = 3e-3
     batch_size: int = 16
     warmup_steps: int = 20
-    seed: int = 0
+    seed: int = 0  # data order, and the initialisation of a world without a pretraining base
+
+
+@dataclass(frozen=True)
+class PretrainShape:
+    """The CPU world's shared "pretraining" base (ngdiff.study.pretrain): a few epochs, not to memorisation,
+    on `authors` other TOFU authors and the world's knowledge QA; the target and the retain model are then
+    fine-tuned from it. `authors: 0` (the default): no base, both models fine-tuned from scratch."""
+
+    authors: int = 0  # TOFU authors 20, 21, ...: never a retain author (0..19) nor a forget split's
+    epochs: int = 5
+    lr: float = 3e-3
+    batch_size: int = 16
+    warmup_steps: int = 20
+    seed: int = 0  # the base's initialisation and data order
+    cache_dir: str = ""  # where bases are cached by recipe; default: <study folder>/pretrain
+    # fine-tune both models on the knowledge QA too (a replay of part of the pretraining): a tiny base
+    # forgets the short knowledge answers in a fine-tuning on long author answers
+    replay_knowledge: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,10 +101,11 @@ class WorldSpec:
     forget_authors: tuple[int, ...] = ()  # only these authors of the split (0 = its first), e.g. [2, 3]
     second_retain_seed: int = -1  # >= 0: a second retain model, fine-tuned with this seed (forget ceiling)
     retain_authors: int = 10  # the first N TOFU authors (covered by the bundled retain_perturbed.jsonl)
-    knowledge: tuple[str, ...] = ("real_authors", "world_facts")  # fine-tuned, never in the retain set
-    knowledge_items: int = 0  # fine-tune on N evenly spaced items of each knowledge set (0: all of them)
+    knowledge: tuple[str, ...] = ("real_authors", "world_facts")  # trained on, never in the retain set
+    knowledge_items: int = 0  # train on N evenly spaced items of each knowledge set (0: all of them)
     model: ModelShape = field(default_factory=ModelShape)
     finetune: FinetuneShape = field(default_factory=FinetuneShape)
+    pretrain: PretrainShape = field(default_factory=PretrainShape)  # authors 0: no pretraining base
     eval_items: EvalItems = field(default_factory=EvalItems)
     calibration: CalibrationBounds = field(default_factory=CalibrationBounds)  # checked after the build
     # cluster world

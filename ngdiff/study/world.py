@@ -22,6 +22,7 @@ from typing import Any
 
 from ngdiff import TOFU_DIR
 from ngdiff.locks import FolderLock, Holder, try_lock
+from ngdiff.study import pretrain
 from ngdiff.study.calibration import (
     answer_lengths,
     assert_calibrated,
@@ -118,6 +119,7 @@ def check_world(world: WorldSpec) -> None:
     if world.second_retain_seed < -1:
         raise StudyError(f"world.second_retain_seed must be a seed >= 0 (or -1: none), got {world.second_retain_seed}")
     check_bounds(world.calibration)
+    pretrain.check_pretrain(world, split_authors(world.forget_split))
 
 
 def split_authors(split: str) -> range:
@@ -155,13 +157,15 @@ def world_recipe(spec: StudySpec, data_cfg) -> dict[str, Any]:
     every load, so changing a bound needs no rebuild), plus the formatting and the tokenizer's recipe."""
     defaults = asdict(WorldSpec())
     recipe = {k: v for k, v in asdict(spec.world).items() if k not in ("cache_dir", "calibration")}
-    for key in ("forget_authors", "second_retain_seed"):  # worlds cached before these keys existed still match
+    recipe["pretrain"].pop("cache_dir")  # where bases are cached does not change them
+    del defaults["pretrain"]["cache_dir"]
+    for key in ("forget_authors", "second_retain_seed", "pretrain"):  # worlds cached before these keys still match
         if recipe[key] == defaults[key]:
             del recipe[key]
     if data_cfg.prompt_template:  # the CPU world is fine-tuned, and every world evaluated, with it
         recipe["prompt_template"] = data_cfg.prompt_template
     if spec.world.kind == "cpu":
-        recipe["tokenizer"] = TOKENIZER_RECIPE
+        recipe["tokenizer"] = pretrain.TOKENIZER_RECIPE if pretrain.enabled(spec.world) else TOKENIZER_RECIPE
     return json.loads(json.dumps(recipe))
 
 
@@ -186,7 +190,7 @@ def load_or_build(spec: StudySpec, study_dir: Path, data_cfg, progress: bool = T
         folder.mkdir(parents=True, exist_ok=True)
         (folder / RECIPE_FILE).write_text(json.dumps({"recipe": recipe}, indent=1))
         if spec.world.kind == "cpu":
-            record = build_cpu_world(spec.world, folder, data_cfg, progress)
+            record = build_cpu_world(spec.world, folder, data_cfg, progress, study_dir)
         else:
             record = prepare_cluster_world(spec.world, folder, data_cfg)
         record["recipe"] = recipe
@@ -208,7 +212,8 @@ def _world_from_record(folder: Path, record: dict[str, Any]) -> World:
 
 
 def cpu_world_data(world: WorldSpec) -> dict[str, list[dict[str, Any]]]:
-    """The CPU world's row sets: training sets of both models, the unlearning sets, the evaluation sets."""
+    """The CPU world's row sets: training sets of both models, the unlearning sets, the evaluation sets.
+    With a pretraining base, the knowledge QA is the base's (`knowledge`), not the fine-tuning's."""
     full = read_jsonl(TOFU_DIR / "full.jsonl")
     authors = forget_authors(world)
 
@@ -237,11 +242,13 @@ def cpu_world_data(world: WorldSpec) -> dict[str, list[dict[str, Any]]]:
         ),
     }
     qa = ("question", "answer")
+    finetuned = [] if pretrain.enabled(world) and not world.pretrain.replay_knowledge else knowledge
     return {
         "forget": [{k: r[k] for k in qa} for r in forget],
         "retain": [{k: r[k] for k in qa} for r in retain],
-        "target_train": [{k: r[k] for k in qa} for r in [*retain, *forget, *knowledge]],
-        "reference_train": [{k: r[k] for k in qa} for r in [*retain, *knowledge]],
+        "knowledge": [{k: r[k] for k in qa} for r in knowledge],
+        "target_train": [{k: r[k] for k in qa} for r in [*retain, *forget, *finetuned]],
+        "reference_train": [{k: r[k] for k in qa} for r in [*retain, *finetuned]],
         **evaluation,
     }
 
@@ -288,8 +295,11 @@ def build_each(folders: dict[str, Path], build, poll: float = 5.0) -> None:
             time.sleep(poll)
 
 
-def build_cpu_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune the target and the retain model, evaluate both; return the record world.json keeps."""
+def build_cpu_world(
+    world: WorldSpec, folder: Path, data_cfg, progress: bool = True, study_dir: Path | None = None
+) -> dict[str, Any]:
+    """Fine-tune the target and the retain model (from the pretraining base, when the world has one:
+    cached under `study_dir`), evaluate both; return the record world.json keeps."""
     from ngdiff.data import encode_task
     from ngdiff.finetune import FinetuneConfig, finetune
     from ngdiff.modeling import TinyLlamaSpec, build_tiny_model, load_tokenizer
@@ -309,12 +319,20 @@ def build_cpu_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = T
     )
     template = data_cfg.prompt_template
     base = folder / "base"
+    seen_rows = sets["target_train"]  # the text whose tokens the models were trained on
+    base_info: dict[str, Any] = {}
+    if pretrain.enabled(world):
+        base, base_info = pretrain.pretrained_base(
+            world, study_dir or folder.parent, sets["knowledge"], data_cfg, progress
+        )
+        seen_rows = [*pretrain.pretrain_rows(world, sets["knowledge"]), *seen_rows]
+    else:
 
-    def build_base(_: str) -> None:
-        tokenizer = train_world_tokenizer(sets["target_train"], shape.vocab_size, template)
-        build_tiny_model(base, [], spec, seed=world.finetune.seed, tokenizer=tokenizer)
+        def build_base(_: str) -> None:
+            tokenizer = train_world_tokenizer(sets["target_train"], shape.vocab_size, template)
+            build_tiny_model(base, [], spec, seed=world.finetune.seed, tokenizer=tokenizer)
 
-    build_each({"base": base}, build_base)
+        build_each({"base": base}, build_base)
     tokenizer = load_tokenizer(str(base))
     ft = world.finetune
     models = dict(WORLD_MODELS)
@@ -341,7 +359,7 @@ def build_cpu_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = T
     )
     forget_eval = sets[f"{world.forget_split}_perturbed.jsonl"]
     lengths = answer_lengths(tokenizer, forget_eval, template)
-    seen = training_token_ids(tokenizer, sets["target_train"], template)
+    seen = training_token_ids(tokenizer, seen_rows, template)
     calibration = calibration_figures(
         target_metrics,
         reference_metrics,
@@ -379,6 +397,7 @@ def build_cpu_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = T
             "max": max(lengths, default=0),
         },
         "build_seconds": round(time.time() - started, 1),
+        **({"pretrain": base_info} if base_info else {}),
     }
     return {
         "overrides": overrides,
