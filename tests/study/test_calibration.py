@@ -50,8 +50,10 @@ def test_the_quick_worlds_tokenizer_knows_every_evaluation_answer_token():
 
 
 def test_the_default_world_declares_tofus_regime_as_its_bounds():
+    # retain_forget_rougeL starts at 0.05, below TOFU's 0.25: the default world's retain model reaches 0.10
+    # (docs/study.md); every other bound is TOFU's regime
     world = parse_study(yaml.safe_load((CONFIG_DIR / "default.yaml").read_text())).world
-    assert world.calibration == CalibrationBounds((0.3, 0.5), (0.25, 0.5), 0.03, 0.01, 0.05)
+    assert world.calibration == CalibrationBounds((0.3, 0.5), (0.05, 0.5), 0.03, 0.01, 0.05)
 
 
 def write_world(folder: Path, spec, data_cfg, figures: dict) -> Path:
