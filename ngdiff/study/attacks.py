@@ -34,7 +34,7 @@ from typing import Any
 from ngdiff.study.endpoints import median
 from ngdiff.study.inference import Comparison, Verdict, verdicts
 from ngdiff.study.results import Row, _number
-from ngdiff.study.spec import StudyError
+from ngdiff.study.spec import BASE_WORLD, StudyError
 
 log = logging.getLogger("ngdiff.study")
 
@@ -176,16 +176,16 @@ def world_data(world_dir: Path, record: dict[str, Any], prompt_template: str) ->
     return WorldData(retain, forget, holdout, max_new_tokens, prompt_template)
 
 
-def score_folder(model_dir: Path, data: WorldData, settings: AttackSettings) -> dict[str, float]:
+def score_folder(model_dir: Path, data: WorldData, retain_model, settings: AttackSettings) -> dict[str, float]:
+    """score_model on a model folder against the world's (already loaded) retain model."""
     import torch
 
     torch.manual_seed(0)
     model, tokenizer = _load(model_dir)
-    retain, _ = _load(data.retain_model)
     return score_model(
         model,
         tokenizer,
-        retain,
+        retain_model,
         str(model_dir),
         data.forget,
         data.holdout,
@@ -199,15 +199,9 @@ def score_folder(model_dir: Path, data: WorldData, settings: AttackSettings) -> 
 
 
 def read_attack_rows(path: Path) -> list[Row]:
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise StudyError(f"{path}:{number}: not a JSON row ({err.msg})") from None
-    return rows
+    from ngdiff.metrics_log import read_jsonl
+
+    return read_jsonl(path) if path.is_file() else []
 
 
 def check_settings(rows: Iterable[Row], settings: AttackSettings, path: Path) -> None:
@@ -243,15 +237,19 @@ def attack_study(study_dir: Path, settings: AttackSettings, progress: bool = Tru
         raise StudyError(f"{study_dir}: no finished {verdict_stage} runs at a selected lr to attack yet")
     template = _prompt_template(spec)
     scored = {(r.get("world"), r.get("run")) for r in rows}
-    jobs = [(d.get("world", "base"), d["dir"].name, d) for d in todo]
+    jobs = [(d.get("world", BASE_WORLD), d["dir"].name, d) for d in todo]
     jobs = [(w, YARDSTICK, None) for w in sorted({w for w, _, _ in jobs})] + jobs
     jobs = [j for j in jobs if (j[0], j[1]) not in scored]
+    worlds: dict[str, tuple[WorldData, Any]] = {}  # each world's items read and retain model loaded once
     bar = tqdm(total=len(jobs), desc="study attack", unit="model", disable=not progress, dynamic_ncols=True)
     for world, run, done in jobs:
-        data = world_data(world_dir(spec, world, study_dir), records[world], template)
+        if world not in worlds:
+            data = world_data(world_dir(spec, world, study_dir), records[world], template)
+            worlds[world] = (data, _load(data.retain_model)[0])
+        data, retain_model = worlds[world]
         model_dir = data.retain_model if done is None else selected_model(done["dir"])
         bar.set_postfix_str(run)
-        values = score_folder(model_dir, data, settings)
+        values = score_folder(model_dir, data, retain_model, settings)
         row = {"world": world, "run": run, "settings": asdict(settings), "forget_items": len(data.forget), **values}
         if done is not None:
             row |= {k: done[k] for k in ("stage", "method", "lr", "seed")}
