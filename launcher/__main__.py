@@ -1,3 +1,3 @@
-from launcher.cli import main
+from launcher.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

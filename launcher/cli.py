@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry() -> int:
+    """The `ngdiff` command (and `python -m launcher`): `main`, then leave; a rank of a distributed run
+    exits without interpreter finalization (`parallel.distributed.leave` says why)."""
+    from parallel.distributed import leave
+
+    return leave(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -38,12 +41,35 @@ def init_distributed(timeout_minutes: float = 10.0) -> DistContext:
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=timedelta(minutes=timeout_minutes),
         )
+        global _joined_group
+        _joined_group = True
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+_joined_group = False  # this process joined a multi-rank group (see `leave`)
+
+
 def shutdown_distributed() -> None:
+    """Destroy the process group (no collective: a peer may be gone). Callers that finished together meet
+    at a barrier first (`launcher.run.train_in_context`)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(code: int) -> int:
+    """End a process that joined a multi-rank group with `code`, skipping interpreter finalization.
+
+    Everything ngdiff writes is closed by now (files, sinks, the group). What finalization would still run
+    is the C++ teardown of torch.distributed, gloo and DeepSpeed objects, whose order is not defined: it
+    aborts now and then ("terminate called without an active exception", exit -6) after a run that
+    succeeded, and the launcher then reports the whole job as failed. A one-process run returns normally."""
+    if not _joined_group:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to say
+            stream.flush()
+    os._exit(code)
 
 
 def init_single_process_group(ctx: DistContext) -> None:
