@@ -132,7 +132,7 @@ def run_arm(args: argparse.Namespace, paths: dict[str, Path], arm: str, seed: in
     started = time.time()
 
     def factory(backend, tokenizer):
-        def evaluate(step: int) -> dict[str, float]:
+        def evaluate(step: int, final: bool = True) -> dict[str, float]:
             if step not in budgets:
                 return {}
             model = backend.model

@@ -157,6 +157,9 @@ class EvalConfig:
     split: str = ""  # TOFU forget split evaluated; empty: the one data.forget names (forget10.jsonl), else forget01
     data_dir: str = ""  # folder with the benchmark files; empty: the copies bundled in ngdiff/resources
     reference: str = ""  # TOFU: retain-only model's evaluation output (forget quality); MUSE: its AUC or output
+    # TOFU evaluations before the last: "full", or "utility" (the forget sets' likelihood metrics and all that
+    # model utility needs, without forget-set generations and membership inference: about half the cost)
+    intermediate: Literal["full", "utility"] = "full"
 
 
 @dataclass

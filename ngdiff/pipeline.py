@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +33,7 @@ from parallel.compat import log_patches
 
 if TYPE_CHECKING:
     from ngdiff.config import ExperimentConfig
+    from ngdiff.eval.during_training import EvaluateFactory
 
 log = logging.getLogger("ngdiff")
 
@@ -78,7 +79,7 @@ def build_trainer(
     ctx: DistContext,
     *,
     sinks: Sequence[MetricsSink] = (),
-    evaluate_factory: Callable[[Any, Any], Callable[[int], dict[str, Any]]] | None = None,
+    evaluate_factory: EvaluateFactory | None = None,
     max_steps: int | None = None,
     build_model: Callable[[], torch.nn.Module] | None = None,
 ) -> Trainer:
@@ -147,7 +148,7 @@ def run_training(
     ctx: DistContext,
     *,
     sinks: Sequence[MetricsSink] = (),
-    evaluate_factory: Callable[[Any, Any], Callable[[int], dict[str, Any]]] | None = None,
+    evaluate_factory: EvaluateFactory | None = None,
     on_trainer: Callable[[Trainer], None] | None = None,
 ) -> RunOutcome:
     """Train per `cfg`; rank 0 writes metrics.jsonl and, when the run completes, `final/`.

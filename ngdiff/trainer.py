@@ -118,7 +118,7 @@ class Trainer:
         max_steps: int,
         reference: torch.nn.Module | None = None,
         sinks: Sequence[MetricsSink] = (),
-        evaluate: Callable[[int], dict[str, Any]] | None = None,
+        evaluate: Callable[..., dict[str, Any]] | None = None,  # evaluate(step, final=bool)
         tokenizer: Any = None,
         task_weights: Sequence[float] = (),
     ):
@@ -294,7 +294,7 @@ class Trainer:
             periodic = eval_every and self.step_index % eval_every == 0
             # a preempted run checkpoints at once and skips evaluation: the warning time is short
             if self.evaluate is not None and not result.stop_requested and (last or periodic):
-                self.emit(self.evaluate(self.step_index))
+                self.emit(self.evaluate(self.step_index, final=last))
             if result.stop_requested or (save_every and self.step_index % save_every == 0) or (last and save_every):
                 save_checkpoint(self.backend, root, self.step_index, self.state(), run_folder)
             if reached and ctx.is_main:

@@ -45,6 +45,7 @@ class BenchmarkSpec:
     holdout: str | Path | None = None  # TOFU: holdout rows for membership inference (None: the split's own)
     gradnorm: bool = False  # TOFU: the GradNorm attack (a backward pass per item: unsharded, outside training)
     reference_auc: float | None = None  # TOFU: a retain model's logged Min-K% AUC, PrivLeak's reference
+    light: bool = False  # TOFU: no forget-set generations, no membership inference (`evaluate_tofu`)
 
 
 def run_benchmark(
@@ -78,6 +79,7 @@ def run_benchmark(
             gradnorm=spec.gradnorm,
             reference_model=reference_model,
             reference_auc=spec.reference_auc,
+            light=spec.light,
             **common,
         )
     if spec.benchmark == "muse":

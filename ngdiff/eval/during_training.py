@@ -1,6 +1,8 @@
 """Periodic evaluation inside a training run, on all ranks (sharded ones included).
 
-The trainer calls `evaluate(step)` on every rank every `eval.every` steps and at the end; every rank
+The trainer calls `evaluate(step, final=...)` on every rank every `eval.every` steps and at the end
+(`final=True`); with `eval.intermediate=utility` the evaluations before the final one skip the forget
+sets' generations and membership inference (`light_metric_names` says what they leave out); every rank
 computes its slice, all ranks receive every result (so they agree on the best checkpoint, whose export
 is a collective under sharded engines), and rank 0's dict is logged. Per-step outputs go to
 `<output_dir>/eval/step_XXXXXXXX/`; with `eval.best_metric=NAME[:min|max]` the best model so far is
@@ -13,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,10 @@ _TOFU_MIA = (  # against the split's holdout; GradNorm and Reference are `ngdiff
     "exact_memorization",
 )
 _TOFU_STATS = ("answer_loss", "rougeL_recall", "rouge1_recall", "prob", "truth_ratio")
+_GENERATED = ("rougeL_recall", "rouge1_recall")
+
+Evaluate = Callable[..., dict[str, Any]]  # evaluate(step, final=True) -> metrics
+EvaluateFactory = Callable[[Any, Any], Evaluate]  # factory(backend, tokenizer) -> evaluate
 
 
 def metric_names(benchmark: str, with_reference: bool) -> list[str]:
@@ -48,6 +54,13 @@ def metric_names(benchmark: str, with_reference: bool) -> list[str]:
     if benchmark == "muse":
         return ["verbmem_f", "knowmem_f", "knowmem_r", "privleak_auc"] + (["privleak"] if with_reference else [])
     raise UserError(f"unknown eval.benchmark {benchmark!r}; choose one of: none, tofu, muse")
+
+
+def light_metric_names(benchmark: str, with_reference: bool) -> list[str]:
+    """What a TOFU evaluation before the last one returns under `eval.intermediate=utility`: everything
+    but the forget sets' ROUGE (no generation there) and the membership-inference numbers."""
+    left_out = {*_TOFU_MIA, *(f"{s}_{m}" for s in ("forget", "forget_para") for m in _GENERATED)}
+    return [name for name in metric_names(benchmark, with_reference) if name not in left_out]
 
 
 @dataclass(frozen=True)
@@ -71,8 +84,8 @@ class BestMetric:
         return best is None or (value < best if self.mode == "min" else value > best)
 
 
-def evaluation_factory(cfg) -> Callable[[Any, Any], Callable[[int], dict[str, Any]]] | None:
-    """None when the config asks for no evaluation; else `factory(backend, tokenizer) -> evaluate(step)`.
+def evaluation_factory(cfg) -> EvaluateFactory | None:
+    """None when the config asks for no evaluation; else `factory(backend, tokenizer) -> evaluate`.
 
     Everything checkable without a model (split, reference file, best metric) is checked here, before
     training starts.
@@ -94,21 +107,29 @@ def evaluation_factory(cfg) -> Callable[[Any, Any], Callable[[int], dict[str, An
         reference_auc=load_privleak_reference(ecfg.reference) if ecfg.benchmark == "tofu" else None,
     )
     best = BestMetric.parse(ecfg.best_metric, metric_names(ecfg.benchmark, bool(ecfg.reference)))
+    light = light_spec(spec, ecfg.intermediate, best)
     output_dir = Path(cfg.output_dir)
 
-    def factory(backend, tokenizer) -> Callable[[int], dict[str, Any]]:
+    def factory(backend, tokenizer) -> Evaluate:
         ed = EvalDist.from_backend(backend)
         best_file = output_dir / "best" / "best.json"
         state: dict[str, float | None] = {"best": None}
         if best is not None and best_file.is_file():  # a resumed run keeps its best so far
             state["best"] = json.loads(best_file.read_text()).get("value")
 
-        def evaluate(step: int) -> dict[str, Any]:
+        def evaluate(step: int, final: bool = True) -> dict[str, Any]:
             start = time.perf_counter()
-            items, metrics = run_benchmark(backend.model, tokenizer, spec, ed=ed, autocast=backend.autocast)
+            now = spec if final or light is None else light
+            items, metrics = run_benchmark(backend.model, tokenizer, now, ed=ed, autocast=backend.autocast)
             metrics = {**metrics, "eval_seconds": time.perf_counter() - start}
             if ed.rank == 0:
-                meta = {"step": step, "split": ecfg.split, "max_items": ecfg.max_items, "ranks": ed.world_size}
+                meta = {
+                    "step": step,
+                    "split": ecfg.split,
+                    "max_items": ecfg.max_items,
+                    "ranks": ed.world_size,
+                    "evaluation": "light" if now.light else "full",
+                }
                 write_outputs(output_dir / "eval" / f"step_{step:08d}", ecfg.benchmark, items, metrics, meta)
             if best is not None and best.better(metrics[best.name], state["best"]):
                 state["best"] = metrics[best.name]
@@ -118,6 +139,22 @@ def evaluation_factory(cfg) -> Callable[[Any, Any], Callable[[int], dict[str, An
         return evaluate
 
     return factory
+
+
+def light_spec(spec: BenchmarkSpec, intermediate: str, best: BestMetric | None) -> BenchmarkSpec | None:
+    """The spec of the evaluations before the last one (None: they are full), checked before training: a
+    best metric must be one that every evaluation computes."""
+    if intermediate == "full":
+        return None
+    if spec.benchmark != "tofu":
+        raise UserError(f"eval.intermediate={intermediate} is for eval.benchmark=tofu, not {spec.benchmark}")
+    names = light_metric_names(spec.benchmark, spec.reference is not None)
+    if best is not None and best.name not in names:
+        raise UserError(
+            f"eval.best_metric={best.name} is not computed by the light evaluations of "
+            f"eval.intermediate={intermediate}; use eval.intermediate=full or another metric"
+        )
+    return replace(spec, light=True)
 
 
 def export_best(backend, tokenizer, folder: Path, step: int, best: BestMetric, metrics: dict[str, Any]) -> None:

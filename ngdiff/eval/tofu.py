@@ -91,6 +91,9 @@ UTILITY_SETS = (
 COMPANION_KEYS = ("paraphrased_answer", "perturbed_answer")  # what truth ratio and forget quality need
 
 
+UTILITY_NAMES = frozenset(s.name for s in UTILITY_SETS)
+
+
 def tofu_sets(split: str) -> list[TofuSet]:
     if split not in FORGET_SPLITS:
         raise UserError(f"unknown TOFU split {split!r}; choose one of: {', '.join(FORGET_SPLITS)}")
@@ -299,11 +302,16 @@ def evaluate_tofu(
     gradnorm: bool = False,
     reference_model=None,
     reference_auc: float | None = None,
+    light: bool = False,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
     """(per-item records by set, aggregate metrics) for the forget split and the three utility sets,
     or, when `custom` (from `custom_sets`) is given, for those sets only; plus the forget set asked with
     paraphrased questions and, against `holdout` (default for a TOFU split: its matching holdout split),
-    the membership-inference and memorisation metrics (`mia_records`: `gradnorm`, `reference_model`)."""
+    the membership-inference and memorisation metrics (`mia_records`: `gradnorm`, `reference_model`).
+
+    `light`: the cheap evaluation of a point inside a run. The forget sets are scored by likelihood only
+    (truth ratio, forget quality, KS distance, probability: no generation, so no ROUGE) and membership
+    inference is skipped; the utility sets are scored in full, as model utility needs their ROUGE."""
     if custom:
         sets = [(tofu_set, read_custom_rows(tofu_set, path, max_items)) for tofu_set, path in custom]
     else:
@@ -315,6 +323,7 @@ def evaluate_tofu(
         sets.append((TofuSet("forget_para", "paraphrased_question", "paraphrased_answer", False), para))
     items: dict[str, list[dict[str, Any]]] = {}
     for tofu_set, rows in sets:
+        generate = not light or tofu_set.name in UTILITY_NAMES
         items[tofu_set.name] = evaluate_rows(
             model,
             tokenizer,
@@ -325,9 +334,10 @@ def evaluate_tofu(
             ed=ed,
             autocast=autocast,
             prompt_template=prompt_template,
+            generate=generate,
             progress=f"{tofu_set.name} ({tofu_set.file})" if progress else "",
         )
-    if holdout and forget_rows:
+    if holdout and forget_rows and not light:
         from ngdiff.eval.mia import mia_records
 
         mia_args = dict(

@@ -17,10 +17,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -28,6 +28,9 @@ from ngdiff.config import ExperimentConfig, load_config
 from ngdiff.locks import clear_locked_folder, lock_output_dir
 from ngdiff.study.spec import BASE_WORLD, RunSpec, StudyError, StudySpec, spec_to_dict
 from ngdiff.study.world import WORLD_FILE, World, check_world, load_or_build, placeholder_overrides
+
+if TYPE_CHECKING:
+    from ngdiff.eval.during_training import EvaluateFactory
 
 log = logging.getLogger("ngdiff.study")
 
@@ -257,12 +260,12 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
 
 
 def keep_selected_weights(
-    factory: Callable[[Any, Any], Callable[[int], dict[str, Any]]],
+    factory: EvaluateFactory,
     folder: Path,
     target: dict[str, Any],
     fraction: float,
     utility_metric: str,
-) -> Callable[[Any, Any], Callable[[int], dict[str, Any]]]:
+) -> EvaluateFactory:
     """The evaluation, plus: when a point keeps the utility floor and has a smaller KS distance than every
     earlier qualifying point (the target's included), its weights replace `folder` (bf16), so the folder
     always holds the run's selected point (ngdiff.study.endpoints' rule) at the cost of one export per
@@ -277,8 +280,8 @@ def keep_selected_weights(
         evaluate = factory(backend, tokenizer)
         state = {"d": float(best_d)}
 
-        def run(step: int) -> dict[str, Any]:
-            metrics = evaluate(step)
+        def run(step: int, final: bool = True) -> dict[str, Any]:
+            metrics = evaluate(step, final=final)
             d, u = metrics.get("forget_ks_statistic"), metrics.get(utility_metric)
             if d is not None and u is not None and u >= floor and d < state["d"]:
                 state["d"] = float(d)

@@ -9,7 +9,7 @@ import pytest
 from launcher.cli import main
 from ngdiff.config import load_config
 from ngdiff.errors import UserError
-from ngdiff.eval.during_training import evaluation_factory
+from ngdiff.eval.during_training import evaluation_factory, light_metric_names
 from ngdiff.metrics_log import read_jsonl
 from ngdiff.pipeline import run_training
 from parallel.base import DistContext
@@ -48,6 +48,33 @@ def test_tofu_eval_every_step_with_best_model(tiny_model_dir, tofu_split, tmp_pa
     assert after["forget_answer_loss"] == pytest.approx(losses[2], rel=1e-4)
 
 
+def test_light_intermediate_evaluations_compute_what_full_ones_do_without_forget_generation(
+    tiny_model_dir, tofu_split, tmp_path
+):
+    """eval.intermediate=utility: before the last step, the forget sets are scored by likelihood only and
+    membership inference is skipped; what a light evaluation reports equals the full evaluation's number."""
+    common = ["eval.benchmark=tofu", "eval.every=1", "eval.max_items=3", "eval.max_new_tokens=6", "train.max_steps=3"]
+    rows = {}
+    for mode in ("full", "utility"):
+        cfg = config(tiny_model_dir, tofu_split, tmp_path / mode, *common, f"eval.intermediate={mode}")
+        run_training(cfg, DistContext(), evaluate_factory=evaluation_factory(cfg))
+        rows[mode] = {r["step"]: r for r in read_jsonl(tmp_path / mode / "metrics.jsonl") if "model_utility" in r}
+    assert sorted(rows["utility"]) == [1, 2, 3]
+    light_names = set(light_metric_names("tofu", with_reference=False))
+    left_out = {"forget_rougeL_recall", "forget_para_rougeL_recall", "mia_loss_auc", "exact_memorization"}
+    for step in (1, 2):
+        light, full = rows["utility"][step], rows["full"][step]
+        assert not left_out & set(light)
+        assert left_out <= set(full)
+        shared = light_names & set(full)
+        assert {"forget_truth_ratio", "forget_prob", "retain_rougeL_recall", "model_utility"} <= shared
+        assert {k: light[k] for k in shared} == pytest.approx({k: full[k] for k in shared}, rel=1e-5)
+    assert left_out <= set(rows["utility"][3])  # the last evaluation is full
+    assert rows["utility"][3]["forget_rougeL_recall"] == pytest.approx(rows["full"][3]["forget_rougeL_recall"])
+    meta = json.loads((tmp_path / "utility" / "eval" / "step_00000001" / "aggregate.json").read_text())["meta"]
+    assert meta["evaluation"] == "light"
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -56,6 +83,12 @@ def test_tofu_eval_every_step_with_best_model(tiny_model_dir, tofu_split, tmp_pa
         (["eval.benchmark=tofu", "eval.split=forget42"], "unknown eval.split"),
         (["eval.benchmark=tofu", "eval.reference=/nonexistent/items.json"], "not found"),
         (["eval.benchmark=muse", "eval.best_metric=privleak"], "unknown metric"),  # needs eval.reference
+        (["eval.benchmark=muse", "eval.intermediate=utility"], "eval.intermediate=utility is for eval.benchmark=tofu"),
+        (
+            ["eval.benchmark=tofu", "eval.intermediate=utility", "eval.best_metric=forget_rougeL_recall:min"],
+            "not computed by the light evaluations",
+        ),
+        (["eval.benchmark=tofu", "eval.intermediate=cheap"], "eval.intermediate"),
     ],
 )
 def test_bad_eval_settings_fail_before_training(overrides, message, tiny_model_dir, tofu_split, tmp_path):

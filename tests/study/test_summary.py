@@ -199,7 +199,7 @@ def test_kept_weights_follow_the_best_qualifying_point(tmp_path):
     trajectory = {5: (0.5, 0.59), 10: (0.3, 0.50), 15: (0.4, 0.58), 20: (0.2, 0.57), 25: (0.25, 0.6)}
 
     def factory(backend, tokenizer):
-        def evaluate(step):
+        def evaluate(step, final=True):
             backend.step = step
             d, u = trajectory[step]
             return {"forget_ks_statistic": d, "model_utility": u}
