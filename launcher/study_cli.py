@@ -28,7 +28,7 @@ log = logging.getLogger("ngdiff.study")
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "study"
 RAW_FILE = "study.yaml"  # the study config as given, kept in the study folder (ngdiff.study.report.RAW_FILE)
-ACTIONS = ("report", "world", "run-one", "attack")
+ACTIONS = ("report", "world", "run-one", "worker", "attack")
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +80,8 @@ def run_study(args: argparse.Namespace) -> int:
             return world_command(Path(rest[0]), not args.no_progress)
         if action == "attack":
             return attack_command(Path(rest[0]), args)
+        if action == "worker":
+            return worker_command(Path(rest[0]))
         if len(rest) != 2 or not rest[1].isdigit():
             raise UserError("usage: ngdiff study run-one DIR INDEX")
         return run_one_command(Path(rest[0]), int(rest[1]))
@@ -186,6 +188,29 @@ def world_command(study_dir: Path, progress: bool) -> int:
 
     _setup_logging()
     prepare_worlds(_load_plan(study_dir), progress=progress)
+    return 0
+
+
+def worker_command(study_dir: Path) -> int:
+    """A local study's worker (ngdiff.study.workers): run indices on stdin, `<index> <exit code>` on stdout."""
+    import os
+
+    from ngdiff.study.runner import prepare_worlds, run_one
+    from ngdiff.study.workers import LOGS, serve
+
+    replies = os.fdopen(os.dup(1), "w")  # the parent reads only these lines ...
+    os.dup2(2, 1)  # ... and anything else printed outside a run goes to the worker's log
+    _setup_logging()
+    plan = _load_plan(study_dir)
+    worlds: dict = {}
+
+    def run(index: int) -> None:
+        run = plan.runs[index]
+        if run.world not in worlds:
+            worlds[run.world] = prepare_worlds(plan, [run.world], progress=False)[run.world]
+        run_one(plan, worlds[run.world], run)
+
+    serve(sys.stdin, replies, run, lambda index: study_dir / LOGS / f"{plan.runs[index].run_id}.log")
     return 0
 
 

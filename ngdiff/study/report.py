@@ -20,6 +20,7 @@ import yaml
 
 from ngdiff.metrics_log import read_jsonl
 from ngdiff.study.attacks import ATTACKS_FILE, YARDSTICK, attack_markdown, read_attack_rows
+from ngdiff.study.cost import COST_FILE, cost_markdown, write_cost
 from ngdiff.study.health import unranked_summary, world_health
 from ngdiff.study.plots import attacks_plot, autolr_plot, lr_plot, pareto_grid_plot, pareto_plot
 from ngdiff.study.results import Row, _number, by_run, collect, read_results, write_results
@@ -115,8 +116,11 @@ def make_report(study_dir: str | Path) -> Report:
         summary.write_text(unranked_summary(health, records[label], len(missing)))
         return Report(rows, [*files, summary], finished, missing)
     attacks = read_attack_rows(study_dir / ATTACKS_FILE)
-    files += report_files(rows, spec, study_dir, missing, lr_paths(study_dir), attack_rows=attacks)
-    return Report(rows, files, finished, missing)
+    cost_file, cost_section = write_cost(study_dir, spec, records)
+    files += report_files(
+        rows, spec, study_dir, missing, lr_paths(study_dir), attack_rows=attacks, cost_section=cost_section
+    )
+    return Report(rows, [*files, cost_file], finished, missing)
 
 
 def report_from_results(results: Path, config: Path, out_dir: Path) -> Report:
@@ -125,7 +129,9 @@ def report_from_results(results: Path, config: Path, out_dir: Path) -> Report:
     spec = load_study(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     attacks = read_attack_rows(results.parent / ATTACKS_FILE)  # committed beside the results, if scored
-    files = report_files(rows, spec, out_dir, (), lr_paths_from_rows(rows), attack_rows=attacks)
+    cost = results.parent / COST_FILE  # likewise the study's cost, when its folder wrote one
+    section = cost_markdown(json.loads(cost.read_text())) if cost.is_file() else ""
+    files = report_files(rows, spec, out_dir, (), lr_paths_from_rows(rows), attack_rows=attacks, cost_section=section)
     return Report(rows, files, [], [])
 
 
@@ -137,14 +143,15 @@ def report_files(
     autolr_paths: dict | None = None,
     n_boot: int = 10_000,
     attack_rows: Sequence[Row] = (),
+    cost_section: str = "",
 ) -> list[Path]:
     """summary.md and the pictures of `rows` under `spec`'s declarations (and the scores of `ngdiff study
-    attack`, when given), written to `out_dir`."""
+    attack`, and the study's cost section, when given), written to `out_dir`."""
     analysis = analyse(rows, spec, n_boot=n_boot)
     reference = reference_utility_of(rows)
     summary = out_dir / "summary.md"
     attacks = attack_markdown(attack_rows, analysis.declared_comparisons(), n_boot) if attack_rows else ""
-    summary.write_text(summary_markdown(analysis, missing, reference) + attacks)
+    summary.write_text(summary_markdown(analysis, missing, reference) + attacks + cost_section)
     files = [summary]
     if not rows or analysis.problem:
         return files

@@ -246,6 +246,7 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
             "steps": outcome.trainer.step_index,
             "final_lr": outcome.trainer.lr,
             "seconds": round(time.time() - started, 2),
+            "finished_at": round(time.time(), 2),  # seconds since the epoch: the study's cost timeline
         }
         if outcome.final_dir is not None:
             if plan.spec.keep_weights:  # the end point, already bf16 (export.dtype)
@@ -346,8 +347,7 @@ def priority(spec: StudySpec, run: RunSpec) -> tuple:
 
 def run_local(plan: Plan, worlds: dict[str, World], progress: bool = True, workers: int = 1) -> list[str]:
     """Every pending run, with a progress bar over runs: one after another in this process, or
-    `workers` at a time as `ngdiff study run-one` subprocesses of one thread each (on a few cores, two
-    one-thread runs of a tiny model get more done than one two-thread run). Returns the failed runs."""
+    `workers` at a time on one-thread worker processes (ngdiff.study.workers). Returns the failed runs."""
     from tqdm.auto import tqdm
 
     pending = sorted(plan.pending(), key=lambda run: priority(plan.spec, run))
@@ -360,49 +360,16 @@ def run_local(plan: Plan, worlds: dict[str, World], progress: bool = True, worke
             run_one(plan, worlds[run.world], run)
             bar.update(1)
     else:
-        failed = _run_subprocesses(plan, pending, workers, bar)
+        from ngdiff.study.workers import LOGS, run_pool
+
+        def finished(index: int, ok: bool) -> None:
+            run = plan.runs[index]
+            if not ok or not (plan.run_dir(run) / DONE).is_file():
+                failed.append(run.run_id)
+                log.error("run %s failed; see %s", run.run_id, plan.study_dir / LOGS / f"{run.run_id}.log")
+            bar.update(1)
+            bar.set_postfix_str(run.run_id)
+
+        run_pool(plan.study_dir, [plan.runs.index(run) for run in pending], workers, finished)
     bar.close()
-    return failed
-
-
-def _run_subprocesses(plan: Plan, pending: list[RunSpec], workers: int, bar) -> list[str]:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p
-    )
-    logs = plan.study_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    queue = [(plan.runs.index(run), run) for run in pending]
-    running: list[tuple[subprocess.Popen, RunSpec, Any]] = []
-    failed: list[str] = []
-    try:
-        while queue or running:
-            while queue and len(running) < workers:
-                index, run = queue.pop(0)
-                log_file = (logs / f"{run.run_id}.log").open("w")
-                command = [sys.executable, "-m", "launcher", "study", "run-one", str(plan.study_dir), str(index)]
-                running.append(
-                    (subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env), run, log_file)
-                )
-            time.sleep(0.5)
-            for item in list(running):
-                process, run, log_file = item
-                if process.poll() is None:
-                    continue
-                log_file.close()
-                running.remove(item)
-                if process.returncode != 0 or not (plan.run_dir(run) / DONE).is_file():
-                    failed.append(run.run_id)
-                    log.error("run %s failed (exit %s); see %s", run.run_id, process.returncode, logs)
-                bar.update(1)
-                bar.set_postfix_str(run.run_id)
-    finally:
-        for process, _run, log_file in running:  # interrupted: stop what this study started
-            process.terminate()
-            process.wait()
-            log_file.close()
     return failed

@@ -125,7 +125,9 @@ def one_thread():
 @pytest.mark.slow  # `ngdiff study --quick`: about 1 minute on an idle 2-core machine (the world is most of it)
 def test_quick_study_end_to_end_then_resumes_without_redoing_anything(tmp_path, capsys, one_thread):
     out = tmp_path / "quick"
-    assert main(["study", "--quick", "--output-dir", str(out), "--no-progress"]) == 0
+    # two worker processes run the 4 runs (ngdiff.study.workers), each run's output in its own log
+    assert main(["study", "--quick", "--output-dir", str(out), "--no-progress", "--workers", "2"]) == 0
+    assert len(list((out / "logs").glob("*__s0.log"))) == 4
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     methods = {r["method"] for r in rows}
     assert len(methods) >= 4
@@ -154,6 +156,7 @@ def test_quick_study_end_to_end_then_resumes_without_redoing_anything(tmp_path, 
     rebuilt = tmp_path / "rebuilt"
     assert main(["study", "report", "--results", str(out / "results.jsonl"), "--out", str(rebuilt)]) == 0
     assert (rebuilt / "summary.md").read_text() == summary
+    assert "## Cost" in summary and "| grid | 4 |" in summary  # from cost.json beside the rows
     for name in ("pareto.png", "pareto_all.png", "lr.png", "autolr.png"):
         assert (rebuilt / name).read_bytes()[:4] == b"\x89PNG"
     assert {(r["world"], r["stage"]) for r in rows} == {("base", "grid")}
