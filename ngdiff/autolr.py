@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ngdiff.finite import require_finite
+from parallel.grads import StepLine
 
 if TYPE_CHECKING:
     from ngdiff.config import AutoLRConfig
@@ -170,21 +171,9 @@ class AutoLR:
         """
         cfg = self.cfg
         backend = self.backend
-        update = [t.detach().clone() for t in backend.local_params()]  # theta_before for now
-        backend.step(lr)
-        live = backend.local_params()
-        for u, now in zip(update, live, strict=True):
-            u.neg_().add_(now)  # u = theta_after - theta_before
+        line = StepLine(backend, lr)
         points = tuple(cfg.probe_points)
-        # nearest first from theta_after (r = 1): r = 1 itself needs no move, and the path is short
-        probed = sorted((r for r in points if at_zero is None or r != 0.0), key=lambda r: abs(r - 1.0))
-        position = 1.0
-        partial = []
-        for r in probed:
-            self._move(live, update, r - position)
-            position = r
-            partial.append(probe_sums())
-        rows = dict(zip(probed, backend.all_reduce_sum(torch.stack(partial)), strict=True))
+        rows = line.probe([r for r in points if at_zero is None or r != 0.0], probe_sums)
         if at_zero is not None:
             rows[0.0] = at_zero
         losses = [probe_loss(rows[r]) for r in points]
@@ -197,15 +186,8 @@ class AutoLR:
         chosen = torch.tensor([proposal], dtype=torch.float64)
         new_lr = float(backend.broadcast(chosen.to(backend.ctx.device), src=0).cpu())
         require_finite(step + 1, {"autolr/lr_fitted": new_lr}, probed_at)
-        self._move(live, update, new_lr / lr - position)
+        line.move_to(new_lr / lr)
         self.fits += 1
         self.accepted += int(fit.accepted)
         rate = self.accepted / self.fits
         return AutoLRRecord(lr, new_lr, points, losses, fit.A, fit.B, fit.r2, fit.accepted, rate)
-
-    def _move(self, live: list[torch.Tensor], update: list[torch.Tensor], alpha: float) -> None:
-        if alpha == 0.0:
-            return
-        for param, u in zip(live, update, strict=True):
-            param.add_(u, alpha=alpha)
-        self.backend.params_changed()

@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import math
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from ngdiff.data.records import looks_like_local_path
 from ngdiff.errors import UserError
 from ngdiff.model_source import ModelSourceError, check_model_source
 from ngdiff.strict_yaml import DuplicateKeyError, safe_load
+from ngdiff.typed_yaml import TypedYaml
 
 
 class ConfigError(UserError):
@@ -262,7 +262,7 @@ def load_config(
             f"{source}: {keys} is read by `ngdiff sequence` only; a single run (ngdiff train, ngdiff slurm submit) "
             "is one unlearning request: drop it, or run `ngdiff sequence` with the same config"
         )
-    config = _build(ExperimentConfig, raw, prefix="", source=source)
+    config = TypedYaml(source, ConfigError, "config key").section(ExperimentConfig, raw)
     validate(config, check_sources=check_sources)
     return config
 
@@ -286,74 +286,6 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r}: {err}") from None
     except yaml.YAMLError:
         node[parts[-1]] = text
-
-
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            guess = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{guess[0]}?)" if guess else f" (known: {', '.join(names)})"
-            raise ConfigError(f"{source}: unknown config key {prefix}{key}{hint}")
-    values = {}
-    for name in names:
-        if name not in raw:
-            continue
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name], f"{prefix}{name}.", source)
-        else:
-            values[name] = _coerce(raw[name], hint, f"{prefix}{name}", source)
-    return cls(**values)
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Literal:
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{source}: {key} must be one of {choices}, got {value!r}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-        item_type = args[0]
-        if args[-1] is not Ellipsis and len(value) != len(args):
-            raise ConfigError(f"{source}: {key} must have {len(args)} items, got {len(value)}")
-        return tuple(_coerce(v, item_type, key, source) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{source}: {key}: unsupported config type {hint}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
-    if hint is float:
-        try:
-            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
-        except ValueError:
-            number = None
-        if number is None:
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
-        if not math.isfinite(number):  # no setting means anything at inf or nan: an lr of inf trains NaN weights
-            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
-        return number
-    if hint is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
-        return "" if value is None else str(value)
-    raise ConfigError(f"{source}: {key}: unsupported config type {hint}")
 
 
 # --------------------------------------------------------------------------- validation

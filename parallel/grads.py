@@ -7,14 +7,17 @@ For k task gradients g_1..g_k (each the gradient of its task's loss *sum* on thi
    counts and the caller's extra numbers, in ONE all-reduce (`StepGradients.reduce`), after which every
    quantity is a mean over the global batch: one process and N processes compute the same numbers;
 3. writes sum_i w_i g_i / n_i into the live gradient, in place, as the engine's gradient
-   (`StepGradients.combine`).
-An engine takes part only through `GradientEngine`: its local gradient shards, writing them back, zeroing
-them, and the sum all-reduce. The weights come from the caller; nothing here knows the unlearning method.
+   (`StepGradients.combine`);
+4. on an AutoLR step, takes the optimizer step once and moves the parameters along it for the probes, whose
+   sums travel in one all-reduce (`StepLine`).
+An engine takes part only through `GradientEngine` (`StepEngine` for the step line): its local gradient
+shards, writing them back, zeroing them, the sum all-reduce (and its parameter shards and optimizer step).
+The weights and the probed losses come from the caller; nothing here knows the unlearning method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -45,6 +48,17 @@ class GradientEngine(Protocol):
     def zero_grad(self) -> None: ...
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+class StepEngine(GradientEngine, Protocol):
+    """What a step taken along a line needs beyond the gradient algebra (every `Backend` provides it)."""
+
+    def local_params(self) -> list[torch.Tensor]:
+        """This rank's live fp32 parameter shards; in-place edits are followed by `params_changed`."""
+
+    def params_changed(self) -> None: ...
+
+    def step(self, lr: float) -> None: ...
 
 
 def upper_pairs(k: int) -> list[tuple[int, int]]:
@@ -165,3 +179,39 @@ class StepGradients:
             stash.add_to(live, weight / n)
         self.engine.set_local_grads(live)
         self.stashes, self.live = [], None
+
+
+class StepLine:
+    """The optimizer step taken once at `lr`, and the points theta_before + r u along it (u the step taken):
+    AutoLR probes losses at a few r and leaves the parameters at the fitted one. SGD, Adam and AdamW steps
+    are linear in lr, so r u is the step at r x lr, and the optimizer's state is updated once. Memory: one
+    copy of this rank's parameter shards (u)."""
+
+    def __init__(self, engine: StepEngine, lr: float):
+        self.engine = engine
+        self.update = [t.detach().clone() for t in engine.local_params()]  # theta_before for now
+        engine.step(lr)
+        self.live = engine.local_params()
+        for u, now in zip(self.update, self.live, strict=True):
+            u.neg_().add_(now)  # u = theta_after - theta_before
+        self.position = 1.0  # the parameters are at theta_before + position u
+
+    def move_to(self, r: float) -> None:
+        """Put the parameters at theta_before + r u."""
+        alpha, self.position = r - self.position, r
+        if alpha == 0.0:
+            return
+        for param, u in zip(self.live, self.update, strict=True):
+            param.add_(u, alpha=alpha)
+        self.engine.params_changed()
+
+    def probe(self, points: Sequence[float], partial_sums: Callable[[], torch.Tensor]) -> dict[float, torch.Tensor]:
+        """`partial_sums()` (this rank's 1-d row) at each of `points`, nearest to r = 1 first (where the step
+        leaves the parameters: r = 1 needs no move, and the path is short), all-reduced in one collective:
+        point -> row summed over ranks."""
+        order = sorted(points, key=lambda r: abs(r - 1.0))
+        partial = []
+        for r in order:
+            self.move_to(r)
+            partial.append(partial_sums())
+        return dict(zip(order, self.engine.all_reduce_sum(torch.stack(partial)), strict=True))

@@ -83,11 +83,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tofu_split(tmp_path_factory) -> dict[str, Path]:
     """forget = 16 rows of the first author, retain = 24 rows of the third and fourth; forget_b = 8 rows of
-    the second author (a second forget set, for the k-task runs)."""
+    the second author (a second forget set, for the k-task runs); forget_alternates = the forget rows, each
+    with another author's answer as `alternate` (DPO's preferred answer, of another length)."""
     root = tmp_path_factory.mktemp("tofu")
     rows = tofu_rows(80)
+    alternates = [{**row, "alternate": other["answer"]} for row, other in zip(rows[:16], rows[40:56], strict=True)]
     return {
         "forget": write_jsonl(root / "forget.jsonl", rows[:16]),
+        "forget_alternates": write_jsonl(root / "forget_alternates.jsonl", alternates),
         "retain": write_jsonl(root / "retain.jsonl", rows[40:64]),
         "forget_b": write_jsonl(root / "forget_b.jsonl", rows[20:28]),
     }

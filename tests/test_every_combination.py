@@ -24,8 +24,6 @@ three steps, refusal NLL 4.47 -> 6.10), a step-size effect, not a sign error.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -38,7 +36,6 @@ from ngdiff.modeling import load_tokenizer
 from ngdiff.objectives import FORGET_OBJECTIVES, NLL, build_objectives
 from ngdiff.pipeline import run_training
 from parallel.base import DistContext
-from tests.conftest import write_jsonl
 
 # what the tiny model (2 layers) and the test's data need beyond the defaults
 OBJECTIVE_OVERRIDES = {"dpo": ("data.alternate_key=alternate",), "rmu": ("method.rmu_layer=model.layers.1",)}
@@ -75,15 +72,6 @@ def forget_nll(model, examples, pad_id: int, objective=None) -> float:
         return float(objective.loss_sum(model, batch) / objective.count(batch))
 
 
-@pytest.fixture(scope="module")
-def forget_with_alternates(tofu_split, tmp_path_factory):
-    """The forget set, each record also holding another author's answer (DPO's preferred alternate)."""
-    forget = [json.loads(line) for line in tofu_split["forget"].read_text().splitlines()]
-    retain = [json.loads(line) for line in tofu_split["retain"].read_text().splitlines()]
-    rows = [{**row, "alternate": other["answer"]} for row, other in zip(forget, retain, strict=False)]
-    return write_jsonl(tmp_path_factory.mktemp("dpo") / "forget.jsonl", rows)
-
-
 # krum (TorchJD's Krum) needs at least 3 tasks (n_byzantine + 3 rows) and these runs have two; it is a
 # robust-aggregation rule that picks one task's gradient, which with one retain and two forget tasks may be
 # the retain gradient alone: it is not expected to unlearn, only to run (tests/distributed: k3_krum_sgd)
@@ -99,10 +87,8 @@ PAIRS = [(o, c) for o in sorted(FORGET_OBJECTIVES) for c in CORE_COMBINERS] + [
 
 @pytest.mark.slow  # 120 short runs: a few minutes on an idle machine
 @pytest.mark.parametrize(("objective", "combiner"), PAIRS)
-def test_a_few_sgd_steps_raise_the_forget_nll(
-    learned_model_dir, tofu_split, forget_with_alternates, tmp_path, objective, combiner
-):
-    forget = forget_with_alternates if objective == "dpo" else tofu_split["forget"]
+def test_a_few_sgd_steps_raise_the_forget_nll(learned_model_dir, tofu_split, tmp_path, objective, combiner):
+    forget = tofu_split["forget_alternates" if objective == "dpo" else "forget"]
     cfg = load_config(
         None,
         [

@@ -1,5 +1,5 @@
-"""parallel/grads.py: the step's gradient algebra against plain torch, on a fake engine (no model); and the
-backends' `close`."""
+"""parallel/grads.py: the step's gradient algebra against plain torch, on a fake engine (no model); AutoLR's
+step line; and the backends' `close`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from parallel.base import DistContext
-from parallel.grads import StepGradients, gram_matrix, own_slice
+from parallel.grads import StepGradients, StepLine, gram_matrix, own_slice
 
 
 class FakeEngine:
@@ -82,6 +82,46 @@ def test_gram_matrix_divides_by_both_counts_and_a_misuse_is_refused():
         step.reduce([torch.zeros((), dtype=torch.float64)] * 2, [1, 1])
     with pytest.raises(RuntimeError):
         step.combine((1.0, 1.0))
+
+
+class FakeStepEngine(FakeEngine):
+    """A `StepEngine`: SGD on `params` with `grads`; counts the pushes of edited parameters."""
+
+    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor]):
+        super().__init__()
+        self.params, self.grads, self.changed = params, grads, 0
+
+    def local_params(self) -> list[torch.Tensor]:
+        return self.params
+
+    def params_changed(self) -> None:
+        self.changed += 1
+
+    def step(self, lr: float) -> None:
+        torch._foreach_add_(self.params, self.grads, alpha=-lr)
+
+
+def test_the_step_line_probes_points_along_the_step_taken_once_in_one_all_reduce():
+    before, grads = ([t.double() for t in tensors] for tensors in task_grads(2, seed=3))
+    engine = FakeStepEngine([t.clone() for t in before], grads)
+    line = StepLine(engine, 0.5)  # the optimizer step, taken once: u = -0.5 g
+    visited = []
+
+    def partial_sums() -> torch.Tensor:
+        offset = (engine.params[1] - before[1]) / (-0.5 * grads[1])  # where along u the parameters are
+        visited.append(round(float(offset.mean()), 9))
+        return torch.tensor([float(offset.mean()), 1.0], dtype=torch.float64)
+
+    rows = line.probe([-1.0, 0.0, 2.0], partial_sums)
+    assert visited == [0.0, 2.0, -1.0]  # nearest to r = 1 first (where the step left them)
+    assert len(engine.reduced) == 1 and engine.reduced[0].shape == (3, 2)  # one all-reduce of every probe
+    assert {r: round(float(row[0]), 9) for r, row in rows.items()} == {-1.0: -1.0, 0.0: 0.0, 2.0: 2.0}
+    line.move_to(0.3)  # the fitted multiple: the step at 0.3 x the lr
+    for now, start, g in zip(engine.params, before, grads, strict=True):
+        torch.testing.assert_close(now, start - 0.15 * g)
+    changed = engine.changed
+    line.move_to(0.3)  # already there: no edit, nothing pushed
+    assert engine.changed == changed == 4
 
 
 def test_closing_a_zero3_backend_ends_zero_init_builds():

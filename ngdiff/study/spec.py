@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import yaml
 
 from ngdiff.errors import UserError
 from ngdiff.strict_yaml import DuplicateKeyError, safe_load
+from ngdiff.typed_yaml import TypedYaml, checked_later
 
 
 class StudyError(UserError):
@@ -64,7 +65,7 @@ class PretrainShape:
     cache_dir: str = ""  # where bases are cached by recipe; default: <study folder>/pretrain
     # fine-tune both models on the knowledge QA too (a replay of part of the pretraining): a tiny base
     # forgets the short knowledge answers in a fine-tuning on long author answers
-    replay_knowledge: bool = False
+    replay_knowledge: bool = field(default=False, metadata=checked_later())  # ngdiff.study.pretrain checks it
 
 
 @dataclass(frozen=True)
@@ -308,55 +309,15 @@ _TOP = (
 )  # fmt: skip
 
 
-def _section(cls: type, raw: Any, key: str, source: str) -> Any:
-    """A frozen dataclass from a mapping; unknown keys and wrong types are named."""
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise StudyError(f"{source}: {key} must be a mapping, got {raw!r}")
-    known = {f.name: f for f in fields(cls)}
-    values = {}
-    for name, value in raw.items():
-        if name not in known:
-            guess = difflib.get_close_matches(str(name), known, n=1)
-            hint = f" (did you mean {key}.{guess[0]}?)" if guess else f" (known: {', '.join(known)})"
-            raise StudyError(f"{source}: unknown key {key}.{name}{hint}")
-        default = getattr(cls(), name)
-        if hasattr(default, "__dataclass_fields__"):
-            values[name] = _section(type(default), value, f"{key}.{name}", source)
-        elif isinstance(default, tuple):
-            if not isinstance(value, (list, tuple)):
-                raise StudyError(f"{source}: {key}.{name} must be a list, got {value!r}")
-            values[name] = tuple(value)
-        elif isinstance(default, bool) or not isinstance(default, (int, float, str)):
-            values[name] = value
-        else:
-            values[name] = _scalar(value, type(default), f"{key}.{name}", source)
-    return cls(**values)
-
-
-def _scalar(value: Any, kind: type, key: str, source: str) -> Any:
-    if kind is str:
-        if isinstance(value, (dict, list)):
-            raise StudyError(f"{source}: {key} must be a string, got {value!r}")
-        return "" if value is None else str(value)
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = float(value)
-    except (TypeError, ValueError):
-        raise StudyError(f"{source}: {key} must be a number, got {value!r}") from None
-    if kind is int:
-        if not number.is_integer():
-            raise StudyError(f"{source}: {key} must be an integer, got {value!r}")
-        return int(number)
-    return number
+def _typed(source: str) -> TypedYaml:
+    """The shared YAML-to-dataclass reader, raising StudyError with the study file's name."""
+    return TypedYaml(source, StudyError)
 
 
 def _numbers(raw: Any, key: str, source: str, kind: type) -> tuple:
     if not isinstance(raw, (list, tuple)) or not raw:
         raise StudyError(f"{source}: {key} must be a non-empty list, got {raw!r}")
-    values = tuple(_scalar(v, kind, key, source) for v in raw)
+    values = tuple(_typed(source).value(v, kind, key) for v in raw)
     if len(set(values)) != len(values):
         raise StudyError(f"{source}: {key} lists a value twice: {list(values)}")
     return values
@@ -378,9 +339,7 @@ def _methods(raw: Any, seeds: tuple[int, ...], lrs: tuple[float, ...], source: s
         key = f"methods.{name}"
         method_seeds, method_lrs = seeds, lrs
         if isinstance(body, dict):
-            unknown = set(body) - {"overrides", "seeds", "lrs"}
-            if unknown:
-                raise StudyError(f"{source}: unknown key {key}.{sorted(unknown)[0]} (known: overrides, seeds, lrs)")
+            _typed(source).check_keys(body, ("overrides", "seeds", "lrs"), key)
             if "seeds" in body:
                 method_seeds = _numbers(body["seeds"], f"{key}.seeds", source, int)
             if "lrs" in body:
@@ -401,23 +360,20 @@ def parse_study(raw: dict[str, Any], source: str = "study config") -> StudySpec:
     """A StudySpec from the YAML mapping; every shape error names its key."""
     if not isinstance(raw, dict):
         raise StudyError(f"{source}: the top level must be a mapping")
-    for key in raw:
-        if key not in _TOP:
-            guess = difflib.get_close_matches(str(key), _TOP, n=1)
-            hint = f" (did you mean {guess[0]}?)" if guess else f" (known: {', '.join(_TOP)})"
-            raise StudyError(f"{source}: unknown key {key}{hint}")
-    world = _section(WorldSpec, raw.get("world"), "world", source)
+    typed = _typed(source)
+    typed.check_keys(raw, _TOP)
+    world = typed.section(WorldSpec, raw.get("world"), "world")
     if world.kind not in ("cpu", "cluster"):
         raise StudyError(f"{source}: world.kind must be cpu or cluster, got {world.kind!r}")
     seeds = _numbers(raw.get("seeds", [0]), "seeds", source, int)
     lrs = _positive_lrs(raw.get("lrs"), "lrs", source)
-    budget = _scalar(raw.get("budget_epochs", 1.0), float, "budget_epochs", source)
-    eval_every = _scalar(raw.get("eval_every", 0), int, "eval_every", source)
+    budget = typed.value(raw.get("budget_epochs", 1.0), float, "budget_epochs")
+    eval_every = typed.value(raw.get("eval_every", 0), int, "eval_every")
     if not (budget > 0 and math.isfinite(budget)):
         raise StudyError(f"{source}: budget_epochs must be positive, got {budget}")
     if eval_every < 1:
         raise StudyError(f"{source}: eval_every (steps between evaluations) must be at least 1, got {eval_every}")
-    summary = _section(SummaryRule, raw.get("summary"), "summary", source)
+    summary = typed.section(SummaryRule, raw.get("summary"), "summary")
     if summary.forget_mode not in ("min", "max"):
         raise StudyError(f"{source}: summary.forget_mode must be min or max, got {summary.forget_mode!r}")
     if not 0 <= summary.utility_fraction <= 1:
@@ -518,7 +474,7 @@ class _Worlds:
         merged = _merge(self.base, raw)
         if merged.get("cache_dir") and merged.get("cache_dir") == self.base.get("cache_dir"):
             merged["cache_dir"] = f"{merged['cache_dir'].rstrip('/')}-{label}"  # a world of its own
-        self.items.append((label, raw, _section(WorldSpec, merged, key, self.source)))
+        self.items.append((label, raw, _typed(self.source).section(WorldSpec, merged, key)))
         return label
 
     def labelled(self) -> tuple[tuple[str, WorldSpec], ...]:
@@ -581,7 +537,7 @@ def _comparisons(raw: Any, names: set[str], exploratory: tuple[str, ...], source
     out = []
     for i, body in enumerate(raw):
         key = f"comparisons[{i}]"
-        item = _section(ComparisonSpec, body, key, source) if isinstance(body, dict) and body else None
+        item = _typed(source).section(ComparisonSpec, body, key) if isinstance(body, dict) and body else None
         if item is None or not item.method or not item.reference:
             raise StudyError(f"{source}: {key} needs method and reference, got {body!r}")
         for role in ("method", "reference"):
@@ -608,7 +564,7 @@ def _claim2(raw: Any, names: set[str], worlds: _Worlds, source: str) -> Claim2Sp
         if raw[role] not in names:
             raise StudyError(f"{source}: claim2.{role} names unknown method {raw[role]!r}")
     labels, seeds = _worlds_and_seeds(raw, "claim2", worlds, source)
-    gap = _scalar(raw["target_gap"], float, "claim2.target_gap", source)
+    gap = _typed(source).value(raw["target_gap"], float, "claim2.target_gap")
     lrs = _positive_lrs(raw["lrs"], "claim2.lrs", source) if "lrs" in raw else ()
     return Claim2Spec(str(raw["with"]), str(raw["without"]), gap, labels, seeds, lrs)
 

@@ -110,7 +110,7 @@ def matrix_cases(split: dict[str, Path] | None = None) -> dict[str, list[str]]:
         f"optim.lr={LR['sgd']}",
         "autolr.enabled=false",
     ]
-    cases.update(objective_cases())
+    cases.update(objective_cases(split))
     # activation checkpointing recomputes the forward inside backward: same gradients, sharded or not
     cases["ngdiff_sgd_ckpt"] = [*cases["ngdiff_sgd"], "model.gradient_checkpointing=true"]
     for name in ("ngdiff_sgd", "mgda_sgd", "pcgrad_adamw_autolr"):
@@ -135,6 +135,8 @@ def matrix_cases(split: dict[str, Path] | None = None) -> dict[str, list[str]]:
 NEW_OBJECTIVES = {
     # DPO's forget gradient is 2/beta = 20 times NPO's scale: a smaller step keeps fp32 last bits from growing
     "idkdpo": ["method.forget_objective=idkdpo", "optim.lr=0.01"],
+    # DPO: the same loss with the record's own alternate answer (another author's) preferred to the refusal
+    "dpo": ["method.forget_objective=dpo", "data.alternate_key=alternate", "optim.lr=0.01"],
     "wga": ["method.forget_objective=wga"],
     "satimp": ["method.forget_objective=satimp"],
     "undial": ["method.forget_objective=undial"],
@@ -149,10 +151,17 @@ NEW_OBJECTIVES = {
 }
 
 
-def objective_cases() -> dict[str, list[str]]:
-    """One case per new objective: GDiff, SGD, no AutoLR."""
+def objective_cases(split: dict[str, Path] | None = None) -> dict[str, list[str]]:
+    """One case per new objective: GDiff, SGD, no AutoLR. DPO reads its preferred answers from the forget
+    records' `alternate` field: running its case needs `split` (its data.forget), as the k = 3 cases do."""
     gdiff_sgd = ["method.combiner=gdiff", "optim.name=sgd", f"optim.lr={LR['sgd']}", "autolr.enabled=false"]
-    return {f"obj_{name}_gdiff_sgd": [*gdiff_sgd, *overrides] for name, overrides in NEW_OBJECTIVES.items()}
+    objectives = {**NEW_OBJECTIVES, "dpo": [*NEW_OBJECTIVES["dpo"], *forget_with_alternates(split)]}
+    return {f"obj_{name}_gdiff_sgd": [*gdiff_sgd, *overrides] for name, overrides in objectives.items()}
+
+
+def forget_with_alternates(split: dict[str, Path] | None) -> list[str]:
+    """data.forget of the DPO case: the forget rows, each with another author's answer as `alternate`."""
+    return [f"data.forget={split['forget_alternates']}"] if split else []
 
 
 def backend_cases(backend: str, split: dict[str, Path]) -> list[dict]:
