@@ -12,6 +12,7 @@ import yaml
 from launcher.cli import main
 from launcher.study_cli import CONFIG_DIR
 from ngdiff.eval.muse import MUSE_FILES
+from ngdiff.study.endpoints import endpoints
 from ngdiff.study.health import world_health
 from ngdiff.study.muse_world import MUSE_DISTANCE, muse_world_data, with_distance, word_chunks
 from ngdiff.study.runner import plan_study
@@ -138,6 +139,14 @@ def test_muse_quick_study_end_to_end(tmp_path, capsys, one_thread):
         assert sum(line.startswith(f"| {method} | ") and " ✓ |" in line for line in summary.splitlines()) == 1
     for name in ("pareto.png", "pareto_all.png", "lr.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # every run keeps its selected point's weights by the same rule (smallest D above the floor), or names
+    # the target when no evaluation beat it
+    best_step = {e.method: e.best_step for e in endpoints(rows, rule_of(load_study(MUSE_QUICK)))}
+    for done in sorted((out / "runs").glob("*/done.json")):
+        point = json.loads((done.parent / "weights" / "selected" / "point.json").read_text())
+        assert point["step"] == best_step[json.loads(done.read_text())["method"]]
+        assert (done.parent / "weights" / "selected" / "config.json").is_file() == (point["step"] > 0)
+    assert any(step > 0 for step in best_step.values())  # some method's selected point is an unlearned model
     # the rows alone (with the config) give the same summary
     rebuilt = tmp_path / "rebuilt"
     assert main(["study", "report", "--results", str(out / "results.jsonl"), "--config", str(MUSE_QUICK),
@@ -148,3 +157,5 @@ def test_muse_quick_study_end_to_end(tmp_path, capsys, one_thread):
     assert main(["study", str(MUSE_QUICK), "--output-dir", str(out), "--no-progress"]) == 0
     assert "4 already finished" in capsys.readouterr().out
     assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == rows
+    assert main(["study", "attack", str(out), "--no-progress"]) == 2
+    assert "study attack scores TOFU worlds" in capsys.readouterr().err
