@@ -1,4 +1,6 @@
 """`ngdiff slurm submit`: render an sbatch script for a run, write it next to the run, submit it.
+With `--sequence` the job runs `ngdiff sequence` instead: one job for the whole sequence of requests,
+which the requeued job resumes like a run (finished requests skipped, the interrupted one resumed).
 
 The job runs `srun` with one task per node; each task starts torchrun (c10d rendezvous on the first
 node of the allocation) or the DeepSpeed launcher (a hostfile, `--no_ssh`, one launcher per node).
@@ -30,6 +32,10 @@ from ngdiff.errors import UserError
 
 LAUNCHERS = ("torchrun", "deepspeed")
 SCRIPT_NAME = "job.sbatch"
+# a sequence folder's config.yaml records the sequence without data.forget (so that appending a request
+# continues it, ngdiff/sequence/runner.py): the job reads the whole config from its own file
+SEQUENCE_CONFIG = "sequence.yaml"
+Command = Literal["train", "sequence"]
 
 
 class SlurmError(UserError):
@@ -87,8 +93,15 @@ def default_job_name(cfg: ExperimentConfig) -> str:
     return f"ngdiff-{name}"[:64]
 
 
-def render_script(cfg: ExperimentConfig, opts: SubmitOptions, workdir: Path | None = None) -> str:
-    """The sbatch script for `cfg` (whose config.yaml the job reads from output_dir)."""
+def job_config(out: Path, command: Command) -> Path:
+    """The config file the job reads: the run's config.yaml, or the sequence's own copy under slurm/."""
+    return out / "slurm" / SEQUENCE_CONFIG if command == "sequence" else out / "config.yaml"
+
+
+def render_script(
+    cfg: ExperimentConfig, opts: SubmitOptions, workdir: Path | None = None, command: Command = "train"
+) -> str:
+    """The sbatch script that runs `ngdiff <command>` on `cfg` (read from `job_config` in output_dir)."""
     opts.validate()
     workdir = (workdir or Path.cwd()).resolve()
     out = Path(cfg.output_dir)
@@ -128,16 +141,16 @@ def render_script(cfg: ExperimentConfig, opts: SubmitOptions, workdir: Path | No
         )
     runtime = f"apptainer exec --nv --bind {q(mounts)} {q(opts.apptainer)} " if opts.apptainer else ""
     if opts.launcher == "torchrun":
-        launch, hostfile = _torchrun_command(opts, runtime), []
+        launch, hostfile = _torchrun_command(opts, command, runtime), []
     else:  # the DeepSpeed launcher reads its nodes and slots from a hostfile
-        launch = _deepspeed_command(opts, runtime)
+        launch = _deepspeed_command(opts, command, runtime)
         hostfile = [
             f'HOSTFILE={q(str(slurm_dir))}/hostfile-"$SLURM_JOB_ID"',
             f'for node in "${{NODES[@]}}"; do echo "$node slots={opts.gpus_per_node}"; done > "$HOSTFILE"',
         ]
     body = [
         "set -euo pipefail",
-        f"CONFIG={q(str(out / 'config.yaml'))}",
+        f"CONFIG={q(str(job_config(out, command)))}",
         f"PYTHON={q(opts.interpreter)}",
         'NODES=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
         'RDZV_HOST="${NODES[0]}"',
@@ -157,36 +170,57 @@ def render_script(cfg: ExperimentConfig, opts: SubmitOptions, workdir: Path | No
     return redact("\n".join([*header, "", *body, ""]))
 
 
-def _torchrun_command(opts: SubmitOptions, runtime: str = "") -> str:
+def _torchrun_command(opts: SubmitOptions, command: Command, runtime: str = "") -> str:
     # runs inside each srun task: $1 python, $2 rendezvous host, $3 port, $4 config
     return (
         f'exec {runtime}"$1" -m launcher.signals torch.distributed.run --nnodes="$SLURM_NNODES" '
         f'--nproc-per-node={opts.gpus_per_node} --rdzv-backend=c10d --rdzv-endpoint="$2:$3" '
-        '--rdzv-id="$SLURM_JOB_ID" -m launcher train "$4" train.resume=auto'
+        f'--rdzv-id="$SLURM_JOB_ID" -m launcher {command} "$4" train.resume=auto'
     )
 
 
-def _deepspeed_command(opts: SubmitOptions, runtime: str = "") -> str:
+def _deepspeed_command(opts: SubmitOptions, command: Command, runtime: str = "") -> str:
     # $1 python, $2 master host, $3 port, $4 config, $5 hostfile; --no_ssh: srun started us on every node
     return (
         f'exec {runtime}"$1" -m launcher.signals deepspeed.launcher.runner --hostfile="$5" --no_ssh '
         '--node_rank="$SLURM_NODEID" --master_addr="$2" --master_port="$3" '
-        '--module launcher train "$4" train.resume=auto'
+        f'--module launcher {command} "$4" train.resume=auto'
     )
 
 
-def prepare_run(cfg: ExperimentConfig, overwrite: bool) -> None:
-    """Check and claim output_dir now (as the job will), so a clash fails before sbatch is called."""
-    from ngdiff.outputs import check_output_dir, write_output_dir
-
+def refuse_secrets(cfg: ExperimentConfig) -> None:
     leaked = find_secrets(cfg.to_dict())
     if leaked:
         raise ConfigError(
             f"{', '.join(leaked)} holds the value of a credential from the environment; "
             "credentials travel in the environment (the job inherits it), never in the config"
         )
+
+
+def prepare_run(cfg: ExperimentConfig, overwrite: bool) -> None:
+    """Check and claim output_dir now (as the job will), so a clash fails before sbatch is called."""
+    from ngdiff.outputs import check_output_dir, write_output_dir
+
+    refuse_secrets(cfg)
     check_output_dir(cfg, overwrite)
     write_output_dir(cfg, overwrite)
+
+
+def prepare_sequence(cfg: ExperimentConfig, overwrite: bool) -> None:
+    """Check and claim the sequence folder as `ngdiff sequence` will (every request's config, the folder and
+    the request folders already there), then write the whole config where the job reads it."""
+    import yaml
+
+    from ngdiff.secret_formats import mask_values
+    from ngdiff.sequence.plan import plan_sequence
+    from ngdiff.sequence.runner import guard_folders
+    from parallel.base import DistContext
+
+    refuse_secrets(cfg)
+    guard_folders(plan_sequence(cfg), DistContext(), overwrite, barrier=lambda: None)
+    path = job_config(Path(cfg.output_dir), "sequence")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(mask_values(cfg.to_dict()), sort_keys=False))
 
 
 def sbatch(script: Path, timeout: float = 60) -> str:
@@ -210,22 +244,31 @@ def sbatch(script: Path, timeout: float = 60) -> str:
 
 
 def submit(
-    cfg: ExperimentConfig, opts: SubmitOptions, *, overwrite: bool = False, dry_run: bool = False
+    cfg: ExperimentConfig,
+    opts: SubmitOptions,
+    *,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    command: Command = "train",
 ) -> tuple[str | None, str]:
     """(job id or None for a dry run, the script). Everything cheap is checked before sbatch."""
     cfg.train.resume = "auto"  # a requeued job must continue, never restart
+    if command == "sequence":
+        from ngdiff.sequence.plan import plan_sequence
+
+        plan_sequence(cfg)  # every request's config, also on a dry run
     processes = opts.nodes * opts.gpus_per_node
     if processes > 1 and cfg.parallel.backend == "single":
         raise ConfigError(
             f"parallel.backend=single runs one process, but {opts.nodes} node(s) x {opts.gpus_per_node} GPU(s) "
             f"start {processes}; choose a sharded backend (parallel.backend=ddp, fsdp or zero3)"
         )
-    script = render_script(cfg, opts)
+    script = render_script(cfg, opts, command=command)
     if dry_run:
         return None, script
     if shutil.which("sbatch") is None:
         raise SlurmError("sbatch not found on PATH: run this on a Slurm login node (or use --dry-run)")
-    prepare_run(cfg, overwrite)
+    (prepare_sequence if command == "sequence" else prepare_run)(cfg, overwrite)
     path = Path(cfg.output_dir) / "slurm" / SCRIPT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
@@ -255,6 +298,11 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--mount", action="append", default=[], help="extra SRC[:DST] bind mount in the container (repeatable)"
     )
+    sub.add_argument(
+        "--sequence",
+        action="store_true",
+        help="run `ngdiff sequence` (data.forget's sets as requests), one job for the whole sequence",
+    )
     sub.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
     sub.add_argument("--dry-run", action="store_true", help="print the script; submit nothing")
 
@@ -278,8 +326,9 @@ def run_slurm(args: argparse.Namespace) -> int:
     )
     opts.validate()  # before the config: option mistakes are the cheapest to report
     config_path, overrides = split_config_and_overrides(args.items)
-    cfg = load_config(config_path, overrides, single_run=True)
-    job_id, script = submit(cfg, opts, overwrite=args.overwrite, dry_run=args.dry_run)
+    cfg = load_config(config_path, overrides, single_run=not args.sequence)
+    command: Command = "sequence" if args.sequence else "train"
+    job_id, script = submit(cfg, opts, overwrite=args.overwrite, dry_run=args.dry_run, command=command)
     if job_id is None:
         print(script, end="")
         return 0

@@ -94,14 +94,18 @@ class TinyLlamaSpec:
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, isolate_whitespace: bool = False):
     """A byte-level BPE trained locally with `tokenizers` (no hub), wrapped as a HF fast tokenizer
-    that adds BOS like Llama's does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    that adds BOS like Llama's does. `isolate_whitespace`: every whitespace run is a token of its own, so a
+    prompt that ends in a space is tokenized as the start of the same text with its continuation."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if isolate_whitespace:
+        split = pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated")
+        core.pre_tokenizer = pre_tokenizers.Sequence([split, core.pre_tokenizer])
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

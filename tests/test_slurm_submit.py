@@ -6,6 +6,7 @@ not assumed. The real cluster runs the same scripts in tests/test_slurm.py.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from launcher.cli import main
 from launcher.slurm_env import SlurmJob, expand_nodelist
+from tests.conftest import tofu_rows, write_jsonl
 
 SECRET = "hf_tok_9d8c7b6a5f4e3d2c1b0a99887766554433"
 
@@ -205,3 +207,77 @@ def test_paths_that_sbatch_lines_cannot_carry_are_refused(base, tmp_path, fake_s
     args = [*base, f"output_dir={tmp_path / 'with space'}", "--nodes", "1", "--gpus-per-node", "1"]
     assert main(["slurm", "submit", *args]) == 2
     assert "contains whitespace" in capsys.readouterr().err and not fake_sbatch.exists()
+
+
+@pytest.fixture
+def sequence_base(tiny_model_dir, tofu_split, tmp_path) -> list[str]:
+    return [
+        f"model.path={tiny_model_dir}",
+        f"data.forget={tofu_split['forget']},{tofu_split['forget_b']}",
+        f"data.retain={tofu_split['retain']}",
+        f"output_dir={tmp_path / 'seq'}",
+        "train.forget_batch_size=4",
+        "train.retain_batch_size=4",
+        "train.max_steps=1",
+        "logging.progress=false",
+        "eval.max_items=2",
+        "eval.max_new_tokens=2",
+    ]
+
+
+def test_sequence_dry_run_runs_ngdiff_sequence_from_its_own_config(sequence_base, fake_sbatch, tmp_path, capsys):
+    for launcher, module in (("torchrun", "-m launcher sequence"), ("deepspeed", "--module launcher sequence")):
+        args = [*sequence_base, sharded(), "--nodes", "1", "--gpus-per-node", "2", "--launcher", launcher]
+        assert main(["slurm", "submit", "--sequence", *args, "--dry-run"]) == 0
+        script = capsys.readouterr().out
+        assert f'{module} "$4" train.resume=auto' in script and "launcher train" not in script
+        assert f"CONFIG={tmp_path / 'seq' / 'slurm' / 'sequence.yaml'}" in script.splitlines()
+        assert "#SBATCH --requeue" in script.splitlines()
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert not fake_sbatch.exists() and not (tmp_path / "seq").exists()
+
+
+def test_sequence_refusals_come_before_sbatch(sequence_base, tofu_split, fake_sbatch, tmp_path, capsys):
+    one = ["--nodes", "1", "--gpus-per-node", "1"]
+    # sequence keys belong to --sequence; a sequence of one set, or an invalid mode, is refused as the command would
+    assert main(["slurm", "submit", *sequence_base, "sequence.mode=chain", *one]) == 2
+    assert "sequence.mode is read by `ngdiff sequence` only" in capsys.readouterr().err
+    single = [*sequence_base, f"data.forget={tofu_split['forget']}"]
+    assert main(["slurm", "submit", "--sequence", *single, *one]) == 2
+    assert "two" in capsys.readouterr().err
+    assert main(["slurm", "submit", "--sequence", *sequence_base, "sequence.mode=nope", *one]) == 2
+    assert "sequence.mode" in capsys.readouterr().err
+    assert not fake_sbatch.exists() and not (tmp_path / "seq").exists()
+
+
+def test_submitted_sequence_is_what_the_job_runs_and_resubmits_continue(sequence_base, fake_sbatch, tmp_path, capsys):
+    """The folder claimed at submission is accepted by the job's own command, which runs the sequence from
+    slurm/sequence.yaml; resubmitting the finished sequence, or with a set appended, continues it."""
+    one = ["--nodes", "1", "--gpus-per-node", "1"]
+    sequence_base = [*sequence_base, "sequence.mode=chain"]
+    assert main(["slurm", "submit", "--sequence", *sequence_base, *one]) == 0
+    assert capsys.readouterr().out.strip() == "4242"
+    seq = tmp_path / "seq"
+    job_config = seq / "slurm" / "sequence.yaml"
+    assert "resume: auto" in job_config.read_text() and "mode: chain" in job_config.read_text()
+    assert main(["sequence", str(job_config), "train.resume=auto"]) == 0  # what the job runs on its node
+    record = json.loads((seq / "sequence.json").read_text())
+    assert [r["mode"] for r in record["requests"]] == ["chain", "chain"]
+    assert [r["steps"] for r in record["requests"]] == [1, 1] and all(r["final"] for r in record["requests"])
+    # a requeued or resubmitted job skips what is finished
+    assert main(["slurm", "submit", "--sequence", *sequence_base, *one]) == 0
+    assert main(["sequence", str(job_config), "train.resume=auto"]) == 0
+    assert json.loads((seq / "sequence.json").read_text())["requests"] == record["requests"]
+    # a set appended to data.forget: the job keeps both requests and runs the third
+    third = write_jsonl(tmp_path / "third.jsonl", tofu_rows(100)[84:92])
+    forget = next(o for o in sequence_base if o.startswith("data.forget="))
+    appended = [*sequence_base, f"{forget},{third}"]
+    assert main(["slurm", "submit", "--sequence", *appended, *one]) == 0
+    assert main(["sequence", str(job_config), "train.resume=auto"]) == 0
+    longer = json.loads((seq / "sequence.json").read_text())
+    assert longer["requests"][:2] == record["requests"] and longer["requests"][2]["steps"] == 1
+    capsys.readouterr()
+    # another method in the same folder is refused, as `ngdiff sequence` refuses it
+    assert main(["slurm", "submit", "--sequence", *sequence_base, "optim.lr=0.5", *one]) == 2
+    assert "holds a different run" in capsys.readouterr().err
+    assert len(fake_sbatch.read_text().splitlines()) == 3

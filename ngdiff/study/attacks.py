@@ -225,6 +225,11 @@ def attack_study(study_dir: Path, settings: AttackSettings, progress: bool = Tru
     from ngdiff.study.runner import DONE, world_dir
 
     spec, records = open_study(study_dir)
+    if spec.world.kind == "muse":
+        raise StudyError(
+            f"{study_dir}: study attack scores TOFU worlds (its attacks read TOFU's forget items); a MUSE world's "
+            "rows hold PrivLeak already: run `ngdiff attack` on runs/<run>/weights/selected for the others"
+        )
     path = study_dir / ATTACKS_FILE
     rows = read_attack_rows(path)
     check_settings(rows, settings, path)

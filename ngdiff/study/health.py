@@ -15,6 +15,8 @@ from typing import Any
 MIN_TARGET_FORGET_ROUGE = 0.3  # the target answers its forget questions (ROUGE-L recall)
 MIN_TARGET_RETAIN_D = 0.2  # KS distance of the target's forget truth ratios to the retain model's
 MIN_ROUGE_DIFFERENCE = 0.1  # without truth ratios: the two models' forget ROUGE-L must differ this much
+MIN_TARGET_VERBMEM = 30.0  # MUSE: the target continues its forget texts (VerbMem, ROUGE-L F1 x 100)
+MIN_VERBMEM_DIFFERENCE = 10.0  # MUSE: the target's and the retain model's VerbMem differ this much
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,14 @@ def world_health(world: dict[str, Any]) -> Health:
         reasons.append(
             f"the target and the retain model answer the forget set alike "
             f"(forget ROUGE-L {target_rouge:.3g} vs {retain_rouge:.3g})"
+        )
+    verbmem, retain_verbmem = _number(target, "verbmem_f"), _number(retain, "verbmem_f")
+    if verbmem is not None and verbmem < MIN_TARGET_VERBMEM:
+        reasons.append(f"the target did not learn its forget texts (VerbMem {verbmem:.3g} < {MIN_TARGET_VERBMEM:g})")
+    if verbmem is not None and retain_verbmem is not None and abs(verbmem - retain_verbmem) < MIN_VERBMEM_DIFFERENCE:
+        reasons.append(
+            f"the target and the retain model continue the forget texts alike (VerbMem {verbmem:.3g} vs "
+            f"{retain_verbmem:.3g})"
         )
     utility = _number(target, "model_utility")
     if utility is not None and utility <= 0:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ngdiff.metrics_log import read_jsonl
+from ngdiff.study import muse_world
 from ngdiff.study.attacks import ATTACKS_FILE, YARDSTICK, attack_markdown, read_attack_rows
 from ngdiff.study.cost import COST_FILE, cost_markdown, write_cost
 from ngdiff.study.health import unranked_summary, world_health
@@ -102,6 +103,8 @@ def make_report(study_dir: str | Path) -> Report:
             start["retain_model_utility"] = reference  # so the rows alone can draw the retain model
         starts[label] = start
     rows = collect(study_dir, starts)
+    if spec.world.kind == "muse":  # D against each world's retain model, kept in the rows
+        rows = muse_world.with_distance(rows, {k: r.get("reference_metrics") or {} for k, r in records.items()})
     expected = spec.runs(current_selection(spec, study_dir))
     finished = [r.run_id for r in expected if (run_folder(study_dir / "runs", r) / DONE).is_file()]
     missing = [r.run_id for r in expected if r.run_id not in finished]

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ import yaml
 
 from ngdiff.config import ExperimentConfig, load_config
 from ngdiff.locks import clear_locked_folder, lock_output_dir
+from ngdiff.study.muse_world import MUSE_DISTANCE, verbmem_distance
 from ngdiff.study.spec import BASE_WORLD, RunSpec, StudyError, StudySpec, spec_to_dict
 from ngdiff.study.world import WORLD_FILE, World, check_world, load_or_build, placeholder_overrides
 
@@ -233,7 +234,12 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
         if plan.spec.keep_weights and factory is not None:
             rule = plan.spec.summary
             factory = keep_selected_weights(
-                factory, out / WEIGHTS / "selected", world.target_metrics, rule.utility_fraction, rule.utility_metric
+                factory,
+                out / WEIGHTS / "selected",
+                world.target_metrics,
+                rule.utility_fraction,
+                rule.utility_metric,
+                world_distance(plan.spec, world),
             )
         outcome = run_training(cfg, DistContext(), evaluate_factory=factory)
         record = {
@@ -260,18 +266,32 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
     return record
 
 
+Distance = tuple[str, Callable[[dict[str, Any]], float | None]]  # (its name, D of an evaluation's metrics)
+KS_DISTANCE: Distance = ("forget_ks_statistic", lambda metrics: metrics.get("forget_ks_statistic"))
+
+
+def world_distance(spec: StudySpec, world: World) -> Distance:
+    """The D a world's runs are ranked by (ngdiff.study.summary.rule_of): TOFU's KS distance, or a MUSE
+    world's VerbMem distance to its retain model."""
+    if spec.world.kind != "muse":
+        return KS_DISTANCE
+    return MUSE_DISTANCE, lambda metrics: verbmem_distance(metrics, world.reference_metrics)
+
+
 def keep_selected_weights(
     factory: EvaluateFactory,
     folder: Path,
     target: dict[str, Any],
     fraction: float,
     utility_metric: str,
+    distance: Distance = KS_DISTANCE,
 ) -> EvaluateFactory:
-    """The evaluation, plus: when a point keeps the utility floor and has a smaller KS distance than every
+    """The evaluation, plus: when a point keeps the utility floor and has a smaller distance D than every
     earlier qualifying point (the target's included), its weights replace `folder` (bf16), so the folder
     always holds the run's selected point (ngdiff.study.endpoints' rule) at the cost of one export per
     improvement, and never a half-written model (written beside it, then renamed)."""
-    best_d = target.get("forget_ks_statistic")
+    distance_name, distance_of = distance
+    best_d = distance_of(target)
     utility = target.get(utility_metric)
     if best_d is None or utility is None:
         return factory
@@ -283,10 +303,10 @@ def keep_selected_weights(
 
         def run(step: int, final: bool = True) -> dict[str, Any]:
             metrics = evaluate(step, final=final)
-            d, u = metrics.get("forget_ks_statistic"), metrics.get(utility_metric)
+            d, u = distance_of(metrics), metrics.get(utility_metric)
             if d is not None and u is not None and u >= floor and d < state["d"]:
                 state["d"] = float(d)
-                point = {"step": step, "forget_ks_statistic": d, utility_metric: u}
+                point = {"step": step, distance_name: d, utility_metric: u}
                 _export_atomically(backend, tokenizer, folder, point)
             return metrics
 

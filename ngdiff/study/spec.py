@@ -91,8 +91,26 @@ class CalibrationBounds:
 
 
 @dataclass(frozen=True)
+class MuseShape:
+    """The MUSE-News CPU world's data (ngdiff.study.muse_world): chunks of `chunk_words` words of the bundled
+    forget articles, retain-side texts and holdout texts, and MUSE's KnowMem questions."""
+
+    chunk_words: int = 60  # words per training chunk (the tokenizer does not exist yet when they are cut)
+    forget_chunks: int = 16  # from raw/forget_first16.json, in article order; also PrivLeak's members
+    retain_chunks: int = 16  # from privleak/retain2.json (MUSE's large retain corpus is not bundled)
+    holdout_chunks: int = 16  # from privleak/holdout.json: PrivLeak's non-members, never trained on
+    knowmem_items: int = 16  # first N questions of knowmem/forget_qa.json and of knowmem/retain2_qa.json
+    # few-shot examples of KnowMem's prompt. MUSE uses all 10 of the *_icl files; the world's models learn
+    # the format from their training text, and behind 10 unseen examples a 2-layer model loses the answer
+    knowmem_shots: int = 0
+    verbmem_items: int = 16  # VerbMem prompts: the first N forget chunks, cut after `prompt_words` words
+    prompt_words: int = 12
+
+
+@dataclass(frozen=True)
 class WorldSpec:
-    """`cpu`: built here from the bundled TOFU files; `cluster`: the user's target and retain model."""
+    """`cpu`: built here from the bundled TOFU files; `muse`: built here from the bundled MUSE-News files
+    (ngdiff.study.muse_world); `cluster`: the user's target and retain model."""
 
     kind: str = "cpu"
     cache_dir: str = ""  # where the world is built once; default: <study folder>/world
@@ -109,6 +127,7 @@ class WorldSpec:
     pretrain: PretrainShape = field(default_factory=PretrainShape)  # authors 0: no pretraining base
     eval_items: EvalItems = field(default_factory=EvalItems)
     calibration: CalibrationBounds = field(default_factory=CalibrationBounds)  # checked after the build
+    muse: MuseShape = field(default_factory=MuseShape)  # kind muse: the MUSE-News CPU world's data
     # cluster world
     benchmark: str = "tofu"  # tofu | muse
     target: str = ""  # the model to unlearn (folder or hub name)
@@ -363,8 +382,8 @@ def parse_study(raw: dict[str, Any], source: str = "study config") -> StudySpec:
     typed = _typed(source)
     typed.check_keys(raw, _TOP)
     world = typed.section(WorldSpec, raw.get("world"), "world")
-    if world.kind not in ("cpu", "cluster"):
-        raise StudyError(f"{source}: world.kind must be cpu or cluster, got {world.kind!r}")
+    if world.kind not in ("cpu", "muse", "cluster"):
+        raise StudyError(f"{source}: world.kind must be cpu, muse or cluster, got {world.kind!r}")
     seeds = _numbers(raw.get("seeds", [0]), "seeds", source, int)
     lrs = _positive_lrs(raw.get("lrs"), "lrs", source)
     budget = typed.value(raw.get("budget_epochs", 1.0), float, "budget_epochs")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ngdiff.study.endpoints import (
+    DISTANCE_METRIC,
     Endpoint,
     EndpointRule,
     cell_summaries,
@@ -39,6 +40,7 @@ from ngdiff.study.inference import (
     floor_sensitivity,
     verdicts,
 )
+from ngdiff.study.muse_world import DISTANCE_WORDS, MUSE_DISTANCE
 from ngdiff.study.results import Row, _number
 from ngdiff.study.spec import StudyError, StudySpec
 
@@ -94,8 +96,12 @@ class Analysis:
 
 
 def rule_of(spec: StudySpec, fraction: float | None = None) -> EndpointRule:
+    """The study's endpoint rule; a MUSE world's D is its VerbMem distance (no truth ratios, no KS test)."""
+    distance = MUSE_DISTANCE if spec.world.kind == "muse" else DISTANCE_METRIC
     return EndpointRule(
-        spec.summary.utility_fraction if fraction is None else fraction, utility_metric=spec.summary.utility_metric
+        spec.summary.utility_fraction if fraction is None else fraction,
+        distance_metric=distance,
+        utility_metric=spec.summary.utility_metric,
     )
 
 
@@ -211,12 +217,19 @@ def summary_markdown(analysis: Analysis, missing: Sequence[str] = (), reference_
     if analysis.problem:
         return "\n".join([*lines, f"No end points: {analysis.problem}.", *_missing(missing)]) + "\n"
     select_on = LABELS.get(spec.summary.select_on, spec.summary.select_on)
+    distance, quality = (
+        DISTANCE_WORDS
+        if rule.distance_metric == MUSE_DISTANCE
+        else (
+            "KS distance D",
+            "Forget quality is TOFU's KS p-value: per cell its median and geometric mean, never an arithmetic mean.",
+        )
+    )
     lines += [
-        f"Per run, the best point is the evaluation with the smallest KS distance D among those whose "
+        f"Per run, the best point is the evaluation with the smallest {distance} among those whose "
         f"`{rule.utility_metric}` is at least {rule.fraction:g} x the target's (the utility floor); step 0 (the "
         "target) always qualifies. G = (D_target - D) / D_target is the share of the target's distance to the "
-        "retain model that unlearning closed (1: indistinguishable from the retain model). Forget quality is "
-        "TOFU's KS p-value: per cell its median and geometric mean, never an arithmetic mean.",
+        f"retain model that unlearning closed (1: indistinguishable from the retain model). {quality}",
         "",
         f"Each method's lr: the best median {select_on} over the `{analysis.selection_stage}` runs. "
         + (

@@ -7,6 +7,8 @@ sees in its retain set, so model utility measures collateral damage); a retain m
 way (same initialisation, epochs, lr) on everything but the forget authors. Evaluation files are
 evenly spaced subsets of the bundled `*_perturbed.jsonl` files, the same for every run.
 
+MUSE world (`kind: muse`): the MUSE-News counterpart of the CPU world, in ngdiff.study.muse_world.
+
 Cluster world: the user's target model and retain model (evaluated once here) or its published
 evaluation log, and the user's forget / retain data.
 """
@@ -20,9 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ngdiff import TOFU_DIR
+from ngdiff import MUSE_DIR, TOFU_DIR
 from ngdiff.locks import FolderLock, Holder, try_lock
-from ngdiff.study import pretrain
+from ngdiff.study import muse_world, pretrain
 from ngdiff.study.calibration import (
     answer_lengths,
     assert_calibrated,
@@ -84,6 +86,9 @@ def placeholder_overrides(spec: StudySpec) -> list[str]:
     if spec.world.kind == "cluster":
         w = spec.world
         return [f"model.path={w.target}", f"data.forget={w.forget}", f"data.retain={w.retain}"]
+    if spec.world.kind == "muse":
+        texts = MUSE_DIR / muse_world.FORGET_ARTICLES
+        return [f"model.path={MUSE_DIR}", f"data.forget={texts}", f"data.retain={texts}", "data.format=text"]
     return [
         f"model.path={TOFU_DIR}",
         f"data.forget={TOFU_DIR / f'{spec.world.forget_split}.jsonl'}",
@@ -95,6 +100,9 @@ def check_world(world: WorldSpec) -> None:
     """Cheap checks of the world section (files, names) before anything is built."""
     if world.max_new_tokens < 1:
         raise StudyError(f"world.max_new_tokens must be positive, got {world.max_new_tokens}")
+    if world.kind == "muse":
+        muse_world.check_muse_world(world)
+        return
     if world.kind == "cluster":
         if world.benchmark not in ("tofu", "muse"):
             raise StudyError(f"world.benchmark must be tofu or muse, got {world.benchmark!r}")
@@ -159,13 +167,15 @@ def world_recipe(spec: StudySpec, data_cfg) -> dict[str, Any]:
     recipe = {k: v for k, v in asdict(spec.world).items() if k not in ("cache_dir", "calibration")}
     recipe["pretrain"].pop("cache_dir")  # where bases are cached does not change them
     del defaults["pretrain"]["cache_dir"]
-    for key in ("forget_authors", "second_retain_seed", "pretrain"):  # worlds cached before these keys still match
+    for key in ("forget_authors", "second_retain_seed", "pretrain", "muse"):  # worlds cached before these keys match
         if recipe[key] == defaults[key]:
             del recipe[key]
     if data_cfg.prompt_template:  # the CPU world is fine-tuned, and every world evaluated, with it
         recipe["prompt_template"] = data_cfg.prompt_template
     if spec.world.kind == "cpu":
         recipe["tokenizer"] = pretrain.TOKENIZER_RECIPE if pretrain.enabled(spec.world) else TOKENIZER_RECIPE
+    if spec.world.kind == "muse":
+        recipe["tokenizer"] = muse_world.TOKENIZER_RECIPE
     return json.loads(json.dumps(recipe))
 
 
@@ -191,6 +201,8 @@ def load_or_build(spec: StudySpec, study_dir: Path, data_cfg, progress: bool = T
         (folder / RECIPE_FILE).write_text(json.dumps({"recipe": recipe}, indent=1))
         if spec.world.kind == "cpu":
             record = build_cpu_world(spec.world, folder, data_cfg, progress, study_dir)
+        elif spec.world.kind == "muse":
+            record = muse_world.build_muse_world(spec.world, folder, data_cfg, progress)
         else:
             record = prepare_cluster_world(spec.world, folder, data_cfg)
         record["recipe"] = recipe

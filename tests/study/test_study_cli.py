@@ -66,7 +66,7 @@ def test_shipped_configs_validate_every_run(tmp_path):
         (lambda raw: raw.update(lrs=[1e-3, "fast"]), "lrs must be a number, got 'fast'"),
         (lambda raw: raw.update(eval_every=0), "eval_every"),
         (lambda raw: raw["methods"].update(bad="method.combiner=ngdiff"), "methods.bad must be a list"),
-        (lambda raw: raw["world"].update(kind="gpu"), "world.kind must be cpu or cluster"),
+        (lambda raw: raw["world"].update(kind="gpu"), "world.kind must be cpu, muse or cluster"),
         (lambda raw: raw.update(plots={"lr_methods": ["nope"]}), "plots.lr_methods names unknown method 'nope'"),
     ],
 )
