@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ import yaml
 from ngdiff.config import ExperimentConfig, load_config
 from ngdiff.locks import clear_locked_folder, lock_output_dir
 from ngdiff.study.muse_world import MUSE_DISTANCE, verbmem_distance
-from ngdiff.study.spec import BASE_WORLD, RunSpec, StudyError, StudySpec, spec_to_dict
+from ngdiff.study.spec import BASE_WORLD, RunSpec, StudyError, StudySpec, WorldSpec, spec_to_dict
 from ngdiff.study.world import WORLD_FILE, World, check_world, load_or_build, placeholder_overrides
 
 if TYPE_CHECKING:
@@ -185,15 +185,30 @@ def claim_study_dir(plan: Plan) -> None:
     study_dir.mkdir(parents=True, exist_ok=True)
     path = study_dir / STUDY_FILE
     record = spec_to_dict(plan.spec)
+    defaults = {"world": json.loads(json.dumps(asdict(WorldSpec())))}
     if path.is_file():
         saved = json.loads(path.read_text())
         for key in ("world", "budget_epochs", "eval_every", "common"):
-            if saved.get(key) != record.get(key):
+            if not same_setting(saved.get(key), record.get(key), defaults.get(key)):
                 raise StudyError(
                     f"{study_dir} holds a study with a different {key}; choose another --output-dir "
                     "(runs of a different world, budget or cadence cannot be compared)"
                 )
     path.write_text(json.dumps(record, indent=1))
+
+
+def same_setting(saved: Any, current: Any, default: Any) -> bool:
+    """Whether a study.json setting is the current one. A key the saved record lacks was added to the spec
+    after it was written; the saved study ran with that key's default, so it matches only that."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return saved == current
+    default = default if isinstance(default, dict) else {}
+    if set(saved) - set(current):
+        return False
+    return all(
+        same_setting(saved[key], value, default.get(key)) if key in saved else value == default.get(key, object())
+        for key, value in current.items()
+    )
 
 
 def prepare_world(plan: Plan, progress: bool = True) -> World:
