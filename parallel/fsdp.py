@@ -4,7 +4,8 @@ Each decoder block is its own unit (all-gathered just before it runs, freed afte
 Gradients are DTensors; `to_local()` is a view of this rank's shard, so the trainer's in-place
 combination writes straight into what the optimizer steps with. For accumulation, gradient
 reduction is off until the last micro-batch: one reduce-scatter per task per step.
-On gloo (CPU) the units' collectives are `parallel.gloo_comm`'s, which stage no whole-unit copy.
+On gloo (CPU) the units' collectives are `parallel.gloo_comm`'s (hooked in by `parallel.fsdp_gloo`), which
+stage no whole-unit copy.
 """
 
 from __future__ import annotations
@@ -142,12 +143,12 @@ class FSDPBackend(Backend):
             # the input embedding's backward needs only the token ids: no all-gather of the table in backward
             embeddings[0].set_unshard_in_backward(False)
         if torch.distributed.get_backend(mesh.get_group()) == "gloo":
-            # gloo_comm subclasses FSDP2's private collective classes (torch >= 2.9), which NCCL runs never
+            # fsdp_gloo subclasses FSDP2's private collective classes (torch >= 2.9), which NCCL runs never
             # need: imported only here, and only where this torch has them (else a warning, gloo's own)
             chunked = chunked_collectives_available()
             for unit in units:
                 if chunked:
-                    from parallel.gloo_comm import use_chunked_collectives
+                    from parallel.fsdp_gloo import use_chunked_collectives
 
                     use_chunked_collectives(unit)
                 # gloo's collectives block this thread, so prefetching the next unit in backward overlaps

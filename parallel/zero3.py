@@ -185,7 +185,7 @@ class Zero3Backend(Backend):
         # DeepSpeed's comm layer adopts our process group (its config reads the world size from it)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
         if torch.distributed.get_backend() == "gloo":
-            from parallel.gloo_comm import all_gather_into_tensor, reduce_scatter_tensor  # gloo only, as in fsdp
+            from parallel.gloo_comm import all_gather_into_tensor, reduce_scatter_tensor  # public calls only
 
             use_collectives(all_gather_into_tensor, reduce_scatter_tensor)  # no whole-tensor staging copy
 

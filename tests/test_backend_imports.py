@@ -1,9 +1,10 @@
-"""Every backend module imports on a torch whose private FSDP2 collective classes are absent.
+"""Every backend module imports on a torch whose private FSDP2 collective classes are absent (torch < 2.9).
 
-`parallel.gloo_comm` subclasses `AllGather` / `ReduceScatter` of FSDP2's private `_fsdp_api` (torch >= 2.9);
-only gloo runs need it, so `parallel.fsdp` and `parallel.zero3` import it where a gloo group is set up.
+`parallel.fsdp_gloo` subclasses `AllGather` / `ReduceScatter` of FSDP2's private `_fsdp_api`; only gloo runs of
+fsdp need it, so `parallel.fsdp` imports it where a gloo group is set up and the classes exist. zero3's gloo
+runs need only `parallel.gloo_comm`'s collectives, which use public calls and must import without them.
 The test removes those classes before anything of ngdiff is imported (a fresh interpreter) and imports
-every backend: on NCCL such a torch still runs.
+every backend, the launcher and ngdiff: on NCCL such a torch still runs, and on gloo zero3 runs unchanged.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ WITHOUT_PRIVATE_COLLECTIVES = textwrap.dedent(
     import torch.distributed.fsdp._fully_shard._fsdp_api as api
     del api.AllGather, api.ReduceScatter
     import importlib
-    for name in ("parallel.single", "parallel.ddp", "parallel.fsdp", "parallel.zero3"):
+    for name in ("parallel.single", "parallel.ddp", "parallel.fsdp", "parallel.zero3", "launcher.cli", "ngdiff"):
         importlib.import_module(name)
+    # what zero3 imports on gloo
+    from parallel.gloo_comm import all_gather_into_tensor, reduce_scatter_tensor
     try:
-        import parallel.gloo_comm
+        import parallel.fsdp_gloo
     except ImportError:
-        print("gloo_comm needs them")
+        print("fsdp_gloo needs them")
     print("ok")
     """
 )
@@ -38,6 +41,6 @@ def test_backends_import_without_fsdp2_private_collectives(hide):
     code = WITHOUT_PRIVATE_COLLECTIVES if hide else WITHOUT_PRIVATE_COLLECTIVES.replace("del api.", "api.")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    # the simulation is real: gloo_comm itself fails without the classes, and imports with them
-    assert ("gloo_comm needs them" in done.stdout) == hide, done.stdout
+    # the simulation is real: fsdp_gloo itself fails without the classes, and imports with them
+    assert ("fsdp_gloo needs them" in done.stdout) == hide, done.stdout
     assert done.stdout.strip().endswith("ok")

@@ -148,7 +148,7 @@ FSDP_ON_GLOO_WITHOUT_PRIVATE_COLLECTIVES = textwrap.dedent(
     backend = parallel.fsdp.FSDPBackend(ctx, ParallelConfig(backend="fsdp"), OptimConfig(), "fp32")
     model = backend._shard(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1)), mixed=False)
     model(torch.ones(2, 4)).sum().backward()
-    print("chunked:", "parallel.gloo_comm" in sys.modules)
+    print("chunked:", "parallel.fsdp_gloo" in sys.modules)
     print("ran")
     """
 )

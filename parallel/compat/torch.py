@@ -25,7 +25,7 @@ CUSTOM_COLLECTIVES = register(
         "torch.autograd:_unsafe_preserve_version_counter",
     ),
     why="on gloo, FSDP2's all-gather and reduce-scatter run as in-place broadcasts / reduces "
-    "(parallel/gloo_comm.py): gloo's own stage a whole copy of each unit in host memory",
+    "(parallel/fsdp_gloo.py): gloo's own stage a whole copy of each unit in host memory",
     verified=TORCH,
     without="gloo runs of fsdp use gloo's own collectives: one more whole copy of the largest unit per "
     "collective in host memory (NCCL runs never use these)",
@@ -53,8 +53,8 @@ DCP_METADATA = register(
 
 
 def fsdp2_collective_bases() -> tuple[type, type]:
-    """FSDP2's private `AllGather` and `ReduceScatter` hook classes (torch >= 2.9), for gloo_comm to subclass.
-    ImportError where this torch lacks them (then `parallel.gloo_comm` cannot be imported)."""
+    """FSDP2's private `AllGather` and `ReduceScatter` hook classes (torch >= 2.9), for fsdp_gloo to subclass.
+    ImportError where this torch lacks them (then `parallel.fsdp_gloo` cannot be imported)."""
     try:
         return resolve(f"{FSDP_API}:AllGather"), resolve(f"{FSDP_API}:ReduceScatter")
     except (ImportError, AttributeError) as err:
