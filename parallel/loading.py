@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from parallel.compat.transformers import init_weights_of
+from parallel.compat.transformers import init_weights_of, rebuild_rotary
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -174,3 +174,4 @@ def init_non_persistent_buffers(model: nn.Module) -> None:
                     f"{type(model).__name__} has non-persistent buffers and no _init_weights to rebuild them"
                 )
             init(module)
+            rebuild_rotary(module)

@@ -191,3 +191,29 @@ def test_deepspeeds_collectives_are_not_replaced_silently_where_its_backend_hold
     monkeypatch.setattr(ds_comm, "cdb", holder)
     assert compat.deepspeed.use_collectives(mine, mine) is True
     assert holder.all_gather_function is mine and holder.reduce_scatter_function is mine
+
+
+def test_a_model_built_on_meta_gets_the_rotary_tables_of_a_normal_build(tiny_model_dir):
+    """fsdp builds the model on `meta` and fills what no checkpoint stores: the rotary frequency tables must
+    equal those of `from_pretrained` on every supported transformers (4.x's `_init_weights` leaves them
+    as `to_empty` left them: garbage)."""
+    import torch
+
+    from ngdiff.modeling import model_factory
+    from parallel.loading import init_non_persistent_buffers
+
+    source = model_factory(str(tiny_model_dir))
+    reference = dict(source().named_buffers())
+    model = source.build_empty().module
+    model.to_empty(device="cpu")
+    for _, buffer in model.named_buffers():
+        buffer.fill_(float("nan"))  # what to_empty leaves is arbitrary: make a missed table certain to show
+    init_non_persistent_buffers(model)
+    rebuilt = dict(model.named_buffers())
+    assert any("inv_freq" in name for name in rebuilt), sorted(rebuilt)
+    assert rebuilt.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(rebuilt[name], value, rtol=0, atol=0, msg=name)
+    for module in model.modules():  # 4.x's rotary modules read this alias, not the buffer
+        if hasattr(module, "original_inv_freq"):
+            torch.testing.assert_close(module.original_inv_freq, module.inv_freq, rtol=0, atol=0)

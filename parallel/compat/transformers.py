@@ -47,3 +47,19 @@ def init_weights_of(model: Any) -> Callable[[Any], None] | None:
     """The model's own per-module initialiser (Hugging Face's `_init_weights`), or None where it has none."""
     available(INIT_WEIGHTS.name)
     return getattr(model, "_init_weights", None)
+
+
+def rebuild_rotary(module: Any) -> bool:
+    """Recompute a rotary embedding's frequency table where `_init_weights` does not (transformers 4.x).
+
+    transformers 5's `_init_weights` recomputes `inv_freq`; 4.x's leaves it as `to_empty` left it (garbage:
+    NaN losses or last-digit drift, seen with 4.56). 4.x's rotary modules keep their rope function on the
+    instance (`rope_init_fn`) and alias `original_inv_freq` to the table. True where it recomputed."""
+    rope = getattr(module, "rope_init_fn", None)
+    table = getattr(module, "inv_freq", None)
+    if rope is None or table is None or "original_inv_freq" in module._buffers:  # a buffer: 5's, rebuilt
+        return False
+    inv_freq, _ = rope(module.config, table.device)
+    table.copy_(inv_freq)
+    module.original_inv_freq = table  # 4.x's alias, still the meta tensor after `to_empty`
+    return True
