@@ -21,7 +21,7 @@ ROOT = Path(__file__).parents[1]
 WITHOUT_PRIVATE_COLLECTIVES = textwrap.dedent(
     """
     import torch.distributed.fsdp._fully_shard._fsdp_api as api
-    del api.AllGather, api.ReduceScatter
+    HIDE
     import importlib
     for name in ("parallel.single", "parallel.ddp", "parallel.fsdp", "parallel.zero3", "launcher.cli", "ngdiff"):
         importlib.import_module(name)
@@ -36,9 +36,21 @@ WITHOUT_PRIVATE_COLLECTIVES = textwrap.dedent(
 )
 
 
+# torch < 2.9 has no such classes: there the hidden case is the real one
+HIDE = 'vars(api).pop("AllGather", None); vars(api).pop("ReduceScatter", None)'
+
+
+def torch_has_the_classes() -> bool:
+    import torch.distributed.fsdp._fully_shard._fsdp_api as api
+
+    return hasattr(api, "AllGather") and hasattr(api, "ReduceScatter")
+
+
 @pytest.mark.parametrize("hide", [True, False], ids=["classes_absent", "classes_present"])
 def test_backends_import_without_fsdp2_private_collectives(hide):
-    code = WITHOUT_PRIVATE_COLLECTIVES if hide else WITHOUT_PRIVATE_COLLECTIVES.replace("del api.", "api.")
+    if not hide and not torch_has_the_classes():
+        pytest.skip("this torch has no FSDP2 collective classes (< 2.9): classes_absent is the real case here")
+    code = WITHOUT_PRIVATE_COLLECTIVES.replace("HIDE", HIDE if hide else "")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     # the simulation is real: fsdp_gloo itself fails without the classes, and imports with them

@@ -49,6 +49,8 @@ DCP_METADATA = register(
     targets=("torch.distributed.checkpoint:FileSystemReader._get_metadata_path",),
     why="fsdp checkpoints' .metadata is read by a restricted unpickler, from the path torch's reader uses",
     verified=TORCH,
+    without="torch < 2.9 has no such method and no per-rank metadata: the folder's .metadata is read, as "
+    "torch's own reader of those versions does",
 )
 
 
@@ -127,5 +129,6 @@ def torch_load_weights_only(
 
 def dcp_metadata_path(reader: Any, rank: int | None = None) -> Any:
     """The `.metadata` file torch's `FileSystemReader` would read."""
-    available(DCP_METADATA.name)
-    return reader._get_metadata_path(rank)
+    if available(DCP_METADATA.name):
+        return reader._get_metadata_path(rank)
+    return reader.fs.concat_path(reader.path, ".metadata")  # torch < 2.9's reader: one file, at the root
