@@ -243,4 +243,4 @@ def test_fsdp_builds_the_lora_model_on_meta_equal_to_the_whole_build(tiny_model_
         [sys.executable, "-c", FSDP_META_LOAD, str(tiny_model_dir)], cwd=root, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().startswith("ok")
+    assert done.stdout.strip().splitlines()[-1].startswith("ok"), done.stdout  # gloo may print before it

@@ -2,11 +2,14 @@
 
 Three launches cover the equality matrix: the 1-process reference (plain python, `single` backend),
 `torchrun` with 2 ranks for ddp and fsdp, and the `deepspeed` launcher with 2 ranks for zero3. Each
-launch runs every case of its backends in one process group (see worker.py).
+launch runs every case of its backends in one process group (see worker.py). `NGDIFF_DIST_CASES` (case
+names without the backend, comma-separated, e.g. `ngdiff_sgd,ngdiff_adamw_autolr`) limits the launches
+to those cases: the version matrix (scripts/version_matrix.sh) runs a subset of the equality tests.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +25,15 @@ from dist_helpers import (
 )
 
 
+def selected(cases: list[dict]) -> list[dict]:
+    """The cases `NGDIFF_DIST_CASES` names (all where it is unset); a case's name is `<backend>_<case>`."""
+    wanted = os.environ.get("NGDIFF_DIST_CASES", "")
+    if not wanted:
+        return cases
+    names = set(wanted.split(","))
+    return [case for case in cases if case["name"].split("_", 1)[1] in names]
+
+
 @pytest.fixture(scope="session")
 def dist_runs(tmp_path_factory, tiny_model_dir, tofu_split) -> Path:
     """Runs all three launches once; returns the folder holding every case's result."""
@@ -32,9 +44,9 @@ def dist_runs(tmp_path_factory, tiny_model_dir, tofu_split) -> Path:
         for n, o in matrix_cases(tofu_split).items()
     ]
     launches = [
-        ([sys.executable], reference, "single"),
-        (torchrun(), backend_cases("ddp", tofu_split) + backend_cases("fsdp", tofu_split), "torchrun"),
-        (deepspeed_launcher(), backend_cases("zero3", tofu_split), "deepspeed"),
+        ([sys.executable], selected(reference), "single"),
+        (torchrun(), selected(backend_cases("ddp", tofu_split) + backend_cases("fsdp", tofu_split)), "torchrun"),
+        (deepspeed_launcher(), selected(backend_cases("zero3", tofu_split)), "deepspeed"),
     ]
     return run_cases(out, common, launches)
 
