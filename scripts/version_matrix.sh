@@ -48,7 +48,12 @@ build() { # venv constraints: a fresh venv holding exactly the pinned set and th
     "$venv/bin/python" -m pip install -q --upgrade pip || return 1
     # DeepSpeed's setup.py imports torch: torch and the build tools first, then DeepSpeed without isolation
     "$venv/bin/pip" install -q torch setuptools wheel ninja packaging || return 1
-    "$venv/bin/pip" install -q --no-build-isolation "$ROOT[dev]" || return 1
+    # from a copy of the working tree's files (tracked and not ignored): building in the checkout would leave
+    # setuptools' build/ there, whose stale modules a later wheel would carry
+    mkdir -p "$venv/src"
+    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard |
+        tar --null --ignore-failed-read -T - -cf - 2>/dev/null) | tar -C "$venv/src" -xf - || return 1
+    "$venv/bin/pip" install -q --no-build-isolation "$venv/src[dev]" || return 1
 }
 
 check_imports() { # venv: every backend module, imported from outside the checkout (the installed package)
