@@ -46,12 +46,18 @@ def torch_has_the_classes() -> bool:
     return hasattr(api, "AllGather") and hasattr(api, "ReduceScatter")
 
 
-@pytest.mark.parametrize("hide", [True, False], ids=["classes_absent", "classes_present"])
-def test_backends_import_without_fsdp2_private_collectives(hide):
+def run_with_classes(script: str, hide: bool) -> subprocess.CompletedProcess:
+    """`script` (its HIDE line first) in a fresh interpreter, with FSDP2's collective classes removed or
+    kept; keeping them is skipped on a torch that never had them."""
     if not hide and not torch_has_the_classes():
         pytest.skip("this torch has no FSDP2 collective classes (< 2.9): classes_absent is the real case here")
-    code = WITHOUT_PRIVATE_COLLECTIVES.replace("HIDE", HIDE if hide else "")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    code = script.replace("HIDE", HIDE if hide else "")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("hide", [True, False], ids=["classes_absent", "classes_present"])
+def test_backends_import_without_fsdp2_private_collectives(hide):
+    done = run_with_classes(WITHOUT_PRIVATE_COLLECTIVES, hide)
     assert done.returncode == 0, done.stderr[-2000:]
     # the simulation is real: fsdp_gloo itself fails without the classes, and imports with them
     assert ("fsdp_gloo needs them" in done.stdout) == hide, done.stdout

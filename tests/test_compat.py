@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import ast
 import logging
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from parallel import compat
-from tests.test_backend_imports import HIDE, torch_has_the_classes
+from tests.test_backend_imports import run_with_classes
 
 ROOT = Path(__file__).parents[1]
 
@@ -158,10 +156,7 @@ FSDP_ON_GLOO_WITHOUT_PRIVATE_COLLECTIVES = textwrap.dedent(
 
 @pytest.mark.parametrize("hide", [True, False], ids=["classes_absent", "classes_present"])
 def test_fsdp_on_gloo_without_fsdp2_private_collectives_falls_back_and_says_so(hide):
-    if not hide and not torch_has_the_classes():
-        pytest.skip("this torch has no FSDP2 collective classes (< 2.9): classes_absent is the real case here")
-    code = FSDP_ON_GLOO_WITHOUT_PRIVATE_COLLECTIVES.replace("HIDE", HIDE if hide else "")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_with_classes(FSDP_ON_GLOO_WITHOUT_PRIVATE_COLLECTIVES, hide)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert out.strip().endswith("ran")  # sharded, forward and backward on gloo either way
