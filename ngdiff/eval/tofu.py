@@ -311,7 +311,9 @@ def evaluate_tofu(
 
     `light`: the cheap evaluation of a point inside a run. The forget sets are scored by likelihood only
     (truth ratio, forget quality, KS distance, probability: no generation, so no ROUGE) and membership
-    inference is skipped; the utility sets are scored in full, as model utility needs their ROUGE."""
+    inference is skipped; the utility sets are scored in full, as model utility needs their ROUGE. Not a
+    TOFU protocol (locuslab/tofu evaluates once, with config/eval_everything.yaml): ngdiff's cost cut for
+    points inside a run; every number it keeps is computed exactly as the full evaluation computes it."""
     if custom:
         sets = [(tofu_set, read_custom_rows(tofu_set, path, max_items)) for tofu_set, path in custom]
     else:
