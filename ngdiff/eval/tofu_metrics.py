@@ -25,11 +25,17 @@ import numpy as np
 
 from ngdiff.errors import UserError
 
+# A diverged model's losses can differ by thousands of nats: its ratio saturates at e^±700 (finite, so JSON and
+# the paired log distance stay defined) where TOFU's numpy code would give inf or 0. Every TOFU statistic is
+# unchanged by this (min(TR, 1/TR) and max(0, 1 - TR) are 0 either way, the KS test uses ranks only).
+LOG_TRUTH_RATIO_BOUND = 700.0
+
 
 def truth_ratio(paraphrased_mean_loss: float, perturbed_mean_losses: Sequence[float]) -> float:
     """P(perturbed) / P(paraphrased) with geometric-mean token probabilities; < 1 means the model prefers
     the true (paraphrased) answer."""
-    return math.exp(paraphrased_mean_loss - float(np.mean(perturbed_mean_losses)))
+    log_ratio = paraphrased_mean_loss - float(np.mean(perturbed_mean_losses))
+    return math.exp(min(max(log_ratio, -LOG_TRUTH_RATIO_BOUND), LOG_TRUTH_RATIO_BOUND))
 
 
 def forget_truth_ratio_stat(ratios: Sequence[float]) -> float:
@@ -45,9 +51,12 @@ def retain_truth_ratio_stat(ratios: Sequence[float]) -> float:
 
 
 def normalised_probability(gold_mean_loss: float, perturbed_mean_losses: Sequence[float]) -> float:
-    """Probability of the gold answer among gold + perturbed ones (per-token geometric means)."""
-    gold = math.exp(-gold_mean_loss)
-    return gold / (gold + float(np.sum(np.exp(-np.asarray(perturbed_mean_losses, dtype=np.float64)))))
+    """Probability of the gold answer among gold + perturbed ones (per-token geometric means), as a softmax
+    over negative losses: the same number as `p_gold / (p_gold + sum p_perturbed)`, and defined when every
+    probability underflows (a diverged model)."""
+    from scipy.special import softmax
+
+    return float(softmax(-np.asarray([gold_mean_loss, *perturbed_mean_losses], dtype=np.float64))[0])
 
 
 def forget_quality(unlearned_ratios: Sequence[float], reference_ratios: Sequence[float]) -> tuple[float, float]:

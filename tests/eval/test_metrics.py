@@ -29,6 +29,15 @@ def test_truth_ratio_is_exp_of_paraphrased_minus_mean_perturbed_loss():
     assert truth_ratio(2.0, [2.0]) == pytest.approx(1.0)
 
 
+def test_a_diverged_models_truth_ratio_saturates_and_its_statistics_are_tofus():
+    # a 5000-nat gap overflowed math.exp; the ratio is e^700 (or e^-700) and every statistic is what inf gives
+    high, low = truth_ratio(5000.0, [1.0]), truth_ratio(1.0, [5000.0])
+    assert high == pytest.approx(math.exp(700.0)) and low == pytest.approx(math.exp(-700.0))
+    assert forget_truth_ratio_stat([high, low]) == pytest.approx(0.0, abs=1e-300)
+    assert retain_truth_ratio_stat([high]) == 0.0
+    assert paired_truth_ratio_distance([high], [1.0]) == pytest.approx(700.0)
+
+
 def test_truth_ratio_statistics_forget_and_retain_sides():
     # forget: mean(min(TR, 1/TR)) = mean(0.5, 0.5)
     assert forget_truth_ratio_stat([0.5, 2.0]) == pytest.approx(0.5)
@@ -39,6 +48,8 @@ def test_truth_ratio_statistics_forget_and_retain_sides():
 def test_normalised_probability_over_gold_and_perturbed():
     # p_gold = 1/2, perturbed 1/2 and 1/4: 0.5 / 1.25
     assert normalised_probability(math.log(2), [math.log(2), math.log(4)]) == pytest.approx(0.4)
+    # every probability underflows (losses of 2000 nats): the ratio is still the softmax's 1/3
+    assert normalised_probability(2000.0, [2000.0, 2000.0]) == pytest.approx(1 / 3)
 
 
 def test_model_utility_is_the_harmonic_mean_and_zero_with_a_zero():
