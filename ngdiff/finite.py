@@ -23,7 +23,15 @@ ADVICE = "the run diverged; lower optim.lr (or bound the step with optim.max_gra
 
 
 class NonFiniteError(UserError):
-    """A loss, gradient norm, weight or AutoLR number that is inf or NaN: names the step and the quantity."""
+    """A loss, gradient norm, weight or AutoLR number that is inf or NaN: names the step and the quantity;
+    `step` is the step it was found at (a study records a diverged run there)."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+    def __reduce__(self):  # pickles with its step (a process pool hands exceptions back pickled)
+        return type(self), (str(self), self.step)
 
 
 def require_finite(step: int, values: Mapping[str, float], state: str = "its update was not applied") -> None:
@@ -31,7 +39,7 @@ def require_finite(step: int, values: Mapping[str, float], state: str = "its upd
     metrics.jsonl); `state` says where the weights were left."""
     for name, value in values.items():
         if not math.isfinite(value):
-            raise NonFiniteError(f"step {step}: {name} is {value}; {state}, no model exported; {ADVICE}")
+            raise NonFiniteError(f"step {step}: {name} is {value}; {state}, no model exported; {ADVICE}", step)
 
 
 def step_quantities(names: Sequence[str], stats: TaskStats) -> dict[str, float]:
@@ -50,4 +58,6 @@ def require_finite_weights(backend: Backend, step: int) -> None:
     bad = sum(int(not torch.isfinite(p).all()) for p in backend.local_params())
     flag = torch.tensor([float(bad)], dtype=torch.float64, device=backend.ctx.device)
     if float(backend.all_reduce_sum(flag).cpu()) > 0:
-        raise NonFiniteError(f"after step {step}: the model's weights are not all finite; no model exported; {ADVICE}")
+        raise NonFiniteError(
+            f"after step {step}: the model's weights are not all finite; no model exported; {ADVICE}", step
+        )

@@ -22,7 +22,9 @@ the run's step-0 row (the fine-tuned model before any unlearning):
   so the mean over points is the rectangle rule); in [0, 1]; a point below the floor, or with D or utility
   missing, scores 0.
 - end point: the last evaluation (the whole budget spent), with its D, G, log10 forget quality, utility and
-  whether it keeps the floor (claim 2 is about end points).
+  whether it keeps the floor (claim 2 is about end points). A run stopped at a non-finite number (its lr
+  too large) is `diverged`: its end point has no D, G or utility and does not keep the floor; its best
+  point and area come from the evaluations it made, the divergence counting as a point that scores 0.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ class Endpoint:
     end_utility: float
     end_meets_floor: bool
     best_tr_distance: float = math.nan  # the best point's paired truth-ratio distance; nan when none
+    diverged: bool = False  # stopped at a non-finite number before the budget was spent
 
     @property
     def pair_key(self) -> tuple[Any, int]:
@@ -198,7 +201,8 @@ def run_endpoint(points: Sequence[Row], rule: EndpointRule = DEFAULT_RULE) -> En
         end_quality=metric(end, rule.quality_metric),
         end_log10_quality=_log10(_number(end.get(rule.quality_metric))),
         end_utility=metric(end, rule.utility_metric),
-        end_meets_floor=qualifies(end),
+        end_meets_floor=qualifies(end) and not end.get("diverged"),
+        diverged=bool(end.get("diverged")),
     )
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -357,7 +357,7 @@ def floor_sensitivity(
 @dataclass(frozen=True)
 class SpreadTest:
     """Brown-Forsythe test of equal spread; `spread_*` = each group's median absolute deviation from its
-    median (the quantity the test compares)."""
+    median (the quantity the test compares); `diverged_*` = runs left out because they have no end point."""
 
     statistic: float
     pvalue: float
@@ -365,6 +365,8 @@ class SpreadTest:
     n_b: int
     spread_a: float
     spread_b: float
+    diverged_a: int = 0
+    diverged_b: int = 0
 
 
 def brown_forsythe(a: Sequence[float], b: Sequence[float]) -> SpreadTest:
@@ -389,8 +391,12 @@ def end_spread_test(
     points: Iterable[Endpoint], method_a: str, method_b: str, field: str = "end_gap", world: Any = None
 ) -> SpreadTest:
     """Brown-Forsythe on `field` over every lr and seed of `method_a` (e.g. with AutoLR) against
-    `method_b` (without); `world` keeps one world, so between-world differences do not count as spread."""
+    `method_b` (without); `world` keeps one world, so between-world differences do not count as spread.
+    Diverged runs have no end point: they are left out of the test and counted beside it."""
     points = [e for e in points if world is None or e.world == world]
-    a = [e.value(field) for e in points if e.method == method_a]
-    b = [e.value(field) for e in points if e.method == method_b]
-    return brown_forsythe(a, b)
+    a = [e.value(field) for e in points if e.method == method_a and not e.diverged]
+    b = [e.value(field) for e in points if e.method == method_b and not e.diverged]
+    test = brown_forsythe(a, b)
+    diverged_a = sum(e.diverged for e in points if e.method == method_a)
+    diverged_b = sum(e.diverged for e in points if e.method == method_b)
+    return replace(test, diverged_a=diverged_a, diverged_b=diverged_b)

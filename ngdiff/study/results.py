@@ -40,10 +40,12 @@ def run_rows(
     start: Row | None = None,
     stage: str = "grid",
     world: str = BASE_WORLD,
+    diverged_at: int | None = None,
 ) -> list[Row]:
     """Rows of one run from its metrics.jsonl records: one per evaluation, joined with the training
     record of the same step (losses, current lr) and the AutoLR acceptance rate so far. `start` is the
-    target's evaluation, written as step 0."""
+    target's evaluation, written as step 0. A run stopped at a non-finite number ends with a row at that
+    step marked `diverged` and without metrics: its end point keeps no utility floor and has no G."""
     training: dict[int, Row] = {}
     accepted = attempted = 0
     acceptance: dict[int, float | None] = {}
@@ -70,6 +72,9 @@ def run_rows(
             row[name] = _number(training.get(step, {}).get(key))
         row["autolr_accept_rate"] = acceptance.get(step)
         rows.append(row)
+    if diverged_at is not None:
+        epoch = diverged_at / steps_per_epoch if steps_per_epoch else None
+        rows.append({**base, "step": diverged_at, "epoch": epoch, "diverged": True})
     return rows
 
 
@@ -103,9 +108,10 @@ def collect(study_dir: Path, starts: Mapping[str, Row] | Row | None = None) -> l
         per_epoch = steps / info["budget_epochs"] if info.get("budget_epochs") else 0.0
         world = info.get("world", BASE_WORLD)
         start = _start(starts, world)
+        diverged_at = info["diverged"]["step"] if info.get("diverged") else None
         rows += run_rows(
             metrics, info["method"], float(info["lr"]), int(info["seed"]), per_epoch, start,
-            info.get("stage", "grid"), world,
+            info.get("stage", "grid"), world, diverged_at,
         )  # fmt: skip
     return rows
 

@@ -235,6 +235,7 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
     """One unlearning run with periodic evaluation; writes `done.json` when it completed. Holds the run's
     lock, so a second study process on the same folder neither runs nor clears it."""
     from ngdiff.eval.during_training import evaluation_factory
+    from ngdiff.finite import NonFiniteError
     from ngdiff.pipeline import run_training
     from parallel.base import DistContext
 
@@ -256,7 +257,6 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
                 rule.utility_metric,
                 world_distance(plan.spec, world),
             )
-        outcome = run_training(cfg, DistContext(), evaluate_factory=factory)
         record = {
             "method": run.method,
             "lr": run.lr,
@@ -264,11 +264,18 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
             "stage": run.stage,
             "world": run.world,
             "budget_epochs": plan.spec.budget_epochs,
-            "steps": outcome.trainer.step_index,
-            "final_lr": outcome.trainer.lr,
-            "seconds": round(time.time() - started, 2),
-            "finished_at": round(time.time(), 2),  # seconds since the epoch: the study's cost timeline
         }
+        try:
+            outcome = run_training(cfg, DistContext(), evaluate_factory=factory)
+        except NonFiniteError as err:  # an lr too large for this method: a result of the grid, not a failure
+            log.warning("run %s diverged: %s", run.run_id, err)
+            record |= {"steps": err.step, "diverged": {"step": err.step, "reason": str(err)}}
+            record |= _timing(started)
+            if plan.spec.keep_weights and not (out / WEIGHTS / "selected").exists():
+                _write_selected_is_target(out / WEIGHTS / "selected", world)
+            (out / DONE).write_text(json.dumps(record, indent=1))
+            return record
+        record |= {"steps": outcome.trainer.step_index, "final_lr": outcome.trainer.lr} | _timing(started)
         if outcome.final_dir is not None:
             if plan.spec.keep_weights:  # the end point, already bf16 (export.dtype)
                 (out / WEIGHTS).mkdir(exist_ok=True)
@@ -279,6 +286,12 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
                 shutil.rmtree(outcome.final_dir)  # the trajectory is the result
             (out / DONE).write_text(json.dumps(record, indent=1))
     return record
+
+
+def _timing(started: float) -> dict[str, float]:
+    now = time.time()
+    # finished_at is seconds since the epoch: the study's cost timeline (ngdiff.study.cost)
+    return {"seconds": round(now - started, 2), "finished_at": round(now, 2)}
 
 
 Distance = tuple[str, Callable[[dict[str, Any]], float | None]]  # (its name, D of an evaluation's metrics)

@@ -362,11 +362,17 @@ def _claim2_lines(analysis: Analysis) -> list[str]:
                 f"- world `{world}`: median absolute deviation {test.spread_a:.3g} ({c.with_method}, "
                 f"n = {test.n_a}) vs "
                 f"{test.spread_b:.3g} ({c.without}, n = {test.n_b}); Brown-Forsythe F = {test.statistic:.3g}, "
-                f"p = {test.pvalue:.2g}"
+                f"p = {test.pvalue:.2g}" + _diverged_note(test, c.with_method, c.without)
             )
     if not c.spread:
         lines.append("- no `claim2` runs yet")
     return lines
+
+
+def _diverged_note(test: SpreadTest, with_method: str, without: str) -> str:
+    if not (test.diverged_a or test.diverged_b):
+        return ""
+    return f" (left out, diverged: {test.diverged_a} {with_method}, {test.diverged_b} {without})"
 
 
 def _missing(missing: Sequence[str]) -> list[str]:

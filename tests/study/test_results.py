@@ -4,9 +4,11 @@ read back from results.jsonl with every key the analysis needs."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
+from ngdiff.study.endpoints import endpoints
 from ngdiff.study.results import by_run, collect, read_results, run_rows, write_results
 from ngdiff.study.spec import StudyError
 
@@ -57,3 +59,25 @@ def test_rows_carry_stage_world_and_both_names_of_the_ks_distance(tmp_path):
     path.write_text('{"method": "m", "lr": 0.1}\n')
     with pytest.raises(StudyError, match=r"results.jsonl:1: the row has no seed, step"):
         read_results(path)
+
+
+def test_a_diverged_run_keeps_its_evaluations_and_ends_without_an_end_point(tmp_path):
+    metrics = [
+        {"step": 5, "forget_ks_statistic": 0.3, "forget_quality": 0.2, "model_utility": 0.58, "eval_seconds": 1},
+        {"step": 10, "forget_ks_statistic": 0.1, "forget_quality": 0.5, "model_utility": 0.40, "eval_seconds": 1},
+    ]
+    run = tmp_path / "runs" / "selection__base__m__lr1e+00__s0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    info = {"method": "m", "lr": 1.0, "seed": 0, "stage": "selection", "world": "base", "steps": 13,
+            "budget_epochs": 1.0, "diverged": {"step": 13, "reason": "step 13: loss_forget is nan"}}  # fmt: skip
+    (run / "done.json").write_text(json.dumps(info))
+    start = {"forget_ks_statistic": 0.6, "forget_quality": 1e-4, "model_utility": 0.6}
+    rows = collect(tmp_path, {"base": start})
+    assert [(r["step"], r.get("diverged", False)) for r in rows] == [(0, False), (5, False), (10, False), (13, True)]
+    assert read_results(write_results(rows, tmp_path / "results.jsonl")) == rows
+    (point,) = endpoints(rows)
+    # the best point is step 5 (step 10 breaks the floor 0.57); the divergence is the end, with no end point
+    assert point.diverged and point.best_step == 5 and point.best_gap == pytest.approx(0.5)
+    assert point.end_step == 13 and not point.end_meets_floor and math.isnan(point.end_gap)
+    assert point.area == pytest.approx((0.5 + 0 + 0) / 3)

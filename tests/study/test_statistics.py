@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -319,6 +320,14 @@ def test_brown_forsythe_is_scipy_levene_at_the_median_and_an_anova_of_absolute_d
     points = [make_endpoint("auto", seed=i, end_gap=g) for i, g in enumerate(a)]
     points += [make_endpoint("fixed", seed=i, end_gap=g) for i, g in enumerate(b)]
     assert end_spread_test(points, "auto", "fixed").statistic == pytest.approx(reference.statistic)
+    # a diverged run has no end point: left out of the test, counted beside it
+    diverged = replace(make_endpoint("fixed", seed=9, end_gap=math.nan, meets=False), diverged=True)
+    test = end_spread_test([*points, diverged], "auto", "fixed")
+    assert test.statistic == pytest.approx(reference.statistic) and (test.n_b, test.diverged_b, test.diverged_a) == (
+        6,
+        1,
+        0,
+    )
 
 
 def test_lr_width_in_decades_on_a_hand_grid():
