@@ -27,7 +27,7 @@ import yaml
 from ngdiff.config import ExperimentConfig, load_config
 from ngdiff.locks import clear_locked_folder, lock_output_dir
 from ngdiff.study.muse_world import MUSE_DISTANCE, verbmem_distance
-from ngdiff.study.spec import BASE_WORLD, RunSpec, StudyError, StudySpec, WorldSpec, spec_to_dict
+from ngdiff.study.spec import BASE_WORLD, RunSpec, StudyError, StudySpec, WorldSpec, same_setting, spec_to_dict
 from ngdiff.study.world import WORLD_FILE, World, check_world, load_or_build, placeholder_overrides
 
 if TYPE_CHECKING:
@@ -195,20 +195,6 @@ def claim_study_dir(plan: Plan) -> None:
                     "(runs of a different world, budget or cadence cannot be compared)"
                 )
     path.write_text(json.dumps(record, indent=1))
-
-
-def same_setting(saved: Any, current: Any, default: Any) -> bool:
-    """Whether a study.json setting is the current one. A key the saved record lacks was added to the spec
-    after it was written; the saved study ran with that key's default, so it matches only that."""
-    if not (isinstance(saved, dict) and isinstance(current, dict)):
-        return saved == current
-    default = default if isinstance(default, dict) else {}
-    if set(saved) - set(current):
-        return False
-    return all(
-        same_setting(saved[key], value, default.get(key)) if key in saved else value == default.get(key, object())
-        for key, value in current.items()
-    )
 
 
 def prepare_world(plan: Plan, progress: bool = True) -> World:

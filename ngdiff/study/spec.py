@@ -604,3 +604,18 @@ def load_study(path: str | Path) -> StudySpec:
 def spec_to_dict(spec: StudySpec) -> dict[str, Any]:
     """What the study folder keeps as `study.json` (plain JSON types)."""
     return json.loads(json.dumps(asdict(spec)))
+
+
+def same_setting(saved: Any, current: Any, default: Any) -> bool:
+    """Whether a saved setting (study.json, a world's recipe.json) is the current one. A key the saved record
+    lacks was added to the spec after it was written; the saved record was made with that key's default, so
+    it matches only that. One rule, so a new spec field orphans neither study folders nor cached worlds."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return saved == current
+    default = default if isinstance(default, dict) else {}
+    if set(saved) - set(current):
+        return False
+    return all(
+        same_setting(saved[key], value, default.get(key)) if key in saved else value == default.get(key, object())
+        for key, value in current.items()
+    )

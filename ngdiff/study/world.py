@@ -36,7 +36,7 @@ from ngdiff.study.calibration import (
     unseen_token_share,
 )
 from ngdiff.study.health import world_health
-from ngdiff.study.spec import StudyError, StudySpec, WorldSpec
+from ngdiff.study.spec import StudyError, StudySpec, WorldSpec, same_setting
 
 log = logging.getLogger("ngdiff.study")
 
@@ -163,13 +163,7 @@ RECIPE_FILE = "recipe.json"  # written before the build: a half-built world is n
 def world_recipe(spec: StudySpec, data_cfg) -> dict[str, Any]:
     """What a world is cached by: its spec, less where it lives and the calibration bounds (checked on
     every load, so changing a bound needs no rebuild), plus the formatting and the tokenizer's recipe."""
-    defaults = asdict(WorldSpec())
-    recipe = {k: v for k, v in asdict(spec.world).items() if k not in ("cache_dir", "calibration")}
-    recipe["pretrain"].pop("cache_dir")  # where bases are cached does not change them
-    del defaults["pretrain"]["cache_dir"]
-    for key in ("forget_authors", "second_retain_seed", "pretrain", "muse"):  # worlds cached before these keys match
-        if recipe[key] == defaults[key]:
-            del recipe[key]
+    recipe = _spec_part(asdict(spec.world))
     if data_cfg.prompt_template:  # the CPU world is fine-tuned, and every world evaluated, with it
         recipe["prompt_template"] = data_cfg.prompt_template
     if spec.world.kind == "cpu":
@@ -179,8 +173,20 @@ def world_recipe(spec: StudySpec, data_cfg) -> dict[str, Any]:
     return json.loads(json.dumps(recipe))
 
 
+def _spec_part(world: dict[str, Any]) -> dict[str, Any]:
+    """A world spec's keys that change the world: not where it or its base are cached, nor the bounds."""
+    recipe = {k: v for k, v in world.items() if k not in ("cache_dir", "calibration")}
+    recipe["pretrain"] = {k: v for k, v in recipe["pretrain"].items() if k != "cache_dir"}
+    return recipe
+
+
 def _same_recipe(path: Path, recipe: dict[str, Any], folder: Path) -> None:
-    if path.is_file() and json.loads(path.read_text()).get("recipe") != recipe:
+    """Refuse a folder built from another recipe; a recipe saved before a spec key existed matches a world
+    holding that key's default (spec.same_setting)."""
+    if not path.is_file():
+        return
+    defaults = json.loads(json.dumps(_spec_part(asdict(WorldSpec()))))
+    if not same_setting(json.loads(path.read_text()).get("recipe"), recipe, defaults):
         raise StudyError(
             f"{folder} holds a world built from a different recipe; point world.cache_dir elsewhere or delete it"
         )

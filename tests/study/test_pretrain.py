@@ -116,20 +116,30 @@ def test_the_base_is_built_once_and_shared_by_both_models_and_by_worlds_that_dif
 def test_a_world_without_pretrain_is_built_as_before(tmp_path, recorded):
     plain = {k: v for k, v in TINY_WORLD.items() if k != "pretrain"}
     spec, data_cfg = study(plain)
-    recipe = world_recipe(spec, data_cfg)
-    assert "pretrain" not in recipe  # a world cached before the key existed still matches its recipe
     sets = cpu_world_data(spec.world)  # the knowledge is fine-tuned into both models
     assert len(sets["target_train"]) == 20 + 20 + 3 and len(sets["reference_train"]) == 20 + 3
     load_or_build(spec, tmp_path / "s", data_cfg, progress=False)
-    world = json.loads((tmp_path / "s" / "world" / "world.json").read_text())
+    marker = tmp_path / "s" / "world" / "world.json"
+    world = json.loads(marker.read_text())
     assert recorded["bases"] == 0 and "pretrain" not in world["info"]
+    assert world["recipe"] == world_recipe(spec, data_cfg) and "pretrain" in world["recipe"]
+    # a world cached before the pretrain and muse keys existed (its recipe lacks them) still loads, unbuilt
+    builds = len(recorded["finetune"])
+    old = {k: v for k, v in world["recipe"].items() if k not in ("pretrain", "muse")}
+    marker.write_text(json.dumps({**world, "recipe": old}))
+    load_or_build(spec, tmp_path / "s", data_cfg, progress=False)
+    assert len(recorded["finetune"]) == builds
+    # ...but not when the key it lacks now holds another value than its default
+    with_base, _ = study({**plain, "pretrain": {"authors": 1, "epochs": 1}})
+    with pytest.raises(StudyError, match="different recipe"):
+        load_or_build(with_base, tmp_path / "s", data_cfg, progress=False)
     assert not (tmp_path / "s" / "pretrain").exists()
     start = tmp_path / "s" / "world" / "base"  # a random initialisation of the world's own
     assert fine_tuned_from(recorded, tmp_path / "s" / "world") == {"target": start, "retain_model": start}
     # where the bases are cached is no part of a world's recipe; the pretraining settings are
     spec_a, _ = study(TINY_WORLD, tmp_path / "a")
     spec_b, _ = study(TINY_WORLD, tmp_path / "b")
-    assert world_recipe(spec_a, data_cfg) == world_recipe(spec_b, data_cfg) != recipe
+    assert world_recipe(spec_a, data_cfg) == world_recipe(spec_b, data_cfg) != world_recipe(spec, data_cfg)
     assert world_recipe(spec_a, data_cfg)["pretrain"]["authors"] == 1
 
 
