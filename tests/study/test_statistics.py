@@ -202,6 +202,9 @@ def test_the_hierarchical_bootstrap_resamples_worlds_then_seeds():
     )
     same = hierarchical_bootstrap([[1.0, 2.0], [3.0]], 100, 7)
     assert np.array_equal(same, hierarchical_bootstrap([[1.0, 2.0], [3.0]], 100, 7))
+    # a draw of 0.1, 0.2 and -0.3 sums to 5.6e-17 in floating point; its mean is 0, and counts as 0
+    lattice = hierarchical_bootstrap([[0.1, 0.2, -0.3]], 2_000, 8)
+    assert np.any(lattice == 0.0) and not np.any((lattice != 0) & (np.abs(lattice) < 1e-12))
 
 
 # --------------------------------------------------------------------------- verdicts
