@@ -45,7 +45,9 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=1, help="runs at a time, each a one-thread subprocess (default: 1, in process)"
     )
     rebuild = parser.add_argument_group("report from a results file (no run folders needed)")
-    rebuild.add_argument("--results", default="", help="a study's results.jsonl, e.g. docs/study/results.jsonl")
+    rebuild.add_argument(
+        "--results", default="", help="a study's results.jsonl (or .jsonl.gz), e.g. docs/study/results.jsonl.gz"
+    )
     rebuild.add_argument("--config", default="", help="its study YAML (default: study.yaml beside the results)")
     rebuild.add_argument("--out", default="", help="where summary.md and the plots go (default: beside the results)")
     attack = parser.add_argument_group("ngdiff study attack DIR: membership inference and attacks on the kept weights")

@@ -7,6 +7,7 @@ whole result: `ngdiff study report` rebuilds the summary and the plots from them
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections import defaultdict
@@ -130,13 +131,18 @@ def write_results(rows: Iterable[Row], path: Path) -> Path:
 
 
 def read_results(path: Path) -> list[Row]:
-    """The rows of a results.jsonl (as written by `write_results`, or committed with a study)."""
+    """The rows of a results.jsonl (as written by `write_results`, or committed with a study); a name ending
+    in .gz is read through gzip (a large grid's rows are committed compressed)."""
     from ngdiff.study.spec import StudyError
 
     if not path.is_file():
         raise StudyError(f"{path}: no such results file")
+    try:
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise StudyError(f"{path}: not a readable results file ({err})") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

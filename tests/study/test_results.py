@@ -3,6 +3,7 @@ read back from results.jsonl with every key the analysis needs."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 
@@ -59,6 +60,13 @@ def test_rows_carry_stage_world_and_both_names_of_the_ks_distance(tmp_path):
     path.write_text('{"method": "m", "lr": 0.1}\n')
     with pytest.raises(StudyError, match=r"results.jsonl:1: the row has no seed, step"):
         read_results(path)
+    # committed compressed: the same rows through gzip; a .gz that is not gzip is named
+    packed = tmp_path / "results.jsonl.gz"
+    packed.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert read_results(packed) == rows
+    packed.write_text("plain text")
+    with pytest.raises(StudyError, match=r"results.jsonl.gz: not a readable results file"):
+        read_results(packed)
 
 
 def test_a_diverged_run_keeps_its_evaluations_and_ends_without_an_end_point(tmp_path):
