@@ -93,7 +93,8 @@ class MethodConfig:
 @dataclass
 class OptimConfig:
     # NGDiff's direction under plain SGD with AutoLR fitting the step: the setting AutoLR's fit is valid in
-    # and the one the study validated (docs/autolr.md, docs/study.md); AutoLR moves the lr from here
+    # (docs/autolr.md); AutoLR moves the lr from here. The default study grid found no evidence that AutoLR
+    # improves on NGDiff at a constant lr (docs/study.md)
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.05
     weight_decay: float = 0.0
