@@ -278,14 +278,12 @@ def verdict_runs(spec, study_dir: Path, records: dict[str, dict[str, Any]]) -> t
     """(the stage whose runs the verdicts use, each method's lr there), as the study picks them: a staged
     study's selection.json, else the selection rule over the grid's runs."""
     from ngdiff.study.endpoints import endpoints
-    from ngdiff.study.results import collect
-    from ngdiff.study.runner import current_selection
+    from ngdiff.study.runner import current_selection, study_rows
     from ngdiff.study.summary import rule_of, selected_lrs
 
     if spec.staged:
         return "confirmation", current_selection(spec, study_dir) or {}
-    starts = {label: record.get("target_metrics") or {} for label, record in records.items()}
-    return "grid", selected_lrs(endpoints(collect(study_dir, starts), rule_of(spec)), spec)
+    return "grid", selected_lrs(endpoints(study_rows(spec, study_dir, records), rule_of(spec)), spec)
 
 
 # --------------------------------------------------------------------------- the summary's section

@@ -19,13 +19,12 @@ from typing import Any
 import yaml
 
 from ngdiff.metrics_log import read_jsonl
-from ngdiff.study import muse_world
 from ngdiff.study.attacks import ATTACKS_FILE, YARDSTICK, attack_markdown, read_attack_rows
 from ngdiff.study.cost import COST_FILE, cost_markdown, write_cost
 from ngdiff.study.health import unranked_summary, world_health
 from ngdiff.study.plots import attacks_plot, autolr_plot, lr_plot, pareto_grid_plot, pareto_plot
-from ngdiff.study.results import Row, _number, by_run, collect, read_results, write_results
-from ngdiff.study.runner import DONE, current_selection, run_folder, world_records
+from ngdiff.study.results import Row, _number, by_run, read_results, write_results
+from ngdiff.study.runner import DONE, current_selection, run_folder, study_rows, world_records
 from ngdiff.study.spec import StudyError, StudySpec, load_study
 from ngdiff.study.summary import analyse, reference_utility_of, summary_markdown
 
@@ -95,16 +94,7 @@ def make_report(study_dir: str | Path) -> Report:
     """results.jsonl from the finished runs of a study folder, then the summary and pictures from it."""
     study_dir = Path(study_dir)
     spec, records = open_study(study_dir)
-    starts = {}
-    for label, record in records.items():
-        start = dict(record.get("target_metrics") or {})
-        reference = _number((record.get("reference_metrics") or {}).get(spec.summary.utility_metric))
-        if start and reference is not None:
-            start["retain_model_utility"] = reference  # so the rows alone can draw the retain model
-        starts[label] = start
-    rows = collect(study_dir, starts)
-    if spec.world.kind == "muse":  # D against each world's retain model, kept in the rows
-        rows = muse_world.with_distance(rows, {k: r.get("reference_metrics") or {} for k, r in records.items()})
+    rows = study_rows(spec, study_dir, records)
     expected = spec.runs(current_selection(spec, study_dir))
     finished = [r.run_id for r in expected if (run_folder(study_dir / "runs", r) / DONE).is_file()]
     missing = [r.run_id for r in expected if r.run_id not in finished]

@@ -26,7 +26,8 @@ import yaml
 
 from ngdiff.config import ExperimentConfig, load_config
 from ngdiff.locks import clear_locked_folder, lock_output_dir
-from ngdiff.study.muse_world import MUSE_DISTANCE, verbmem_distance
+from ngdiff.study.muse_world import MUSE_DISTANCE, verbmem_distance, with_distance
+from ngdiff.study.results import Row, _number, collect
 from ngdiff.study.spec import BASE_WORLD, RunSpec, StudyError, StudySpec, WorldSpec, same_setting, spec_to_dict
 from ngdiff.study.world import WORLD_FILE, World, check_world, load_or_build, placeholder_overrides
 
@@ -121,6 +122,24 @@ def world_records(spec: StudySpec, study_dir: Path) -> dict[str, dict[str, Any]]
     return out
 
 
+def study_rows(spec: StudySpec, study_dir: Path, records: dict[str, dict[str, Any]] | None = None) -> list[Row]:
+    """The rows of every finished run, each run's step 0 its world's target and, in a MUSE world, every row's
+    D against its world's retain model: one reading for the lr selection and the report, so that both rank
+    the same numbers (`records`: world_records, when the caller has them)."""
+    records = world_records(spec, study_dir) if records is None else records
+    starts = {}
+    for label, record in records.items():
+        start = dict(record.get("target_metrics") or {})
+        reference = _number((record.get("reference_metrics") or {}).get(spec.summary.utility_metric))
+        if start and reference is not None:
+            start["retain_model_utility"] = reference  # so the rows alone can draw the retain model
+        starts[label] = start
+    rows = collect(study_dir, starts)
+    if spec.world.kind == "muse":  # D against each world's retain model, kept in the rows
+        rows = with_distance(rows, {k: r.get("reference_metrics") or {} for k, r in records.items()})
+    return rows
+
+
 def current_selection(spec: StudySpec, study_dir: Path) -> dict[str, float] | None:
     """Each method's selected lr once every selection run has finished (saved in selection.json the first
     time, so the confirmation's lrs never move), else None. A study without stages has none."""
@@ -133,11 +152,9 @@ def current_selection(spec: StudySpec, study_dir: Path) -> dict[str, float] | No
     if not all((run_folder(study_dir / "runs", r) / DONE).is_file() for r in selection):
         return None
     from ngdiff.study.endpoints import endpoints, of_stage
-    from ngdiff.study.results import collect
     from ngdiff.study.summary import rule_of, selected_lrs
 
-    starts = {label: record["target_metrics"] for label, record in world_records(spec, study_dir).items()}
-    lrs = selected_lrs(of_stage(endpoints(collect(study_dir, starts), rule_of(spec)), "selection"), spec)
+    lrs = selected_lrs(of_stage(endpoints(study_rows(spec, study_dir), rule_of(spec)), "selection"), spec)
     record = {"endpoint": spec.summary.select_on, "fraction": spec.summary.utility_fraction, "lrs": lrs}
     path.write_text(json.dumps(record, indent=1))
     return lrs

@@ -159,3 +159,39 @@ def test_muse_quick_study_end_to_end(tmp_path, capsys, one_thread):
     assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == rows
     assert main(["study", "attack", str(out), "--no-progress"]) == 2
     assert "study attack scores TOFU worlds" in capsys.readouterr().err
+
+
+def test_a_staged_muse_study_selects_each_lr_by_the_verbmem_distance_the_summary_ranks_by(tmp_path):
+    from ngdiff.study.runner import SELECTION_FILE, replan, study_rows, world_dir
+    from ngdiff.study.summary import analyse
+
+    raw = yaml.safe_load(MUSE_QUICK.read_text())
+    raw["methods"] = {"gdiff": raw["methods"]["gdiff"], "npo": raw["methods"]["npo"]}
+    raw.update(lrs=[1e-4, 1e-3], stages={"selection": {"seeds": [0]}, "confirmation": {"seeds": [1]}})
+    spec = parse_study(raw, "muse.yaml")
+    study = tmp_path / "study"
+    plan = plan_study(spec, study)
+    folder = world_dir(spec, "base", study)
+    folder.mkdir(parents=True)
+    # the world's two models as its build records them, D included
+    target = {"verbmem_f": 70.0, "knowmem_f": 100.0, "knowmem_r": 99.0, MUSE_DISTANCE: 0.6}
+    retain = {"verbmem_f": 10.0, "knowmem_f": 5.0, "knowmem_r": 99.0, MUSE_DISTANCE: 0.0}
+    (folder / "world.json").write_text(json.dumps({"target_metrics": target, "reference_metrics": retain}))
+    # a run's metrics carry MUSE's numbers only, never D: VerbMem after 4 steps, by method and lr
+    verbmem = {("gdiff", 1e-4): 60.0, ("gdiff", 1e-3): 20.0, ("npo", 1e-4): 12.0, ("npo", 1e-3): 0.0}
+    for r in plan.runs:
+        run = plan.run_dir(r)
+        run.mkdir(parents=True)
+        point = {"step": 4, "verbmem_f": verbmem[r.method, r.lr], "knowmem_f": 50.0, "knowmem_r": 99.0}
+        (run / "metrics.jsonl").write_text(json.dumps({**point, "eval_seconds": 1.0}) + "\n")
+        done = {"method": r.method, "lr": r.lr, "seed": r.seed, "stage": r.stage, "world": r.world, "steps": 4}
+        (run / "done.json").write_text(json.dumps(done))
+    # D: gdiff 0.5 at 1e-4, 0.1 at 1e-3; npo 0.02 at 1e-4, 0.1 at 1e-3 (over-forgetting counts). Read
+    # without D, every run ties with the target and each method would run its smallest lr
+    confirmed = {(r.method, r.lr) for r in replan(plan).runs if r.stage == "confirmation"}
+    assert confirmed == {("gdiff", 1e-3), ("npo", 1e-4)}
+    assert json.loads((study / SELECTION_FILE).read_text())["lrs"] == {"gdiff": 1e-3, "npo": 1e-4}
+    # the summary ticks the same lrs, from the same rows (each with its D)
+    rows = study_rows(spec, study)
+    assert sorted({round(r[MUSE_DISTANCE], 9) for r in rows if r["step"] == 4}) == [0.02, 0.1, 0.5]
+    assert analyse(rows, spec).selected == {"gdiff": 1e-3, "npo": 1e-4}

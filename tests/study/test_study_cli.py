@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,32 @@ def test_shipped_configs_validate_every_run(tmp_path):
     quick = plan_study(load_study(QUICK), tmp_path / "q")
     assert len({r.method for r in quick.runs}) >= 4
     assert not (tmp_path / "d").exists() and not (tmp_path / "q").exists()  # validation builds nothing
+
+
+def test_shipped_muse_configs_validate_every_run(tmp_path):
+    spec = load_study(CONFIG_DIR / "muse_default.yaml")
+    grid = plan_study(spec, tmp_path / "m")
+    assert spec.world.kind == "muse" and not spec.exploratory
+    verdict_methods = {name for c in spec.comparisons for name in (c.method, c.reference)}
+    assert {r.method for r in grid.runs} == verdict_methods == {m.name for m in spec.methods}
+    every = spec.runs({m.name: m.lrs[0] for m in spec.methods})
+    grids = {m.name: m.lrs for m in spec.methods}
+    sgd = {m.name for m in spec.methods if "optim.name=sgd" in m.overrides}
+    assert sgd == {"ngdiff", "ngdiff+autolr", "gdiff-sgd"}
+    assert len({grids[m] for m in sgd}) == 1 and len({grids[m] for m in verdict_methods - sgd}) == 1
+    for lrs in grids.values():  # 5 lrs x3.16 apart, two decades, per optimizer family
+        assert len(lrs) == 5 and lrs[-1] / lrs[0] == pytest.approx(100, rel=0.01)
+    tuning = {m: sum(r.method == m and r.stage == "selection" for r in every) for m in verdict_methods}
+    assert set(tuning.values()) == {10}  # equal tuning budgets: 5 lrs x 2 seeds
+    for method in verdict_methods:  # >= 4 fresh seeds on each of 2 worlds at the selected lr
+        confirmed = [(r.world, r.seed) for r in every if r.method == method and r.stage == "confirmation"]
+        assert {w for w, _ in confirmed} == {"base", "ft1"} and len(confirmed) == 8
+        assert not {s for _, s in confirmed} & {r.seed for r in every if r.stage == "selection"}
+    # the replicate world differs from the study's own only in the seed of its initialisation and fine-tuning
+    assert spec.world_spec("ft1") == replace(spec.world, finetune=replace(spec.world.finetune, seed=1))
+    quick = plan_study(load_study(CONFIG_DIR / "muse_quick.yaml"), tmp_path / "q")
+    assert len({r.method for r in quick.runs}) == 4
+    assert not (tmp_path / "m").exists() and not (tmp_path / "q").exists()  # validation builds nothing
 
 
 @pytest.mark.parametrize(
