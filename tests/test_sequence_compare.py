@@ -143,3 +143,12 @@ def test_family_directs_each_end_point_to_its_better_side():
     assert directions == {"forget_mean": "less", "forget_worst": "less", "relapse": "less", "retain": "greater"}
     with pytest.raises(UserError, match="unknown sequence end point"):
         family([("a", "b")], ["forget_quality"])
+
+
+def test_plot_of_the_end_points_is_written(tmp_path):
+    from ngdiff.sequence.compare_plot import plot_endpoints
+
+    points = load_endpoints(runs_of(tmp_path, {"ref": 0.3, "arm": 0.1}))
+    path = plot_endpoints(points, tmp_path / "endpoints.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.glob("*.png")] == ["endpoints.png"]  # no partial file left behind
