@@ -4,11 +4,11 @@ bar. Every value is shown: with a handful of seeds a box or an error bar would h
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ngdiff.sequence.compare import ENDPOINTS, SequenceEndpoint
+from ngdiff.sequence.plot import save_figure
 
 BETTER = {"less": "lower is better", "greater": "higher is better"}
 
@@ -44,9 +44,4 @@ def plot_endpoints(points: Sequence[SequenceEndpoint], output: str | Path, field
     figure.legend(handles=handles, loc="upper right", fontsize=7, ncol=1, bbox_to_anchor=(1.0, 0.92))
     figure.suptitle("after the last request: every seed (dots) and the mean (bar)", fontsize=10)
     figure.tight_layout(rect=(0, 0, 0.93, 1))
-    path = Path(output)
-    partial = path.with_name(f".{path.name}.partial.png")
-    figure.savefig(partial, dpi=100)
-    plt.close(figure)
-    os.replace(partial, path)
-    return path
+    return save_figure(figure, output)
