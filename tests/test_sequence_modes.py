@@ -1,4 +1,4 @@
-"""benchmarks/sequence_modes.py: its table (no model is trained)."""
+"""benchmarks/sequence_modes.py: its per-request table and its lr selection (no model is trained)."""
 
 from __future__ import annotations
 
