@@ -85,7 +85,7 @@ def test_below_four_seeds_is_inconclusive_with_a_note(tmp_path):
     runs = runs_of(tmp_path, {"ref": 0.3, "arm": 0.1}, seeds=(1, 2, 3))
     verdict = compare(load_endpoints(runs), family([("arm", "ref")], ["forget_mean"]), n_boot=500).verdicts[0]
     assert verdict.ci_high < 0 and verdict.verdict == "inconclusive"
-    assert "below the design minimum of 1 worlds x 4 seeds" in verdict.sentence()
+    assert "below the design minimum of 1 world x 4 seeds" in verdict.sentence()
 
 
 def test_table_shows_every_seed(tmp_path):

@@ -297,7 +297,7 @@ def verdicts(
         seeds_per_world = tuple(len(g) for g in groups)
         note = ""
         if len(groups) < min_worlds or min(seeds_per_world) < min_seeds:
-            note = f"below the design minimum of {min_worlds} worlds x {min_seeds} seeds"
+            note = f"below the design minimum of {min_worlds} world{'s' * (min_worlds != 1)} x {min_seeds} seeds"
             verdict = "inconclusive"
         se = float(np.std(boot, ddof=1)) if len(boot) > 1 else 0.0
         out.append(
