@@ -1,14 +1,18 @@
-"""chain vs replay on a small CPU world: two one-author requests, every set scored by `ngdiff sequence`.
+"""Sequences of three one-author requests on the study's CPU world, compared under the study's statistics.
 
-    python benchmarks/sequence_modes.py --out /tmp/seqmodes [--modes chain,replay] [--seeds 1,2] [--steps 10]
+    python benchmarks/sequence_modes.py --out /tmp/seqstats --seeds 1,2,3,4,5,6,7,8 --steps 10
+    python benchmarks/sequence_modes.py --out /tmp/again --from docs/sequence_modes   # the comparison only
 
 The world is the study's CPU world (ngdiff/study/world.py, built once in OUT/world and reused): a tiny
-Llama (64 hidden, 2 layers) fine-tuned 60 epochs on TOFU's forget01 authors (2 x 20 pairs), 2 retain
-authors and 8 real-authors / world-facts items. The requests are forget01's two authors, one each, in file
-order; the retain set is the world's. Each (mode, seed) is one `ngdiff sequence` with NGDiff + AutoLR under
-SGD at lr 0.1 (the study's ngdiff+autolr arm), 8 forget + 8 retain pairs per step, `--steps` steps per
-request, every cell on all pairs of its set with greedy answers of 48 tokens (the world's length). The
-table (stdout and OUT/table.md) is mean +- half the range over seeds of the scores after the last request.
+Llama (64 hidden, 2 layers) fine-tuned 60 epochs on three of TOFU's forget05 authors (3 x 20 pairs), 2 retain
+authors and 8 real-authors / world-facts items. The requests are those three authors, one each, in file
+order; the retain set is the world's. An arm is `<method>-<mode>`; each (arm, seed) is one `ngdiff sequence`
+under SGD, 8 forget + 8 retain pairs per step, `--steps` steps per request for every arm, every cell on all
+pairs of its set with greedy answers of 48 tokens (the world's length). NGDiff + AutoLR starts at lr 0.1 (the
+study's ngdiff+autolr protocol, untuned); GDiff and NPO have no AutoLR, so their constant lr is selected
+first, on a seed of its own (`--select-seed`), from `--grids` (see `select_lr`). OUT/comparison.md holds the
+end points of every seed and the verdict lines (ngdiff.sequence.compare), OUT/endpoints.png their picture,
+OUT/matrix.md the mean +- half range over seeds of every request's scores, OUT/selection.md the selection.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 WORLD = {
     "kind": "cpu",
-    "forget_split": "forget01",
+    "forget_split": "forget05",
+    "forget_authors": [0, 1, 2],
     "retain_authors": 2,
     "knowledge": ["real_authors", "world_facts"],
     "knowledge_items": 8,
@@ -32,8 +37,24 @@ WORLD = {
     "finetune": {"epochs": 60, "lr": 0.005, "batch_size": 16, "warmup_steps": 10},
     "eval_items": {"forget": 8, "retain": 8, "real_authors": 8, "world_facts": 8},
 }
-UNLEARN = ["method.combiner=ngdiff", "optim.name=sgd", "optim.lr=0.1", "autolr.enabled=true",
-           "train.forget_batch_size=8", "train.retain_batch_size=8", "data.max_length=128"]  # fmt: skip
+COMMON = ["optim.name=sgd", "optim.weight_decay=0.0", "train.forget_batch_size=8",
+          "train.retain_batch_size=8", "data.max_length=128"]  # fmt: skip
+# a method = the study's arm of that name (configs/study/default.yaml) under SGD: ngdiff+autolr, and gdiff-sgd /
+# NPO under NGDiff's protocol (only the combiner, then the forget objective, differs)
+METHODS = {
+    "ngdiff": ["method.combiner=ngdiff", "autolr.enabled=true"],
+    "gdiff": ["method.combiner=gdiff", "method.gdiff_coefficient=0.5"],
+    "npo": [
+        "method.combiner=gdiff",
+        "method.gdiff_coefficient=0.5",
+        "method.forget_objective=npo",
+        "method.npo_beta=0.1",
+    ],
+}
+NGDIFF_LR = 0.1  # AutoLR's start, as in the study; not tuned here
+# the constant lrs GDiff and NPO are selected from: a first grid of 0.01, 0.0316, 0.1 on the selection seed had
+# GDiff forget nothing below 0.1 and collapse at 0.1, and NPO collapse at every lr, so each grid reaches further
+GRIDS = "gdiff=0.01/0.0316/0.0562/0.1,npo=0.001/0.00316/0.01/0.0316/0.1"
 PAIRS_PER_AUTHOR = 20
 
 
@@ -60,7 +81,9 @@ def build_world(out: Path) -> dict[str, Path]:
     world = load_or_build(spec, out, data_cfg)
     keys = dict(item.split("=", 1) for item in world.overrides)
     rows = load_records(keys["data.forget"], ("question", "answer"), "world forget")
-    companions = {r["question"]: r for r in load_records(str(TOFU_DIR / "forget01_perturbed.jsonl"), (), "TOFU")}
+    companions = {
+        r["question"]: r for r in load_records(str(TOFU_DIR / f"{WORLD['forget_split']}_perturbed.jsonl"), (), "TOFU")
+    }
     paths = {"model": Path(keys["model.path"]), "retain": Path(keys["data.retain"])}
     for k in range(len(rows) // PAIRS_PER_AUTHOR):
         part = rows[k * PAIRS_PER_AUTHOR : (k + 1) * PAIRS_PER_AUTHOR]
@@ -69,18 +92,61 @@ def build_world(out: Path) -> dict[str, Path]:
     return paths
 
 
-def run(paths: dict[str, Path], out: Path, mode: str, seed: int, steps: int) -> dict:
+def run(paths: dict[str, Path], folder: Path, arm: str, seed: int, steps: int, lr: float) -> Path:
+    """One `ngdiff sequence` of arm `<method>-<mode>` (e.g. ngdiff-replay) in `folder`; its sequence.json."""
     from launcher.cli import main
 
-    folder = out / f"{mode}_seed{seed}"
+    method, mode = arm.rsplit("-", 1)
     sets = ",".join(str(p) for name, p in paths.items() if name.startswith("set"))
-    overrides = [*UNLEARN, f"train.max_steps={steps}", f"train.seed={seed}", "train.save_every=0"]
+    overrides = [*COMMON, *METHODS[method], f"optim.lr={lr:g}", f"train.max_steps={steps}", f"train.seed={seed}"]
     overrides += [f"model.path={paths['model']}", f"data.forget={sets}", f"data.retain={paths['retain']}"]
-    overrides += ["eval.max_items=0", "eval.max_new_tokens=48", "logging.progress=false"]
-    overrides += [f"sequence.mode={mode}", f"output_dir={folder}", "train.resume=auto"]
+    overrides += ["eval.max_items=0", f"eval.max_new_tokens={WORLD['max_new_tokens']}", "logging.progress=false"]
+    overrides += [f"sequence.mode={mode}", f"output_dir={folder}", "train.resume=auto", "train.save_every=0"]
     if main(["sequence", *overrides]) != 0:
         raise SystemExit(f"{folder}: ngdiff sequence failed")
-    return json.loads((folder / "sequence.json").read_text())
+    record = json.loads((folder / "sequence.json").read_text())
+    if not all(r["evaluated"] for r in record["requests"]):  # a stop signal: the command exits 0
+        raise SystemExit(f"{folder}: the sequence stopped early; rerun the same command to resume it")
+    return folder / "sequence.json"
+
+
+def select_lr(records: dict[float, dict], floor: float = 0.95) -> float:
+    """The lr whose sequence forgot most (lowest mean forget ROUGE-L after the last request) among those that
+    kept the retain ROUGE-L >= `floor` x the starting model's after every request (the study's utility floor,
+    on the retain set); when none kept it, the smallest lr."""
+    from ngdiff.sequence.compare import FORGET, RETAIN
+
+    def kept(r: dict) -> bool:
+        return all(u[RETAIN] >= floor * r["before"]["utility"][RETAIN] for u in r["utility"])
+
+    def forgotten(r: dict) -> float:
+        last = r["matrix"][FORGET][-1]
+        return sum(last) / len(last)
+
+    good = [lr for lr, r in records.items() if kept(r)]
+    return min(good, key=lambda lr: (forgotten(records[lr]), lr)) if good else min(records)
+
+
+def selection(paths: dict[str, Path], out: Path, arms: list[str], grids: dict[str, list[float]], seed: int, steps: int):
+    """Each arm's lr: NGDiff's start lr, the others selected on `seed` (OUT/selection.md says how)."""
+    from ngdiff.sequence.compare import FORGET, RETAIN
+
+    lrs, lines = {}, ["| arm | lr | mean forget ROUGE-L | lowest retain ROUGE-L | selected |", "|---|---|---|---|---|"]
+    for arm in arms:
+        if arm.startswith("ngdiff-"):
+            lrs[arm] = NGDIFF_LR
+            continue
+        records = {}
+        for lr in grids[arm.rsplit("-", 1)[0]]:
+            path = run(paths, out / "selection" / f"{arm}_lr{lr:g}_seed{seed}", arm, seed, steps, lr)
+            records[lr] = json.loads(path.read_text())
+        lrs[arm] = select_lr(records)
+        for lr, r in records.items():
+            last = r["matrix"][FORGET][-1]
+            low = min(u[RETAIN] for u in r["utility"])
+            lines.append(f"| {arm} | {lr:g} | {sum(last) / len(last):.3f} | {low:.3f} | {'yes' * (lr == lrs[arm])} |")
+    (out / "selection.md").write_text("\n".join(lines) + "\n")
+    return lrs
 
 
 def spread(values: list[float]) -> str:
@@ -94,38 +160,62 @@ def table(records: dict[tuple[str, int], dict]) -> str:
     first = next(iter(records.values()))
     t = len(first["requests"])
     head = [f"set {j + 1} {label}" for name, label in METRICS for j in range(t)]
-    lines = [f"| mode | seeds | after | {' | '.join(head)} | retain ROUGE-L | retain loss |"]
+    lines = [f"| arm | seeds | after | {' | '.join(head)} | retain ROUGE-L | retain loss |"]
     lines.append("|" + "---|" * (len(head) + 5))
     before = [f"{first['before']['forget'][name][j]:.3f}" for name, _ in METRICS for j in range(t)]
     utility = first["before"]["utility"]
     lines.append(f"| before | - | - | {' | '.join(before)} | {utility['retain_rougeL_recall']:.3f} | "
                  f"{utility['retain_answer_loss']:.3f} |")  # fmt: skip
-    for mode in dict.fromkeys(m for m, _ in records):
-        runs = [r for (m, _), r in records.items() if m == mode]
+    for arm in dict.fromkeys(m for m, _ in records):
+        runs = [r for (m, _), r in records.items() if m == arm]
         for i in range(t):
             cells = [spread([r["matrix"][name][i][j] for r in runs]) for name, _ in METRICS for j in range(t)]
             keep = [spread([r["utility"][i][k] for r in runs]) for k in ("retain_rougeL_recall", "retain_answer_loss")]
-            lines.append(f"| {mode} | {len(runs)} | request {i + 1} | {' | '.join(cells)} | {' | '.join(keep)} |")
+            lines.append(f"| {arm} | {len(runs)} | request {i + 1} | {' | '.join(cells)} | {' | '.join(keep)} |")
     return "\n".join(lines)
+
+
+ARMS = "ngdiff-chain,ngdiff-replay,ngdiff-adapters,gdiff-chain,npo-chain"
+# the comparisons (one Holm family with every end point): the modes under NGDiff + AutoLR, then NGDiff against
+# the two baselines under chain
+PAIRS = "ngdiff-replay:ngdiff-chain,ngdiff-adapters:ngdiff-chain,ngdiff-chain:gdiff-chain,ngdiff-chain:npo-chain"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--modes", default="chain,replay")
-    parser.add_argument("--seeds", default="1,2")
+    parser.add_argument("--arms", default=ARMS, help="<method>-<mode>, method in " + ", ".join(METHODS))
+    parser.add_argument("--seeds", default="1,2,3,4")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--grids", default=GRIDS, help="method=lr/lr/...,...: the lrs GDiff and NPO are selected from")
+    parser.add_argument("--select-seed", type=int, default=0)
+    parser.add_argument("--pairs", default=PAIRS, help="arm:reference,... (one Holm family)")
+    parser.add_argument("--from", dest="source", type=Path, help="compare the <arm>_seed<k>.json there; run nothing")
     args = parser.parse_args()
     from launcher.logs import setup_logging
+    from ngdiff.sequence.compare import compare, family, find_runs, load_endpoints, report
+    from ngdiff.sequence.compare_plot import plot_endpoints
 
     setup_logging(0, False)
-    paths = build_world(args.out)
-    records = {}
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for mode in args.modes.split(","):
-            records[(mode, seed)] = run(paths, args.out, mode, seed, args.steps)
-    text = table(records)
-    (args.out / "table.md").write_text(text + "\n")
+    if args.source:
+        runs = find_runs(args.source)
+    else:
+        paths = build_world(args.out)
+        arms = args.arms.split(",")
+        grids = {m: [float(x) for x in g.split("/")] for m, g in (item.split("=") for item in args.grids.split(","))}
+        lrs = selection(paths, args.out, arms, grids, args.select_seed, args.steps)
+        runs = {}
+        for seed in (int(s) for s in args.seeds.split(",")):  # seed by seed: a cut-short benchmark stays paired
+            for arm in arms:
+                runs[(arm, seed)] = run(paths, args.out / f"{arm}_seed{seed}", arm, seed, args.steps, lrs[arm])
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = {key: json.loads(path.read_text()) for key, path in sorted(runs.items())}
+    (args.out / "matrix.md").write_text(table(records) + "\n")
+    points = load_endpoints(runs)
+    pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
+    text = report(compare(points, family(pairs)))
+    (args.out / "comparison.md").write_text(text + "\n")
+    plot_endpoints(points, args.out / "endpoints.png")
     print(text)
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/sequence_modes.py: its table (no model is trained)."""
+"""benchmarks/sequence_modes.py: its per-request table and its lr selection (no model is trained)."""
 
 from __future__ import annotations
 
@@ -27,3 +27,24 @@ def test_table_gives_each_request_row_as_mean_and_half_range_over_seeds():
     assert lines[2] == "| before | - | - | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 0.800 | 0.500 |"
     assert lines[4].startswith("| chain | 2 | request 2 | 0.200 ± 0.000 | 0.400 ± 0.100 |")
     assert lines[4].endswith("| 0.700 ± 0.100 | 0.500 ± 0.000 |")
+
+
+def run_record(forget_last: list[float], retain: list[float], before: float = 0.8) -> dict:
+    return {
+        "before": {"utility": {"retain_rougeL_recall": before}},
+        "matrix": {"forget_rougeL_recall": [[0.5] * len(forget_last), forget_last]},
+        "utility": [{"retain_rougeL_recall": r} for r in retain],
+    }
+
+
+def test_select_lr_takes_the_most_forgetting_lr_that_kept_the_retain_floor():
+    from benchmarks.sequence_modes import select_lr
+
+    records = {
+        0.01: run_record([0.6, 0.6], [0.8, 0.8]),  # kept, forgot little
+        0.0316: run_record([0.2, 0.3], [0.79, 0.77]),  # kept (floor 0.76), forgot most of the kept
+        0.1: run_record([0.0, 0.0], [0.8, 0.1]),  # forgot all by collapsing after request 2
+    }
+    assert select_lr(records) == 0.0316
+    collapsed = {lr: run_record([0.0, 0.0], [0.1, 0.1]) for lr in (0.1, 0.01)}
+    assert select_lr(collapsed) == 0.01  # none kept the floor: the smallest lr

@@ -64,6 +64,13 @@ def plot_sequence(record: dict[str, Any], output: str | Path) -> Path:
         axis.legend(fontsize=7, title="star: the set's own request", title_fontsize=7)
     figure.suptitle(f"{t} unlearning requests, sequence.mode={record['mode']}", fontsize=11)
     figure.tight_layout()
+    return save_figure(figure, output)
+
+
+def save_figure(figure: Any, output: str | Path) -> Path:
+    """Write `figure` to the PNG `output` whole or not at all (a reader never sees half a file), then close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(output)
     partial = path.with_name(f".{path.name}.partial.png")
     figure.savefig(partial, dpi=100)

@@ -41,7 +41,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from scipy import stats
@@ -64,6 +64,21 @@ LABELS = {
 }
 MIN_WORLDS, MIN_SEEDS = 2, 4  # DESIGN: >= 4 seeds x >= 2 worlds for every method a verdict names
 _CHUNK = 4_000_000  # bootstrap draws held in memory at once
+
+
+class PairedPoint(Protocol):
+    """What the paired comparison reads of a run: its method, lr, world and seed, and a numeric endpoint by
+    name. The study's `Endpoint` is one; so is a sequence's (ngdiff.sequence.compare)."""
+
+    method: str
+    lr: float
+    world: Any
+    seed: int
+
+    @property
+    def pair_key(self) -> tuple[Any, int]: ...
+
+    def value(self, field: str) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -108,14 +123,14 @@ class Pairs:
         return [np.asarray(groups[w], dtype=float) for w in sorted(groups, key=str)]
 
 
-def _cell(points: Sequence[Endpoint], method: str, lr: float | None) -> dict[tuple[Any, int], Endpoint]:
+def _cell(points: Sequence[PairedPoint], method: str, lr: float | None) -> dict[tuple[Any, int], PairedPoint]:
     mine = [e for e in points if e.method == method and (lr is None or e.lr == lr)]
     if not mine:
         raise StudyError(f"no end points of method '{method}'" + (f" at lr {lr:g}" if lr is not None else ""))
     lrs = sorted({e.lr for e in mine})
     if len(lrs) > 1:
         raise StudyError(f"method '{method}' ran lrs {lrs}: name the comparison's lr")
-    out: dict[tuple[Any, int], Endpoint] = {}
+    out: dict[tuple[Any, int], PairedPoint] = {}
     for e in mine:
         if e.pair_key in out:
             raise StudyError(f"{method} world={e.world} seed={e.seed} appears twice: pass the end points of one stage")
@@ -123,7 +138,7 @@ def _cell(points: Sequence[Endpoint], method: str, lr: float | None) -> dict[tup
     return out
 
 
-def paired_differences(points: Iterable[Endpoint], comparison: Comparison) -> Pairs:
+def paired_differences(points: Iterable[PairedPoint], comparison: Comparison) -> Pairs:
     """method - reference on `comparison.field` for every (world, seed) both ran; runs without a partner
     are listed in `unpaired`, a non-finite value is refused."""
     points = list(points)
@@ -240,7 +255,7 @@ def _percent(level: float) -> str:
 
 
 def verdicts(
-    points: Iterable[Endpoint],
+    points: Iterable[PairedPoint],
     comparisons: Sequence[Comparison],
     *,
     alpha: float = 0.05,
@@ -284,7 +299,7 @@ def verdicts(
         seeds_per_world = tuple(len(g) for g in groups)
         note = ""
         if len(groups) < min_worlds or min(seeds_per_world) < min_seeds:
-            note = f"below the design minimum of {min_worlds} worlds x {min_seeds} seeds"
+            note = f"below the design minimum of {min_worlds} world{'s' * (min_worlds != 1)} x {min_seeds} seeds"
             verdict = "inconclusive"
         se = float(np.std(boot, ddof=1)) if len(boot) > 1 else 0.0
         out.append(
