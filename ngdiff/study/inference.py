@@ -410,10 +410,6 @@ def end_spread_test(
     """Brown-Forsythe on `field` over every lr and seed of `method_a` (e.g. with AutoLR) against
     `method_b` (without); `world` keeps one world, so between-world differences do not count as spread.
     Diverged runs have no end point: they are left out of the test and counted beside it."""
-    points = [e for e in points if world is None or e.world == world]
-    a = [e.value(field) for e in points if e.method == method_a and not e.diverged]
-    b = [e.value(field) for e in points if e.method == method_b and not e.diverged]
-    test = brown_forsythe(a, b)
-    diverged_a = sum(e.diverged for e in points if e.method == method_a)
-    diverged_b = sum(e.diverged for e in points if e.method == method_b)
-    return replace(test, diverged_a=diverged_a, diverged_b=diverged_b)
+    a, b = ([e for e in points if e.method == m and (world is None or e.world == world)] for m in (method_a, method_b))
+    test = brown_forsythe([e.value(field) for e in a if not e.diverged], [e.value(field) for e in b if not e.diverged])
+    return replace(test, diverged_a=sum(e.diverged for e in a), diverged_b=sum(e.diverged for e in b))

@@ -272,23 +272,26 @@ def run_one(plan: Plan, world: World, run: RunSpec) -> dict[str, Any]:
             outcome = run_training(cfg, DistContext(), evaluate_factory=factory)
         except NonFiniteError as err:  # an lr too large for this method: a result of the grid, not a failure
             log.warning("run %s diverged: %s", run.run_id, err)
-            record |= {"steps": err.step, "diverged": {"step": err.step, "reason": str(err)}}
-            record |= _timing(started)
-            if plan.spec.keep_weights and not (out / WEIGHTS / "selected").exists():
-                _write_selected_is_target(out / WEIGHTS / "selected", world)
-            (out / DONE).write_text(json.dumps(record, indent=1))
+            record |= {"steps": err.step, "diverged": {"step": err.step, "reason": str(err)}} | _timing(started)
+            _mark_done(plan, world, out, record)
             return record
         record |= {"steps": outcome.trainer.step_index, "final_lr": outcome.trainer.lr} | _timing(started)
         if outcome.final_dir is not None:
             if plan.spec.keep_weights:  # the end point, already bf16 (export.dtype)
                 (out / WEIGHTS).mkdir(exist_ok=True)
-                if not (out / WEIGHTS / "selected").exists():  # no point beat the target: it is the selection
-                    _write_selected_is_target(out / WEIGHTS / "selected", world)
                 os.replace(outcome.final_dir, out / WEIGHTS / "end")
             else:
                 shutil.rmtree(outcome.final_dir)  # the trajectory is the result
-            (out / DONE).write_text(json.dumps(record, indent=1))
+            _mark_done(plan, world, out, record)
     return record
+
+
+def _mark_done(plan: Plan, world: World, out: Path, record: dict[str, Any]) -> None:
+    """Finish a run's folder: when no evaluation beat the target, the target is its selected point; then
+    done.json, last, so a run is finished only once its weights are in place."""
+    if plan.spec.keep_weights and not (out / WEIGHTS / "selected").exists():
+        _write_selected_is_target(out / WEIGHTS / "selected", world)
+    (out / DONE).write_text(json.dumps(record, indent=1))
 
 
 def _timing(started: float) -> dict[str, float]:
