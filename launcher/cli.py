@@ -155,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 def entry() -> int:
     """The `ngdiff` command (and `python -m launcher`): `main`, then leave; a rank of a distributed run
     exits without interpreter finalization (`parallel.distributed.leave` says why)."""
+    from ngdiff.host_memory import keep_freed_heap
     from parallel.distributed import leave
 
+    keep_freed_heap()
     return leave(main())
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from ngdiff import TOFU_DIR
+from ngdiff.host_memory import keep_freed_heap
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+keep_freed_heap()  # as the `ngdiff` command does: the in-process tests' forward passes stop faulting pages
 
 
 def free_port() -> int:
