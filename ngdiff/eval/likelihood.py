@@ -49,22 +49,29 @@ def _token_log_likelihoods(
     autocast: Callable | None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
-    """Log p of every labelled next token, one 1-d tensor per row (in label order)."""
+    """Log p of every labelled next token, one 1-d tensor per row (in label order).
+
+    Rows are batched longest first, so each batch pads to lengths close to its own (TOFU's perturbed
+    answers range from a few tokens to the length cap); the result is in the rows' order.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[torch.Tensor] = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
+    out: dict[int, torch.Tensor] = {}
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in _pad_right(rows[start : start + batch_size], pad_id).items()}
+        chunk = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in _pad_right([rows[i] for i in chunk], pad_id).items()}
         with autocast() if autocast is not None else nullcontext():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         token_ll, mask = token_log_likelihoods(logits, batch["labels"])
-        out.extend(ll[m].double().cpu() for ll, m in zip(token_ll, mask, strict=True))
+        for i, ll, m in zip(chunk, token_ll, mask, strict=True):
+            out[i] = ll[m].double().cpu()
         if on_batch is not None:
-            on_batch(len(batch["input_ids"]))
+            on_batch(len(chunk))
     if was_training:
         model.train()
-    return out
+    return [out[i] for i in range(len(rows))]
 
 
 def answer_losses(

@@ -50,6 +50,30 @@ def test_answer_loss_is_the_training_nll_and_independent_of_batching(tiny):
         assert s.loss == pytest.approx(expected, rel=1e-4)
 
 
+def test_likelihood_batches_hold_rows_of_similar_length_and_results_keep_the_rows_order(tiny):
+    model, tok = tiny
+    rows = tofu_rows(7)
+    prompts = [prompt_ids(tok, r["question"]) for r in rows]
+    targets = [tok(r["answer"] * (1 + i % 3), add_special_tokens=False)["input_ids"] for i, r in enumerate(rows)]
+    lengths = [len(p) + len(t) for p, t in zip(prompts, targets, strict=True)]
+    assert lengths != sorted(lengths, reverse=True) and len(set(lengths)) == len(lengths)
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]) or None, with_kwargs=True
+    )
+    try:
+        batched = answer_losses(model, prompts, targets, tok.pad_token_id, batch_size=3)
+    finally:
+        hook.remove()
+    # longest first, three a batch: each batch is as wide as its own longest row
+    assert widths == sorted(lengths, reverse=True)[::3]
+    single = [
+        answer_losses(model, [p], [t], tok.pad_token_id, batch_size=1)[0] for p, t in zip(prompts, targets, strict=True)
+    ]
+    assert [b.tokens for b in batched] == [len(t) for t in targets]
+    assert [b.loss for b in batched] == pytest.approx([s.loss for s in single], rel=1e-5)
+
+
 def test_token_logprobs_cover_every_token_after_the_first(tiny):
     model, tok = tiny
     seqs = [
