@@ -8,7 +8,7 @@ from pathlib import Path
 from launcher.cli import main
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "study"
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "study" / "default.yaml"
+CONFIG = DOCS / "study.yaml"  # the study config as it ran (configs/study/default.yaml then)
 
 
 def test_the_committed_rows_rebuild_the_committed_summary_and_pictures(tmp_path):
