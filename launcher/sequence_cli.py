@@ -101,7 +101,7 @@ def evaluate_sets(cfg: ExperimentConfig, ctx, model_dir: Path | str, sets, folde
         start = time.perf_counter()
         if muse:
             items, metrics = score_muse_cell(model, tokenizer, cfg, eval_set.role, eval_set.path, ed)
-            how = {"verbmem_prompt_words": cfg.sequence.verbmem_prompt_words, "data_dir": cfg.eval.data_dir}
+            settings = {"verbmem_prompt_words": cfg.sequence.verbmem_prompt_words, "data_dir": cfg.eval.data_dir}
         else:
             forget, retain = (str(eval_set.path), None) if eval_set.role == "forget" else (None, str(eval_set.path))
             spec = BenchmarkSpec(
@@ -113,13 +113,13 @@ def evaluate_sets(cfg: ExperimentConfig, ctx, model_dir: Path | str, sets, folde
                 custom=custom_sets(forget, retain),
             )
             items, metrics = run_benchmark(model, tokenizer, spec, ed=ed)
-            how = {"max_new_tokens": cfg.eval.max_new_tokens, "prompt_template": cfg.data.prompt_template}
+            settings = {"max_new_tokens": cfg.eval.max_new_tokens, "prompt_template": cfg.data.prompt_template}
         if ctx.is_main:
             meta = {
                 "model": str(model_dir),
                 "split": f"{eval_set.role}: {eval_set.path}",
                 "max_items": cfg.eval.max_items,
-                **how,
+                **settings,
                 "ranks": ctx.world_size,
                 "seconds": round(time.perf_counter() - start, 2),
                 "not computed": {} if muse else missing_metrics(items, metrics),

@@ -158,6 +158,7 @@ def test_a_muse_sequence_stopped_in_request_2_resumes_to_the_same_models_and_mat
         (("data.format=tofu",), "eval.benchmark=muse scores each request's set by VerbMem on its texts"),
         (("eval.benchmark=none",), "data.format=text sets have no question/answer evaluation"),
         (("sequence.verbmem_prompt_words=0",), "sequence.verbmem_prompt_words must be at least 1"),
+        (("eval.benchmark=none", "data.format=tofu"), "sequence.verbmem_prompt_words is read by eval.benchmark=muse"),
         (("sequence.verbmem_prompt_words=16",), "text 1 has 16 words, none left to continue"),
         (("eval.data_dir={empty}",), "MUSE file knowmem/retain2_qa.json not found"),
     ],
