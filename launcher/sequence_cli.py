@@ -80,41 +80,49 @@ def run_sequence_command(args: argparse.Namespace) -> int:
 
 def evaluate_sets(cfg: ExperimentConfig, ctx, model_dir: Path | str, sets, folder: Path) -> None:
     """Score `model_dir` on each set as `ngdiff eval --forget/--retain` does (the same loading, evaluator and
-    output files), one folder per set under `folder`; sharded with the run's backend under fsdp / zero3."""
+    output files), or with MUSE's metrics under eval.benchmark=muse (ngdiff.sequence.muse_cells), one folder per
+    set under `folder`; sharded with the run's backend under fsdp / zero3."""
     from launcher.eval_cli import load_model
     from ngdiff.eval.benchmark import BenchmarkSpec, run_benchmark
     from ngdiff.eval.report import write_outputs
     from ngdiff.eval.sharding import EvalDist
     from ngdiff.eval.tofu import custom_sets, missing_metrics
     from ngdiff.modeling import load_tokenizer
+    from ngdiff.sequence.muse_cells import score_muse_cell
+    from ngdiff.sequence.plan import muse_cells
 
     backend = cfg.parallel.backend if cfg.parallel.backend in ("fsdp", "zero3") else ""
     how = argparse.Namespace(backend=backend, trust_remote_code=cfg.model.trust_remote_code)
     model, sharded = load_model(how, Path(model_dir), ctx)
     tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code)
     ed = EvalDist(ctx.rank, ctx.world_size, sharded)
+    muse = muse_cells(cfg)
     for eval_set in sets:
-        forget, retain = (str(eval_set.path), None) if eval_set.role == "forget" else (None, str(eval_set.path))
-        spec = BenchmarkSpec(
-            "tofu",
-            max_items=cfg.eval.max_items,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            prompt_template=cfg.data.prompt_template,
-            custom=custom_sets(forget, retain),
-        )
         start = time.perf_counter()
-        items, metrics = run_benchmark(model, tokenizer, spec, ed=ed)
+        if muse:
+            items, metrics = score_muse_cell(model, tokenizer, cfg, eval_set.role, eval_set.path, ed)
+            settings = {"verbmem_prompt_words": cfg.sequence.verbmem_prompt_words, "data_dir": cfg.eval.data_dir}
+        else:
+            forget, retain = (str(eval_set.path), None) if eval_set.role == "forget" else (None, str(eval_set.path))
+            spec = BenchmarkSpec(
+                "tofu",
+                max_items=cfg.eval.max_items,
+                batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                prompt_template=cfg.data.prompt_template,
+                custom=custom_sets(forget, retain),
+            )
+            items, metrics = run_benchmark(model, tokenizer, spec, ed=ed)
+            settings = {"max_new_tokens": cfg.eval.max_new_tokens, "prompt_template": cfg.data.prompt_template}
         if ctx.is_main:
             meta = {
                 "model": str(model_dir),
                 "split": f"{eval_set.role}: {eval_set.path}",
                 "max_items": cfg.eval.max_items,
-                "max_new_tokens": cfg.eval.max_new_tokens,
-                "prompt_template": cfg.data.prompt_template,
+                **settings,
                 "ranks": ctx.world_size,
                 "seconds": round(time.perf_counter() - start, 2),
-                "not computed": missing_metrics(items, metrics),
+                "not computed": {} if muse else missing_metrics(items, metrics),
             }
-            write_outputs(folder / eval_set.name, "tofu", items, metrics, meta)
+            write_outputs(folder / eval_set.name, "muse" if muse else "tofu", items, metrics, meta)
     del model

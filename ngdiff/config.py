@@ -189,6 +189,8 @@ class SequenceConfig:
     mode: Literal["chain", "replay", "adapters"] = "replay"
     # replay: the earlier sets' total task weight, shared equally among them (the new set weighs 1)
     replay_share: float = 0.5
+    # eval.benchmark=muse: words of each forget text kept as its VerbMem prompt (the rest is the ground truth)
+    verbmem_prompt_words: int = 12
 
 
 @dataclass

@@ -62,6 +62,18 @@ def same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def stopping_in_request_2(install):
+    """`install` (launcher.run's install_stop_handlers), then a stop request in request 2's first step: the
+    sequence stops there with a step-1 checkpoint."""
+
+    def hook(trainer) -> None:
+        install(trainer)
+        if Path(trainer.cfg.output_dir).name == "request_2":
+            stop_requested_in_step(0)(trainer)
+
+    return hook
+
+
 @pytest.fixture(scope="module")
 def sequences(tiny_model_dir, sets, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("sequences")
@@ -134,13 +146,7 @@ def test_a_sequence_stopped_in_request_2_resumes_bit_for_bit(
     out = tmp_path / "replay"
     args = overrides(tiny_model_dir, sets, out, "sequence.mode=replay")
     install = launcher_run.install_stop_handlers
-
-    def stop_in_request_2(trainer) -> None:
-        install(trainer)
-        if Path(trainer.cfg.output_dir).name == "request_2":
-            stop_requested_in_step(0)(trainer)
-
-    monkeypatch.setattr(launcher_run, "install_stop_handlers", stop_in_request_2)
+    monkeypatch.setattr(launcher_run, "install_stop_handlers", stopping_in_request_2(install))
     assert main(["sequence", *args]) == 0
     assert (out / "request_2" / "checkpoints" / "step_00000001" / "COMPLETE").is_file()
     assert not (out / "request_2" / "final").exists() and not (out / "request_3").exists()
@@ -203,7 +209,11 @@ def test_a_request_appended_to_a_finished_sequence_runs_alone(tiny_model_dir, se
         (("sequence.replay_share=0",), "ab", "sequence.replay_share must be positive"),
         (("sequence.mode=chain", "sequence.replay_share=0.3"), "ab", "read by sequence.mode=replay only"),
         (("method.task_weights=1,1,1",), "ab", "method.task_weights is set per request by ngdiff sequence"),
-        (("data.format=text",), "ab", "data.format=text is not supported"),
+        (
+            ("data.format=text",),
+            "ab",
+            "data.format=text sets have no question/answer evaluation: set eval.benchmark=muse",
+        ),
         ((), "aba", "names " + "{a} twice (requests 1 and 3)"),
         (("method.combiner=krum",), "ab", "request 1 of the sequence"),
     ],

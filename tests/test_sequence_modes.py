@@ -48,3 +48,25 @@ def test_select_lr_takes_the_most_forgetting_lr_that_kept_the_retain_floor():
     assert select_lr(records) == 0.0316
     collapsed = {lr: run_record([0.0, 0.0], [0.1, 0.1]) for lr in (0.1, 0.01)}
     assert select_lr(collapsed) == 0.01  # none kept the floor: the smallest lr
+
+
+def muse_record(verbmem_after_2: float, knowmem: list[float]) -> dict:
+    return {
+        "requests": [{}, {}],
+        "evaluation": {"benchmark": "muse"},
+        "before": {"forget": {"forget_verbmem": [80.0, 70.0]}, "utility": {"retain_knowmem": 99.0}},
+        "matrix": {"forget_verbmem": [[20.0, 60.0], [30.0, verbmem_after_2]]},
+        "utility": [{"retain_knowmem": k} for k in knowmem],
+    }
+
+
+def test_a_muse_sequence_is_tabled_and_selected_by_verbmem_and_knowmem():
+    from benchmarks.sequence_modes import select_lr
+
+    lines = table({("chain", 1): muse_record(10.0, [99.0, 95.0]), ("chain", 2): muse_record(30.0, [97.0, 93.0])})
+    assert lines.splitlines()[0] == "| arm | seeds | after | set 1 VerbMem | set 2 VerbMem | retain KnowMem |"
+    assert lines.splitlines()[2] == "| before | - | - | 80.000 | 70.000 | 99.000 |"
+    assert lines.splitlines()[4] == "| chain | 2 | request 2 | 30.000 ± 0.000 | 20.000 ± 10.000 | 94.000 ± 1.000 |"
+    # floor 0.95 x 99 = 94.05: 0.1 forgot most but fell to 93 after request 2; 0.01 kept it
+    records = {0.01: muse_record(50.0, [99.0, 96.0]), 0.1: muse_record(5.0, [98.0, 93.0])}
+    assert select_lr(records) == 0.01

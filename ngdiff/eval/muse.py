@@ -17,6 +17,7 @@ that prompt + continuation fits `max_position_embeddings` (MUSE's Llama-2 needs 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,15 @@ def knowmem_items(
             {"question": row["question"], "answer": row["answer"], "response": answer, "rougeL_f1": scores["rougeL_f1"]}
         )
     return gather_in_order(records, indices, ed)
+
+
+def verbmem_row(text: str, prompt_words: int) -> dict[str, str]:
+    """One VerbMem item cut from a text: its first `prompt_words` words as the prompt (trailing whitespace
+    dropped), the rest as the ground truth, so that prompt + gt is the text. MUSE's prompts are cut from its
+    forget articles the same way, with longer prompts (`verbmem/forget.json`); the CPU worlds' texts are short."""
+    pieces = re.findall(r"\S+\s*", text)
+    prompt = "".join(pieces[:prompt_words]).rstrip()
+    return {"prompt": prompt, "gt": text[len(prompt) :]}
 
 
 def min_k_score(token_logprobs: Sequence[float], ratio: float = MIN_K) -> float:

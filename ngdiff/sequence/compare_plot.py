@@ -35,7 +35,8 @@ def plot_endpoints(points: Sequence[SequenceEndpoint], output: str | Path, field
             axis.plot([x - 0.3, x + 0.3], [mean, mean], color="black", linewidth=2)
         if name == "relapse":
             axis.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
-        axis.set_title(f"{ENDPOINTS[name].label}\n({BETTER[ENDPOINTS[name].direction]})", fontsize=9)
+        label = ENDPOINTS[name].label(points[0].benchmark)
+        axis.set_title(f"{label}\n({BETTER[ENDPOINTS[name].direction]})", fontsize=9)
         axis.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
         axis.set_xlim(-0.6, len(arms) - 0.4)
         axis.grid(axis="y", alpha=0.3)

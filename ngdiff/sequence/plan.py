@@ -73,6 +73,8 @@ def request_config(cfg: ExperimentConfig, index: int) -> ExperimentConfig:
         run.data.forget = (sets[index - 1],)
     if seq.mode == "adapters":
         run.model.lora.enabled = True
+    if muse_cells(cfg) and cfg.eval.every == 0:
+        run.eval.benchmark = "none"  # the cells score its final model; an end-of-run MUSE suite would repeat them
     try:
         validate(run, check_sources=False)  # the sources were checked once; a later request's model is made later
     except ConfigError as err:
@@ -103,11 +105,7 @@ def check_sequence(cfg: ExperimentConfig) -> None:
                 f"data.forget names {source} twice (requests {seen[key]} and {index}); each request is one set"
             )
         seen[key] = index
-    if data.format != "tofu":
-        raise ConfigError(
-            "ngdiff sequence scores every request's set with the question/answer evaluation (ngdiff eval --forget); "
-            f"data.format={data.format} is not supported: use data.format=tofu"
-        )
+    check_cell_kind(cfg)
     for key, values in (("data.forget", data.forget), ("data.retain", data.retain)):
         for index, value in enumerate(values):
             if not Path(value).expanduser().is_file():
@@ -132,6 +130,31 @@ def check_sequence(cfg: ExperimentConfig) -> None:
         )
     if seq.mode == "adapters":
         check_lora_targets(cfg)
+
+
+def muse_cells(cfg: ExperimentConfig) -> bool:
+    """Whether the cells are MUSE's (eval.benchmark=muse: VerbMem per text set, KnowMem on the retain QA)
+    rather than the question/answer evaluation of `ngdiff eval --forget`."""
+    return cfg.eval.benchmark == "muse"
+
+
+def check_cell_kind(cfg: ExperimentConfig) -> None:
+    """The benchmark chooses the cells; the sets' format must be the one they score."""
+    fmt, words = cfg.data.format, cfg.sequence.verbmem_prompt_words
+    if muse_cells(cfg) and fmt != "text":
+        raise ConfigError(
+            f"eval.benchmark=muse scores each request's set by VerbMem on its texts; data.format={fmt} sets hold "
+            "question/answer pairs: use data.format=text, or leave eval.benchmark for the question/answer cells"
+        )
+    if not muse_cells(cfg) and fmt != "tofu":
+        raise ConfigError(
+            f"data.format={fmt} sets have no question/answer evaluation: set eval.benchmark=muse to score each set "
+            "by MUSE's VerbMem on its texts (and utility by KnowMem on the retain QA)"
+        )
+    if words != SequenceConfig.verbmem_prompt_words and not muse_cells(cfg):
+        raise ConfigError("sequence.verbmem_prompt_words is read by eval.benchmark=muse sequences only")
+    if words < 1:
+        raise ConfigError(f"sequence.verbmem_prompt_words must be at least 1, got {words}")
 
 
 def check_lora_targets(cfg: ExperimentConfig) -> None:

@@ -1,8 +1,9 @@
 """`sequence.png`: how every forget set and the retain set fare over the requests (matplotlib, Agg).
 
-One panel per headline metric (ROUGE-L recall of greedy answers, answer loss, truth ratio when computed):
-x is the model (before any request, then after request 1, 2, ...), one line per forget set with a star
-where its own request came, and the retain set's line alongside (black, dashed).
+One panel per headline metric (ROUGE-L recall of greedy answers, answer loss, truth ratio when computed;
+VerbMem for MUSE cells): x is the model (before any request, then after request 1, 2, ...), one line per
+forget set with a star where its own request came, and the retain set's line alongside (black, dashed;
+KnowMem on the retain QA beside VerbMem).
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from typing import Any
 
 from ngdiff.eval.report import METRIC_LABELS
 
-PANELS = ("rougeL_recall", "answer_loss", "truth_ratio")
+PANELS = ("verbmem", "rougeL_recall", "answer_loss", "truth_ratio")
 DIRECTION = {
+    "verbmem": "forget: lower is more forgotten",
     "rougeL_recall": "forget: lower is more forgotten",
     "answer_loss": "forget: higher is more forgotten",
     "truth_ratio": "as TOFU reports it",
 }
+LABELS = {**METRIC_LABELS, "verbmem": "VerbMem"}
+RETAIN_LINE = {"verbmem": ("knowmem", "retain KnowMem")}  # MUSE cells: utility is another metric
 
 
 def _number(value: Any) -> float | None:
@@ -51,12 +55,13 @@ def plot_sequence(record: dict[str, Any], output: str | Path) -> Path:
             if ys[j + 1] is not None:
                 axis.plot([j + 1], [ys[j + 1]], marker="*", markersize=14, color=line[0].get_color(), linestyle="")
         retain = [record["before"]["utility"], *record["utility"]]
-        ys = [_number((u or {}).get(f"retain_{metric}")) for u in retain]
+        retain_metric, retain_label = RETAIN_LINE.get(metric, (metric, "retain set"))
+        ys = [_number((u or {}).get(f"retain_{retain_metric}")) for u in retain]
         points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
         if points:
-            axis.plot(*zip(*points, strict=True), color="black", linestyle="--", marker="s", label="retain set")
-        axis.set_title(f"{METRIC_LABELS[metric]} ({DIRECTION[metric]})", fontsize=9)
-        axis.set_ylabel(METRIC_LABELS[metric])
+            axis.plot(*zip(*points, strict=True), color="black", linestyle="--", marker="s", label=retain_label)
+        axis.set_title(f"{LABELS[metric]} ({DIRECTION[metric]})", fontsize=9)
+        axis.set_ylabel(LABELS[metric])
         axis.set_xlabel("model: before any request (0), then after request i")
         axis.set_xticks(xs, ["before"] + [str(i) for i in range(1, t + 1)])
         axis.yaxis.set_major_locator(MaxNLocator(nbins=6))

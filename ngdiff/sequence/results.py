@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ngdiff.run_folder import write_atomically
-from ngdiff.sequence.plan import REQUEST_DIR, SequencePlan
+from ngdiff.sequence.muse_cells import FORGET_METRIC, RETAIN_SET, knowmem_file
+from ngdiff.sequence.plan import REQUEST_DIR, SequencePlan, muse_cells
 from ngdiff.tasks import task_names
 
 SEQUENCE_FILE = "sequence.json"
@@ -23,7 +24,7 @@ PLOT_FILE = "sequence.png"
 EVAL_DIR = "eval"
 BEFORE = "before"
 # matrix metrics shown first (then every other `forget_*` metric an evaluation gave, alphabetically)
-HEADLINE = ("forget_rougeL_recall", "forget_answer_loss", "forget_truth_ratio", "forget_quality")
+HEADLINE = (FORGET_METRIC, "forget_rougeL_recall", "forget_answer_loss", "forget_truth_ratio", "forget_quality")
 MATRIX_NOTE = (
     "matrix[metric][i][j]: forget set j+1 scored on the final model of request i+1 (0-based lists); every cell is "
     "computed, above the diagonal too (set j before its own request), and null only where the evaluation could not "
@@ -41,7 +42,11 @@ class EvalSet:
 
 
 def eval_sets(plan: SequencePlan) -> list[EvalSet]:
+    """The forget sets, then the retain cells: each retain file (question/answer cells), or the MUSE files'
+    retain QA (MUSE cells: utility is KnowMem, whatever the retain texts trained on)."""
     forget = [EvalSet(f"forget_{j}", "forget", Path(p)) for j, p in enumerate(plan.sets, start=1)]
+    if muse_cells(plan.cfg):
+        return [*forget, EvalSet(RETAIN_SET, "retain", knowmem_file(plan.cfg))]
     names = task_names("retain", plan.cfg.data.retain)
     return forget + [EvalSet(n, "retain", Path(p)) for n, p in zip(names, plan.cfg.data.retain, strict=True)]
 
@@ -118,7 +123,6 @@ def sequence_record(plan: SequencePlan) -> dict[str, Any]:
     rows = [forget_cells(plan, i) if trained(plan.requests[i - 1].folder) else [None] * t for i in range(1, t + 1)]
     before = forget_cells(plan, 0)
     metrics = matrix_metrics([cell for row in [before, *rows] for cell in row])
-    ecfg = plan.cfg.eval
     return {
         "mode": plan.cfg.sequence.mode,
         "replay_share": plan.cfg.sequence.replay_share if plan.cfg.sequence.mode == "replay" else None,
@@ -132,14 +136,34 @@ def sequence_record(plan: SequencePlan) -> dict[str, Any]:
             "forget": {m: [cell.get(m) if cell else None for cell in before] for m in metrics},
             "utility": retain_metrics(plan, 0),
         },
-        "evaluation": {
-            "max_items": ecfg.max_items,
-            "max_new_tokens": ecfg.max_new_tokens,
-            "batch_size": ecfg.batch_size,
-            "prompt_template": plan.cfg.data.prompt_template,
-            "cells": str(plan.out / EVAL_DIR),
-        },
+        "evaluation": evaluation_record(plan),
         "note": MATRIX_NOTE,
+    }
+
+
+def evaluation_record(plan: SequencePlan) -> dict[str, Any]:
+    """How the cells were made: `benchmark` muse (VerbMem per set, KnowMem utility) or tofu (`ngdiff eval`)."""
+    ecfg, out = plan.cfg.eval, str(plan.out / EVAL_DIR)
+    if muse_cells(plan.cfg):
+        from ngdiff.eval.muse import KNOWMEM_TOKENS, VERBMEM_TOKENS
+
+        return {
+            "benchmark": "muse",
+            "max_items": ecfg.max_items,
+            "verbmem_prompt_words": plan.cfg.sequence.verbmem_prompt_words,
+            "verbmem_new_tokens": VERBMEM_TOKENS,
+            "knowmem_new_tokens": KNOWMEM_TOKENS,
+            "knowmem_retain": str(knowmem_file(plan.cfg)),
+            "batch_size": ecfg.batch_size,
+            "cells": out,
+        }
+    return {
+        "benchmark": "tofu",
+        "max_items": ecfg.max_items,
+        "max_new_tokens": ecfg.max_new_tokens,
+        "batch_size": ecfg.batch_size,
+        "prompt_template": plan.cfg.data.prompt_template,
+        "cells": out,
     }
 
 

@@ -68,13 +68,18 @@ def guard_folders(plan: SequencePlan, ctx: DistContext, overwrite: bool, barrier
 def check_request_data(plan: SequencePlan, ctx: DistContext) -> None:
     """Every request's tasks built as its run will build them (tokenized, batched), before anything is
     written: a bad record or a set smaller than its batch in the last request is named before the first
-    trains. The tokenizer is model.path's; each request's final/ carries the same one."""
+    trains, as is a text too short for its VerbMem prompt (MUSE cells). The tokenizer is model.path's; each
+    request's final/ carries the same one."""
     from ngdiff.model_source import loading_from
     from ngdiff.modeling import load_tokenizer
     from ngdiff.objectives import build_objectives
+    from ngdiff.sequence.muse_cells import check_muse_cells
+    from ngdiff.sequence.plan import muse_cells
     from ngdiff.tasks import build_tasks
 
     cfg = plan.cfg
+    if muse_cells(cfg):
+        check_muse_cells(cfg)
     with loading_from("model.path", cfg.model.path):
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     objectives = build_objectives(

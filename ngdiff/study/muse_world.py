@@ -15,6 +15,10 @@ Here, with what is bundled (ngdiff/resources/muse_news/):
 - VerbMem: the first `verbmem_items` forget chunks, cut after `prompt_words` words (MUSE's prompts are cut
   from the forget articles the same way, with a longer prompt and a 128-token continuation);
 - PrivLeak: the forget chunks (members) against as many chunks of privleak/holdout.json (never trained on).
+- sustainability folds (`folds` > 1): chunks of MUSE's sustainability folds 2..folds
+  (sust/forget_<k>_first16.json; fold 1 is the forget articles) trained into the target, never into the retain
+  model, and written with fold 1's chunks as `data/fold_<k>.jsonl`: the requests of an `ngdiff sequence` (the
+  QA pairs stay in the forget set only: they are no fold's VerbMem text).
 
 The tokenizer is a byte-level BPE trained on the target's training text, with every run of whitespace its
 own token: KnowMem's prompt ends in a space ("Answer: "), which an ordinary byte-level BPE would merge
@@ -49,6 +53,8 @@ DISTANCE_WORDS = (
 FORGET_ARTICLES = "raw/forget_first16.json"
 RETAIN_TEXTS = "privleak/retain2.json"
 HOLDOUT_TEXTS = "privleak/holdout.json"
+# MUSE's sustainability folds in order: fold 1 is the forget set itself (muse_bench's README), 2-4 are sust/
+FOLD_ARTICLES = (FORGET_ARTICLES, *(f"sust/forget_{k}_first16.json" for k in (2, 3, 4)))
 TOKENIZER_RECIPE = "byte-level BPE on the target's training text, each whitespace run its own token"
 
 
@@ -79,6 +85,10 @@ def check_muse_world(world: WorldSpec) -> None:
     if muse.verbmem_items > muse.forget_chunks:
         raise StudyError(
             f"world.muse.verbmem_items ({muse.verbmem_items}) exceeds forget_chunks ({muse.forget_chunks})"
+        )
+    if not 1 <= muse.folds <= len(FOLD_ARTICLES):
+        raise StudyError(
+            f"world.muse.folds must lie in 1..{len(FOLD_ARTICLES)} (MUSE's sustainability folds), got {muse.folds}"
         )
     if muse.knowmem_items > 100:
         raise StudyError(
@@ -120,11 +130,13 @@ def muse_world_data(world: WorldSpec) -> dict[str, Any]:
     retain_qa = _load("knowmem/retain2_qa.json")[: muse.knowmem_items]
     forget = [{"text": t} for t in [*forget_chunks, *map(qa_text, forget_qa)]]
     retain = [{"text": t} for t in [*retain_chunks, *map(qa_text, retain_qa)]]
-    verbmem = []
-    for chunk in forget_chunks[: muse.verbmem_items]:
-        pieces = re.findall(r"\S+\s*", chunk)
-        prompt = "".join(pieces[: muse.prompt_words])
-        verbmem.append({"prompt": prompt.rstrip(), "gt": chunk[len(prompt.rstrip()) :]})
+    folds = [[{"text": c} for c in forget_chunks]]  # fold 1's texts; the QA pairs are no fold's VerbMem
+    for name in FOLD_ARTICLES[1 : muse.folds]:
+        folds.append([{"text": c} for c in word_chunks(_load(name), muse.chunk_words, muse.forget_chunks)])
+    later_folds = [row for fold in folds[1:] for row in fold]
+    from ngdiff.eval.muse import verbmem_row
+
+    verbmem = [verbmem_row(chunk, muse.prompt_words) for chunk in forget_chunks[: muse.verbmem_items]]
     shots = muse.knowmem_shots
     evaluation = {
         "verbmem/forget.json": verbmem,
@@ -138,9 +150,10 @@ def muse_world_data(world: WorldSpec) -> dict[str, Any]:
     return {
         "forget": forget,
         "retain": retain,
-        "target_train": [*retain, *forget],
+        "target_train": [*retain, *forget, *later_folds],
         "reference_train": retain,
         "evaluation": evaluation,
+        "folds": folds,
     }
 
 
@@ -177,6 +190,9 @@ def build_muse_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = 
     data_dir, eval_dir = folder / "data", folder / "eval_data"
     for name in ("forget", "retain", "target_train", "reference_train"):
         write_jsonl(data_dir / f"{name}.jsonl", sets[name])
+    if world.muse.folds > 1:  # the requests of a sequence over MUSE's sustainability folds
+        for k, rows in enumerate(sets["folds"], start=1):
+            write_jsonl(data_dir / f"fold_{k}.jsonl", rows)
     for name, rows in sets["evaluation"].items():
         (eval_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (eval_dir / name).write_text(json.dumps(rows, indent=1))

@@ -105,6 +105,9 @@ class MuseShape:
     knowmem_shots: int = 0
     verbmem_items: int = 16  # VerbMem prompts: the first N forget chunks, cut after `prompt_words` words
     prompt_words: int = 12
+    # 2..4: also MUSE's sustainability folds 2..folds (sust/forget_<k>_first16.json), `forget_chunks` chunks each,
+    # trained into the target and written as one file per fold (data/fold_<k>.jsonl) for `ngdiff sequence`
+    folds: int = 1
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ distance, and `configs/study/muse_quick.yaml` end to end (world, 4 runs, summary
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -60,6 +61,27 @@ def test_world_data_follows_muse_layout_and_keeps_the_two_sides_apart():
     assert sets["evaluation"]["knowmem/forget_qa_icl.json"] == []  # knowmem_shots: 0
 
 
+def test_a_world_with_the_sustainability_folds_trains_them_into_the_target_only():
+    from ngdiff import MUSE_DIR
+    from ngdiff.study.muse_world import FOLD_ARTICLES
+
+    world = quick_world()
+    world = dataclasses.replace(world, muse=dataclasses.replace(world.muse, folds=4))
+    sets, muse = muse_world_data(world), world.muse
+    assert len(sets["folds"]) == 4
+    for k, fold in enumerate(sets["folds"], start=1):
+        articles = json.loads((MUSE_DIR / FOLD_ARTICLES[k - 1]).read_text())
+        assert [r["text"] for r in fold] == word_chunks(articles, muse.chunk_words, muse.forget_chunks)
+    # fold 1 is the forget set's chunks (its QA pairs are no fold's text); folds 2-4 are trained by the target alone
+    assert sets["folds"][0] == sets["forget"][: muse.forget_chunks]
+    later = [r for fold in sets["folds"][1:] for r in fold]
+    assert sets["target_train"] == [*sets["retain"], *sets["forget"], *later]
+    assert sets["reference_train"] == sets["retain"]
+    texts = [r["text"] for fold in sets["folds"] for r in fold]
+    assert len(set(texts)) == len(texts) == 4 * muse.forget_chunks  # the folds share no chunk
+    assert muse_world_data(quick_world())["folds"] == sets["folds"][:1]  # folds 1: the world as before
+
+
 @pytest.mark.parametrize(
     ("muse", "message"),
     [
@@ -68,6 +90,7 @@ def test_world_data_follows_muse_layout_and_keeps_the_two_sides_apart():
         ({"prompt_words": 40}, "prompt_words must lie in 1..chunk_words-1"),
         ({"verbmem_items": 13}, r"verbmem_items \(13\) exceeds forget_chunks \(12\)"),
         ({"knowmem_item": 3}, "unknown key world.muse.knowmem_item"),
+        ({"folds": 5}, r"world.muse.folds must lie in 1..4 \(MUSE's sustainability folds\), got 5"),
     ],
 )
 def test_bad_muse_world_is_refused_before_anything_is_built(muse, message, tmp_path):
