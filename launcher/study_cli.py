@@ -271,7 +271,8 @@ def render_study_script(
         "--open-mode=append",
         "--requeue",  # a preempted task runs again; its run restarts, finished runs are skipped
         *([f"--array={array}"] if array else []),
-        *([f"--dependency={dependency}"] if dependency else []),
+        # a step whose dependency can never be met (the world job failed) is cancelled, not left pending forever
+        *([f"--dependency={dependency}", "--kill-on-invalid-dep=yes"] if dependency else []),
         *([f"--partition={args.partition}"] if args.partition else []),
         *([f"--time={args.time}"] if args.time else []),
         *([f"--account={args.account}"] if args.account else []),

@@ -223,6 +223,13 @@ def build_muse_world(world: WorldSpec, folder: Path, data_cfg, progress: bool = 
     build_each({name: folder / name for name in WORLD_MODELS}, fine_tune)
     reference = folder / "reference_eval"
     reference_metrics = evaluate_muse_model(folder / "retain_model", eval_dir, reference, None)
+    if not (reference_metrics.get("privleak_auc") or 0) > 0:
+        raise StudyError(
+            f"{folder}: the retain model's PrivLeak AUC (forget vs holdout texts) is "
+            f"{reference_metrics.get('privleak_auc')}, so every run's PrivLeak, relative to it, is undefined: the "
+            "world is too small or too briefly fine-tuned to tell its texts apart; raise world.finetune.epochs or "
+            "world.muse's chunk counts"
+        )
     target_metrics = evaluate_muse_model(folder / "target", eval_dir, folder / "target_eval", reference)
     reference_metrics["privleak"] = 0.0  # the retain model against its own AUC, by definition
     for metrics in (target_metrics, reference_metrics):

@@ -1,4 +1,5 @@
-"""`ngdiff study --slurm` on a real one-machine Slurm: a world job, one array task per run, a report job.
+"""`ngdiff study --slurm` on a real one-machine Slurm: a world job, one array task per run, a report job;
+a TOFU world and a MUSE-News one.
 
 Skips where Slurm is not installed or we are not root (tests/slurm_helpers.py; CI installs Slurm).
 A requeued task whose run has finished skips it; a second submission of a finished study submits nothing.
@@ -53,6 +54,14 @@ def wait_gone(cluster, job: str, study: Path) -> None:
     pytest.fail(f"job {job} still queued after {TIMEOUT} s:\n{logs}")
 
 
+def submit(cluster, config: Path, study: Path) -> dict:
+    """`ngdiff study CONFIG --slurm` as a cluster user; the job ids it printed."""
+    printed = io.StringIO()
+    with patched_env(job_env(cluster)), contextlib.redirect_stdout(printed):
+        assert main(["study", str(config), "--slurm", "--output-dir", str(study)]) == 0
+    return yaml.safe_load(printed.getvalue())
+
+
 def tiny_study(tmp: Path) -> Path:
     raw = yaml.safe_load((CONFIG_DIR / "quick.yaml").read_text())
     raw["name"] = "slurm"
@@ -69,10 +78,7 @@ def tiny_study(tmp: Path) -> Path:
 def test_study_array_job_runs_every_run_and_reports(cluster):
     tmp = Path(tempfile.mkdtemp(prefix="ngdiff-study-", dir=str(cluster.root)))  # munged-readable
     study = tmp / "study"
-    printed = io.StringIO()
-    with patched_env(job_env(cluster)), contextlib.redirect_stdout(printed):
-        assert main(["study", str(tiny_study(tmp)), "--slurm", "--output-dir", str(study)]) == 0
-    jobs = yaml.safe_load(printed.getvalue())
+    jobs = submit(cluster, tiny_study(tmp), study)
     assert jobs["tasks"] == 4
     wait_gone(cluster, jobs["report"], study)
     scripts = {p.name for p in (study / "slurm").glob("*.sbatch")}
@@ -97,3 +103,48 @@ def test_study_array_job_runs_every_run_and_reports(cluster):
     with patched_env(job_env(cluster)), contextlib.redirect_stdout(printed):
         assert main(["study", str(tmp / "slurm.yaml"), "--slurm", "--output-dir", str(study)]) == 0
     assert "nothing to submit" in printed.getvalue()
+
+
+def tiny_muse_study(tmp: Path) -> Path:
+    """muse_quick's world (healthy: its retain model tells forget from holdout texts), two methods, 1 epoch."""
+    raw = yaml.safe_load((CONFIG_DIR / "muse_quick.yaml").read_text())
+    raw["name"] = "slurm-muse"
+    raw["budget_epochs"] = 1
+    raw["methods"] = {"gdiff": raw["methods"]["gdiff"], "npo": raw["methods"]["npo"]}
+    path = tmp / "slurm-muse.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_muse_study_runs_as_slurm_jobs_and_its_rows_carry_the_distance_to_the_retain_model(cluster):
+    tmp = Path(tempfile.mkdtemp(prefix="ngdiff-study-muse-", dir=str(cluster.root)))
+    study = tmp / "study"
+    jobs = submit(cluster, tiny_muse_study(tmp), study)
+    assert jobs["tasks"] == 2
+    wait_gone(cluster, jobs["report"], study)
+    reference = json.loads((study / "world" / "world.json").read_text())["reference_metrics"]["verbmem_f"]
+    rows = [json.loads(line) for line in (study / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"gdiff", "npo"} and {r["step"] for r in rows} == {0, 3}
+    # every point, the target's step 0 included, carries MUSE's D against the world's retain model
+    for row in rows:
+        assert row["verbmem_distance"] == pytest.approx(abs(row["verbmem_f"] - reference) / 100)
+    assert "VerbMem" in (study / "summary.md").read_text()
+
+
+def test_a_failed_world_job_cancels_the_runs_instead_of_leaving_them_queued(cluster):
+    tmp = Path(tempfile.mkdtemp(prefix="ngdiff-study-fail-", dir=str(cluster.root)))
+    raw = yaml.safe_load(tiny_muse_study(tmp).read_text())
+    # two epochs on 4 + 4 texts: the retain model cannot tell forget from holdout texts (PrivLeak AUC 0)
+    raw["world"]["finetune"]["epochs"] = 2
+    raw["world"]["muse"] |= {"forget_chunks": 4, "retain_chunks": 4, "holdout_chunks": 4, "knowmem_items": 4,
+                             "verbmem_items": 4}  # fmt: skip
+    config = tmp / "failing.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    study = tmp / "study"
+    jobs = submit(cluster, config, study)
+    wait_gone(cluster, jobs["report"], study)  # every job leaves the queue (none waits on a failed world)
+    wait_gone(cluster, jobs["array"], study)
+    logs = {p.name: p.read_text() for p in (study / "slurm").glob("*.out")}
+    world_log = next(text for name, text in logs.items() if "-world-" in name)
+    assert "the retain model's PrivLeak AUC (forget vs holdout texts) is 0.0" in world_log
+    assert not any("-array-" in name for name in logs) and not (study / "runs").exists()  # no run started
