@@ -44,9 +44,10 @@ def verbmem_prompts(cfg: ExperimentConfig, source: str | Path) -> list[dict[str,
     if cfg.eval.max_items > 0:
         texts = texts[: cfg.eval.max_items]
     for index, text in enumerate(texts, start=1):
-        if len(re.findall(r"\S+", text)) <= words:
+        count = len(re.findall(r"\S+", text))
+        if count <= words:
             raise ConfigError(
-                f"{source}: text {index} has {len(text.split())} words, none left to continue after the "
+                f"{source}: text {index} has {count} words, none left to continue after the "
                 f"{words}-word VerbMem prompt; lower sequence.verbmem_prompt_words or drop the text"
             )
     return [verbmem_row(text, words) for text in texts]
