@@ -28,6 +28,7 @@ log = logging.getLogger("ngdiff.study")
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "study"
 RAW_FILE = "study.yaml"  # the study config as given, kept in the study folder (ngdiff.study.report.RAW_FILE)
+SLURM_ONLY = ("dry_run", "partition", "time", "account", "gpus_per_task", "cpus_per_task", "python")
 ACTIONS = ("report", "world", "run-one", "worker", "attack")
 
 
@@ -112,6 +113,10 @@ def start_study(config: Path, args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if not args.slurm:  # a Slurm option alone would otherwise start the whole study here, e.g. a --dry-run
+        given = [f"--{name.replace('_', '-')}" for name in SLURM_ONLY if getattr(args, name)]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --slurm")
     spec = load_study(config)
     study_dir = Path(args.output_dir or f"outputs/study/{spec.name}")
     plan = plan_study(spec, study_dir)  # every run's config validated here, before anything is built

@@ -133,6 +133,10 @@ def study_rows(spec: StudySpec, study_dir: Path, records: dict[str, dict[str, An
         reference = _number((record.get("reference_metrics") or {}).get(spec.summary.utility_metric))
         if start and reference is not None:
             start["retain_model_utility"] = reference  # so the rows alone can draw the retain model
+        calibration = record.get("calibration") or {}
+        if start and calibration.get("d_retain_retain") is not None:  # a second retain model: the retrain floor
+            start["retrain_ks_d"] = calibration["d_retain_retain"]
+            start["retrain_forget_quality"] = calibration.get("forget_quality_ceiling")
         starts[label] = start
     rows = collect(study_dir, starts)
     if spec.world.kind == "muse":  # D against each world's retain model, kept in the rows

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,7 +211,12 @@ def cell_rows(points: Sequence[Endpoint], stage: str) -> list[dict[str, Any]]:
     return out
 
 
-def summary_markdown(analysis: Analysis, missing: Sequence[str] = (), reference_utility: float | None = None) -> str:
+def summary_markdown(
+    analysis: Analysis,
+    missing: Sequence[str] = (),
+    reference_utility: float | None = None,
+    retrain: Mapping[Any, Retrain] | None = None,
+) -> str:
     spec, rule = analysis.spec, analysis.rule
     lines = ["# Study summary", ""]
     if analysis.problem:
@@ -239,7 +244,7 @@ def summary_markdown(analysis: Analysis, missing: Sequence[str] = (), reference_
         ),
         "",
     ]
-    lines += _targets(analysis.points, reference_utility)
+    lines += _targets(analysis.points, reference_utility, retrain)
     selected = analysis.selected
     for stage, title in (
         (analysis.selection_stage, "Selection: every lr" if spec.staged else "Every lr"),
@@ -284,13 +289,22 @@ def _ordered(spec: StudySpec, names: set[str]) -> list[str]:
     return [n for n in order if n in names] + sorted(names - set(order))
 
 
-def _targets(points: Sequence[Endpoint], reference_utility: float | None) -> list[str]:
+def _targets(
+    points: Sequence[Endpoint], reference_utility: float | None, retrain: Mapping[Any, Retrain] | None = None
+) -> list[str]:
     targets = {}
     for e in points:
         targets.setdefault(e.world, (e.target_distance, e.target_utility, e.floor))
     lines = []
     for world, (d, u, floor) in sorted(targets.items(), key=lambda kv: str(kv[0])):
-        lines.append(f"Target (world `{world}`): D = {_g(d, 4)}, utility = {_g(u, 4)}, floor = {_g(floor, 4)}.")
+        line = f"Target (world `{world}`): D = {_g(d, 4)}, utility = {_g(u, 4)}, floor = {_g(floor, 4)}."
+        floor_of_d = (retrain or {}).get(world)
+        if floor_of_d is not None and d:
+            line += (
+                f" A second retain model (a retrain): D = {_g(floor_of_d.distance, 4)}, forget quality = "
+                f"{_g(floor_of_d.quality, 4)}; G above {_g(1 - floor_of_d.distance / d, 3)} is within retraining noise."
+            )
+        lines.append(line)
     if reference_utility is not None:
         lines.append(f"Retain model (gold standard): utility = {_g(reference_utility, 4)}.")
     return lines
@@ -377,6 +391,24 @@ def _diverged_note(test: SpreadTest, with_method: str, without: str) -> str:
 
 def _missing(missing: Sequence[str]) -> list[str]:
     return ["", f"Runs not finished ({len(missing)}): " + ", ".join(missing)] if missing else []
+
+
+@dataclass(frozen=True)
+class Retrain:
+    """A world's second retain model, scored against the first: the noise floor of D, the ceiling of quality."""
+
+    distance: float
+    quality: float | None
+
+
+def retrain_of(rows: Sequence[Row]) -> dict[Any, Retrain]:
+    """Per world, its second retain model's figures, if the rows carry them (step-0 rows of a study report)."""
+    out = {}
+    for row in rows:
+        distance = _number(row.get("retrain_ks_d"))
+        if distance is not None:
+            out.setdefault(row.get("world"), Retrain(distance, _number(row.get("retrain_forget_quality"))))
+    return out
 
 
 def reference_utility_of(rows: Sequence[Row]) -> float | None:

@@ -16,6 +16,7 @@ from launcher.cli import main
 from launcher.study_cli import CONFIG_DIR, array_ranges, render_study_script
 from ngdiff.study.runner import plan_study
 from ngdiff.study.spec import StudyError, load_study, parse_study
+from ngdiff.study.world import forget_authors
 
 QUICK = CONFIG_DIR / "quick.yaml"
 
@@ -53,6 +54,14 @@ def test_shipped_configs_validate_every_run(tmp_path):
         assert len(worlds) >= 2 and all(sum(w == x for x, _ in confirmed) >= 4 for w in worlds)
     claim2 = {r.lr for r in every if r.stage == "claim2"}
     assert max(claim2) / min(claim2) == pytest.approx(1000, rel=0.01)
+    # the confirmation's worlds forget different authors, each with its own fine-tuning seed and a second
+    # retain model (the retrain noise floor of D); their forget sets are the same size
+    confirmation_worlds = sorted({r.world for r in every if r.stage == "confirmation"})
+    worlds = [spec.world_spec(label) for label in confirmation_worlds]
+    assert confirmation_worlds == ["base", "pair45"]
+    assert len({(w.forget_split, *forget_authors(w)) for w in worlds}) == 2
+    assert len({w.finetune.seed for w in worlds}) == 2 and all(w.second_retain_seed == 100 for w in worlds)
+    assert all(len(forget_authors(w)) == 2 for w in worlds)
     quick = plan_study(load_study(QUICK), tmp_path / "q")
     assert len({r.method for r in quick.runs}) >= 4
     assert not (tmp_path / "d").exists() and not (tmp_path / "q").exists()  # validation builds nothing
@@ -116,6 +125,14 @@ def test_a_bad_method_override_names_the_method_before_anything_is_built(tmp_pat
     raw["methods"]["broken"] = ["optim.nmae=sgd"]
     with pytest.raises(StudyError, match=r"method 'broken'.*optim\.name"):
         plan_study(parse_study(raw), out)
+
+
+@pytest.mark.parametrize("flags", [["--dry-run"], ["--partition", "cpu", "--time", "00:10:00"]])
+def test_a_slurm_option_without_slurm_is_refused_before_anything_runs(tmp_path, capsys, flags):
+    out = tmp_path / "out"
+    assert main(["study", "--quick", "--output-dir", str(out), *flags]) == 2
+    assert f"{', '.join(f for f in flags if f.startswith('--'))} only apply with --slurm" in capsys.readouterr().err
+    assert not out.exists()  # a dry run here once ran the whole study
 
 
 def test_array_ranges():

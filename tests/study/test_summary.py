@@ -250,3 +250,30 @@ def test_the_confirmation_runs_join_the_plan_once_the_selection_has_finished(tmp
     assert {(r.method, r.lr) for r in confirmed} == {("A", 1e-2), ("B", 1e-3)} and len(confirmed) == 16
     saved = json.loads((study / SELECTION_FILE).read_text())
     assert saved == {"endpoint": "best_gap", "fraction": 0.95, "lrs": {"A": 0.01, "B": 0.001, "X": 0.001}}
+
+
+def test_a_second_retain_model_reaches_the_rows_and_marks_where_g_is_within_retraining_noise(tmp_path):
+    from ngdiff.study.runner import study_rows
+    from ngdiff.study.summary import Retrain, retrain_of
+
+    spec = parse_study(study_raw())
+    run_dir = tmp_path / "runs" / "one"
+    run_dir.mkdir(parents=True)
+    point = {"step": 5, "forget_ks_statistic": 0.2, "forget_quality": 0.01, "model_utility": 0.59}
+    (run_dir / "metrics.jsonl").write_text(json.dumps({**point, "eval_seconds": 1.0}) + "\n")
+    done = {"method": "A", "lr": 1e-2, "seed": 3, "stage": "confirmation", "world": "w2", "steps": 5}
+    (run_dir / "done.json").write_text(json.dumps(done))
+    target = {"forget_ks_statistic": D_TARGET, "forget_quality": 1e-6, "model_utility": U_TARGET}
+    world = {"target_metrics": target, "reference_metrics": {"model_utility": 0.62}}
+    calibration = {"d_retain_retain": 0.1, "forget_quality_ceiling": 0.99}
+    rows = study_rows(spec, tmp_path, {"w2": {**world, "calibration": calibration}})
+    assert (rows[0]["step"], rows[0]["retrain_ks_d"], rows[0]["retrain_forget_quality"]) == (0, 0.1, 0.99)
+    assert retrain_of(rows) == {"w2": Retrain(0.1, 0.99)}
+    assert retrain_of(study_rows(spec, tmp_path, {"w2": world})) == {}  # one retain model: no floor to show
+    text = summary_markdown(analyse(hand_rows(), spec, n_boot=200), retrain=retrain_of(rows))
+    # D_target 0.8 and a retrain at D 0.1: G above 1 - 0.1 / 0.8 = 0.875 is noise
+    assert (
+        "Target (world `w2`): D = 0.8, utility = 0.6, floor = 0.57. A second retain model (a retrain): D = 0.1, "
+        "forget quality = 0.99; G above 0.875 is within retraining noise." in text
+    )
+    assert "Target (world `base`): D = 0.8, utility = 0.6, floor = 0.57.\n" in text
