@@ -24,6 +24,7 @@ import torch
 from parallel.base import Backend, frozen_names
 from parallel.compat.deepspeed import fp32_master_is_the_partition, fp32_partitions, repartition, use_collectives
 from parallel.compat.transformers import zero3_init
+from parallel.deepspeed_shm import release_allreduce_segment
 from parallel.deepspeed_sizing import (
     SIZED_KEYS,
     DeepSpeedConfigError,
@@ -184,6 +185,7 @@ class Zero3Backend(Backend):
 
         # DeepSpeed's comm layer adopts our process group (its config reads the world size from it)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+        release_allreduce_segment(self.ctx.rank, torch.distributed.barrier)  # else /dev/shm keeps 66 MiB a rank
         if torch.distributed.get_backend() == "gloo":
             from parallel.gloo_comm import all_gather_into_tensor, reduce_scatter_tensor  # public calls only
 

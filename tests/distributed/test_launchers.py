@@ -65,9 +65,13 @@ def test_console_script_deepspeed_launcher(single_reference, tiny_model_dir, tof
     """`deepspeed --num_gpus 2 --no_python ngdiff train ...` with the shipped ZeRO-3 JSON."""
     extra = ["parallel.deepspeed_config=configs/deepspeed/zero3.json"]
     args = ngdiff_args(tiny_model_dir, tofu_split, "zero3", tmp_path / "run", extra)
-    run_launch([*deepspeed_launcher(), "--no_python", "ngdiff", *args], tmp_path / "deepspeed.log")
+    launcher = deepspeed_launcher()
+    run_launch([*launcher, "--no_python", "ngdiff", *args], tmp_path / "deepspeed.log")
     reference, _ = load_result(single_reference, "single_ngdiff_sgd")
     assert max_abs_diff(reference, final_params(tmp_path / "run")) <= 1e-5
+    # DeepSpeed's shared-memory all-reduce segments (66 MiB a rank) do not outlive the job
+    port = launcher[launcher.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
 
 
 def rank_process(launcher: psutil.Process, rank: int) -> psutil.Process | None:
