@@ -214,9 +214,10 @@ def cell_rows(points: Sequence[Endpoint], stage: str) -> list[dict[str, Any]]:
 def summary_markdown(
     analysis: Analysis,
     missing: Sequence[str] = (),
-    reference_utility: float | None = None,
+    reference_utility: float | Mapping[Any, float] | None = None,
     retrain: Mapping[Any, Retrain] | None = None,
 ) -> str:
+    """`reference_utility`: the retain model's utility, or per world (`reference_utilities_of`)."""
     spec, rule = analysis.spec, analysis.rule
     lines = ["# Study summary", ""]
     if analysis.problem:
@@ -290,7 +291,9 @@ def _ordered(spec: StudySpec, names: set[str]) -> list[str]:
 
 
 def _targets(
-    points: Sequence[Endpoint], reference_utility: float | None, retrain: Mapping[Any, Retrain] | None = None
+    points: Sequence[Endpoint],
+    reference_utility: float | Mapping[Any, float] | None,
+    retrain: Mapping[Any, Retrain] | None = None,
 ) -> list[str]:
     targets = {}
     for e in points:
@@ -305,8 +308,13 @@ def _targets(
                 f"{_g(floor_of_d.quality, 4)}; G above {_g(1 - floor_of_d.distance / d, 3)} is within retraining noise."
             )
         lines.append(line)
-    if reference_utility is not None:
-        lines.append(f"Retain model (gold standard): utility = {_g(reference_utility, 4)}.")
+    per_world = dict(reference_utility) if isinstance(reference_utility, Mapping) else {None: reference_utility}
+    per_world = {world: utility for world, utility in per_world.items() if utility is not None}
+    if len(set(per_world.values())) > 1:  # each world has its own retain model, and they differ
+        for world, utility in sorted(per_world.items(), key=lambda kv: str(kv[0])):
+            lines.append(f"Retain model (gold standard, world `{world}`): utility = {_g(utility, 4)}.")
+    elif per_world:
+        lines.append(f"Retain model (gold standard): utility = {_g(next(iter(per_world.values())), 4)}.")
     return lines
 
 
@@ -411,10 +419,16 @@ def retrain_of(rows: Sequence[Row]) -> dict[Any, Retrain]:
     return out
 
 
-def reference_utility_of(rows: Sequence[Row]) -> float | None:
-    """The retain model's utility, if the rows carry it (step-0 rows of a study report)."""
+def reference_utilities_of(rows: Sequence[Row]) -> dict[Any, float]:
+    """Per world, its retain model's utility, if the rows carry it (step-0 rows of a study report)."""
+    out = {}
     for row in rows:
         value = _number(row.get("retain_model_utility"))
         if value is not None:
-            return value
-    return None
+            out.setdefault(row.get("world"), value)
+    return out
+
+
+def reference_utility_of(rows: Sequence[Row]) -> float | None:
+    """The first world's retain-model utility (the pictures draw one retain model), if the rows carry it."""
+    return next(iter(reference_utilities_of(rows).values()), None)

@@ -277,3 +277,21 @@ def test_a_second_retain_model_reaches_the_rows_and_marks_where_g_is_within_retr
         "forget quality = 0.99; G above 0.875 is within retraining noise." in text
     )
     assert "Target (world `base`): D = 0.8, utility = 0.6, floor = 0.57.\n" in text
+
+
+def test_each_world_states_its_own_retain_model_utility():
+    from ngdiff.study.summary import reference_utilities_of
+
+    rows = hand_rows()
+    for row in rows:
+        if row["step"] == 0:
+            row["retain_model_utility"] = {"base": 0.62, "w2": 0.61}[row["world"]]
+    utilities = reference_utilities_of(rows)
+    assert utilities == {"base": 0.62, "w2": 0.61}
+    text = summary_markdown(analyse(rows, parse_study(study_raw()), n_boot=200), reference_utility=utilities)
+    assert "Retain model (gold standard, world `base`): utility = 0.62.\n" in text
+    assert "Retain model (gold standard, world `w2`): utility = 0.61.\n" in text
+    assert "Retain model (gold standard): utility" not in text
+    for same in ({"base": 0.62}, {"base": 0.62, "w2": 0.62}):  # one world, or worlds that agree: one line
+        text = summary_markdown(analyse(rows, parse_study(study_raw()), n_boot=200), reference_utility=same)
+        assert "Retain model (gold standard): utility = 0.62.\n" in text and "world `w2`): utility" not in text
