@@ -21,11 +21,10 @@ SHM_DIR = Path("/dev/shm")  # where Linux keeps shm_open's names
 SEGMENT_PREFIX = "deepspeed_allreduce_buffer"
 
 
-def segment_path(rank: int, environ: dict[str, str] | None = None) -> Path:
+def segment_path(rank: int) -> Path:
     """The shared-memory file DeepSpeed's `shm_initialize` creates for `rank` under this launch's address."""
-    env = os.environ if environ is None else environ
-    name = f"{SEGMENT_PREFIX}_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
-    return SHM_DIR / name
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"{SEGMENT_PREFIX}_{os.getuid()}_{address}_{port}_{rank}"
 
 
 def release_allreduce_segment(rank: int, barrier: Callable[[], None]) -> bool:
@@ -33,8 +32,8 @@ def release_allreduce_segment(rank: int, barrier: Callable[[], None]) -> bool:
     on every rank), then unlink this rank's own. True when there was one to unlink (the shm path is off when
     the ranks span machines)."""
     barrier()  # every rank's init has returned, so every peer segment is already mapped
-    path = segment_path(rank)
-    if not path.exists():
+    try:
+        segment_path(rank).unlink()
+    except FileNotFoundError:
         return False
-    path.unlink(missing_ok=True)
     return True

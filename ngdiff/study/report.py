@@ -26,7 +26,7 @@ from ngdiff.study.plots import attacks_plot, autolr_plot, lr_plot, pareto_grid_p
 from ngdiff.study.results import Row, _number, by_run, read_results, write_results
 from ngdiff.study.runner import DONE, current_selection, run_folder, study_rows, world_records
 from ngdiff.study.spec import StudyError, StudySpec, load_study
-from ngdiff.study.summary import analyse, reference_utilities_of, reference_utility_of, retrain_of, summary_markdown
+from ngdiff.study.summary import analyse, reference_utilities_of, retrain_of, summary_markdown
 
 RAW_FILE = "study.yaml"  # the study config as given, kept in the study folder
 GRID_STAGES = ("grid", "selection", "claim2")  # the stages that run whole lr grids
@@ -141,10 +141,11 @@ def report_files(
     """summary.md and the pictures of `rows` under `spec`'s declarations (and the scores of `ngdiff study
     attack`, and the study's cost section, when given), written to `out_dir`."""
     analysis = analyse(rows, spec, n_boot=n_boot)
-    reference = reference_utility_of(rows)
+    utilities = reference_utilities_of(rows)
+    reference = next(iter(utilities.values()), None)  # the pictures draw one retain model: the first world's
     summary = out_dir / "summary.md"
     attacks = attack_markdown(attack_rows, analysis.declared_comparisons(), n_boot) if attack_rows else ""
-    text = summary_markdown(analysis, missing, reference_utilities_of(rows), retrain_of(rows))
+    text = summary_markdown(analysis, missing, utilities, retrain_of(rows))
     summary.write_text(text + attacks + cost_section)
     files = [summary]
     if not rows or analysis.problem:

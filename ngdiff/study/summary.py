@@ -427,8 +427,3 @@ def reference_utilities_of(rows: Sequence[Row]) -> dict[Any, float]:
         if value is not None:
             out.setdefault(row.get("world"), value)
     return out
-
-
-def reference_utility_of(rows: Sequence[Row]) -> float | None:
-    """The first world's retain-model utility (the pictures draw one retain model), if the rows carry it."""
-    return next(iter(reference_utilities_of(rows).values()), None)
